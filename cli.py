@@ -1,0 +1,244 @@
+"""inferq's command line: parses options and calls the libraries (producer/, worker/, shared/).
+
+Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
+from shared.schemas import Result
+from shared.settings import Settings, load_settings
+
+EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT = 1, 2, 3, 4
+
+app = typer.Typer(
+    help="Queue-driven LLM inference: Redis Streams in, vLLM workers, tokens back over pub/sub.\n\n"
+    "Quick start: `inferq worker --model tiny &` then `inferq submit --model tiny --prompt 'Hello'`. "
+    "With no INFERQ_REDIS_URL every command uses an embedded valkey-server in INFERQ_DATA_DIR.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+redis_app = typer.Typer(help="The embedded Redis-compatible server (used when INFERQ_REDIS_URL is not set).")
+models_app = typer.Typer(help="Local models that need no model hub: tiny (tests) and smollm2 (SmolLM2-135M-Instruct).")
+app.add_typer(redis_app, name="redis")
+app.add_typer(models_app, name="models")
+
+RedisUrl = Annotated[
+    str | None, typer.Option("--redis-url", help="redis://, rediss:// or unix:// URL [env INFERQ_REDIS_URL]")
+]
+Model = Annotated[
+    str | None, typer.Option("--model", "-m", help="tiny, smollm2, a local path or a hub id [env INFERQ_MODEL]")
+]
+
+
+def _die(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except InferqError as exc:
+        _die(str(exc), EXIT_USAGE)
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine, turning inferq's errors into their exit codes and a one-line message."""
+    try:
+        return asyncio.run(coro)
+    except QueueFull as exc:
+        _die(str(exc), EXIT_QUEUE_FULL)
+    except RequestTimeout as exc:
+        _die(str(exc), EXIT_TIMEOUT)
+    except (RequestFailed, RequestNotFound) as exc:
+        _die(str(exc), EXIT_FAILED)
+    except InferqError as exc:
+        _die(str(exc), EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED)
+
+
+# ---- submit / result ---------------------------------------------------------------------------------
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="the user message (or the raw prompt with --raw)")],
+    system: Annotated[str | None, typer.Option(help="a system message to put before the prompt")] = None,
+    model: Model = None,
+    max_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy, deterministic")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed, for repeatable answers")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    priority: Annotated[str, typer.Option(help="lane: high, normal or low")] = "normal",
+    raw: Annotated[bool, typer.Option("--raw", help="send PROMPT as-is, without the chat template")] = False,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="print the answer only when it is complete")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final result as one JSON object")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer (exit 4 after)")] = 300.0,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Send one request through the queue and print the answer as it is generated.
+
+    The text goes to stdout; timings and token counts to stderr. A worker for the model must be running
+    (`inferq worker --model M`). Example: inferq submit -m smollm2 -p "What is the capital of France?"
+    """
+    from producer.console import submit_and_print
+
+    settings = _settings(redis_url=redis_url, model=model)
+    if raw and system:
+        _die("--system needs the chat template; drop --raw", EXIT_USAGE)
+    messages = (
+        None
+        if raw
+        else [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
+    )
+    request = {
+        "prompt": prompt if raw else None,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": stop or [],
+        "priority": priority,
+    }
+    result = _run(submit_and_print(settings, request, stream=not no_stream and not as_json, timeout=timeout))
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json")))
+    if result.status != "done":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def result(
+    request_id: Annotated[str, typer.Argument(help="the id printed by submit (or given as request_id)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole record as JSON")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Show the stored result of a request: status, text, usage and timings."""
+    from producer.console import fetch_result
+
+    stored: Result = _run(fetch_result(_settings(redis_url=redis_url), request_id))
+    if as_json:
+        typer.echo(json.dumps(stored.model_dump(mode="json")))
+    else:
+        typer.echo(f"status: {stored.status}", err=True)
+        if stored.error:
+            typer.echo(f"error: {stored.error}", err=True)
+        typer.echo(stored.text)
+
+
+# ---- worker -----------------------------------------------------------------------------------------
+@app.command()
+def worker(
+    model: Model = None,
+    max_inflight: Annotated[int | None, typer.Option(help="requests run at once [env INFERQ_MAX_INFLIGHT]")] = None,
+    consumer: Annotated[str | None, typer.Option(help="consumer name in the group (default: host-pid-random)")] = None,
+    engine: Annotated[str, typer.Option(help="vllm, or standin (a fixed-rate fake for queue tests)")] = "vllm",
+    max_model_len: Annotated[int | None, typer.Option(help="context length [env INFERQ_MAX_MODEL_LEN]")] = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Run a worker: join group `workers` on the model's streams and serve requests until SIGTERM.
+
+    SIGTERM/Ctrl-C: stop reading and finish in-flight work (up to INFERQ_DRAIN_TIMEOUT_S); a second signal
+    stops at once, leaving unfinished requests pending for other workers. Exits 1 if the engine dies.
+    """
+    from worker.models import resolve_model
+    from worker.run import make_engine, serve
+
+    if engine not in ("vllm", "standin"):
+        _die(f"unknown engine {engine!r}; use vllm or standin", EXIT_USAGE)
+    settings = _settings(redis_url=redis_url, model=model, max_inflight=max_inflight, max_model_len=max_model_len)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        path = (
+            str(resolve_model(settings.model, settings.data_dir, log=lambda m: typer.echo(m, err=True)))
+            if engine == "vllm"
+            else settings.model
+        )
+    except InferqError as exc:
+        _die(str(exc), EXIT_USAGE)
+    code = _run(serve(settings, make_engine(engine, path, settings), model=settings.model, consumer=consumer))
+    raise typer.Exit(code)
+
+
+# ---- embedded redis ---------------------------------------------------------------------------------
+@redis_app.command("start")
+def redis_start() -> None:
+    """Start the embedded server (no-op if it runs already)."""
+    from shared.connection import embedded_server
+
+    server = embedded_server(_settings())
+    try:
+        started = server.start()
+    except InferqError as exc:
+        _die(str(exc), EXIT_FAILED)
+    typer.echo(f"{'started' if started else 'already running'}: {server.url} (data in {server.dir})")
+
+
+@redis_app.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded server (its AOF is flushed first)."""
+    from shared.connection import embedded_server
+
+    server = embedded_server(_settings())
+    typer.echo("stopped" if server.stop() else "not running")
+
+
+@redis_app.command("status")
+def redis_status() -> None:
+    """Say whether the embedded server runs, where, and with which pid. Exit 1 if it does not."""
+    from shared.connection import embedded_server
+
+    server = embedded_server(_settings())
+    if server.ping():
+        typer.echo(f"running: {server.url} pid {server.pid()} (data in {server.dir})")
+    else:
+        typer.echo(f"not running (would listen on {server.url}, data in {server.dir})")
+        raise typer.Exit(1)
+
+
+# ---- models -----------------------------------------------------------------------------------------
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="tiny or smollm2")],
+) -> None:
+    """Build a local model into INFERQ_DATA_DIR/models (idempotent; fast when already there)."""
+    from worker.models import KNOWN_MODELS, prepare_model
+
+    if name not in KNOWN_MODELS:
+        _die(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}", EXIT_USAGE)
+    settings = _settings()
+    t0 = time.monotonic()
+    try:
+        path = prepare_model(name, settings.data_dir, log=lambda m: typer.echo(m, err=True))
+    except InferqError as exc:
+        _die(str(exc), EXIT_FAILED)
+    typer.echo(f"{name}: {path} ({time.monotonic() - t0:.1f}s)")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the models inferq can build locally and whether they are prepared."""
+    from worker.models import KNOWN_MODELS, model_dir
+
+    settings = _settings()
+    for name, about in KNOWN_MODELS.items():
+        ready = (model_dir(settings.data_dir, name) / ".complete").exists()
+        typer.echo(f"{name:10} {'ready   ' if ready else 'missing '} {about}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # vLLM's engine core is spawned: this guard keeps the child from re-running the CLI
+    sys.exit(app())

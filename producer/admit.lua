@@ -1,0 +1,38 @@
+-- Atomic admission (DESIGN.md "Admission / backpressure"): refuse at the cap, else enqueue.
+-- KEYS[1] lane stream, KEYS[2] result hash
+-- ARGV: max_queue_len, max_lag, group, payload, model, queued_at, result_ttl_s
+-- Returns {code, queue_len, lag, entry_id}: code 1 admitted, 0 refused, 2 the id exists already (idempotent).
+local max_len = tonumber(ARGV[1])
+local max_lag = tonumber(ARGV[2])
+
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {2, 0, 0, ''}
+end
+
+local qlen = redis.call('XLEN', KEYS[1])
+local lag = 0
+local has_group = false
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == ARGV[3] then
+      has_group = true
+      -- lag is nil after an entry the group never read was deleted; fall back to XLEN - pending
+      if type(info['lag']) == 'number' then lag = info['lag'] else lag = qlen - info['pending'] end
+    end
+  end
+end
+
+if qlen >= max_len or (max_lag > 0 and lag >= max_lag) then
+  return {0, qlen, lag, ''}
+end
+
+-- The group reads from 0, so entries added before any worker started are not missed.
+if not has_group then
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[3], '0', 'MKSTREAM')
+end
+local entry_id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[5], 'queued_at', ARGV[6], 'attempts', 0)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
+return {1, qlen + 1, lag + 1, entry_id}

@@ -1,0 +1,251 @@
+"""The async client: validate, admit atomically, stream tokens back, read stored results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from types import TracebackType
+from typing import Any
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from producer.replies import GAP, ReplyListener, _Gap
+from shared.codec import pack
+from shared.connection import connect
+from shared.errors import InvalidRequest, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
+from shared.keys import GROUP, Keys
+from shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
+from shared.settings import Settings, load_settings
+
+_ADMIT_LUA = resources.files("producer").joinpath("admit.lua").read_text()
+# How often result() re-reads the stored result while waiting, in case a final event was lost.
+_RESULT_POLL_S = 2.0
+
+
+class RequestHandle:
+    """A submitted request: iterate `tokens()` for its events, await `result()` for the stored outcome."""
+
+    def __init__(self, client: InferenceClient, request: GenerationRequest, queue: asyncio.Queue[Any]) -> None:
+        self.client = client
+        self.request = request
+        self.id = request.id
+        self._queue = queue
+        self._final = asyncio.Event()
+        self._next_seq = 0
+        self.gap = False  # True once events were missed: tokens() stops early, result() reads the store
+
+    async def tokens(self) -> AsyncIterator[TokenEvent]:
+        """Token events in order (seq 0, 1, ...), ending with the one that has `finished=True`.
+
+        Ends early, without error, if events were missed; `result()` then still has the whole text."""
+        if not self.request.stream:
+            raise InvalidRequest("this request was submitted with stream=False; await result() instead")
+        while not self._final.is_set():
+            item = await self._queue.get()
+            event = self._accept(item)
+            if event is None:
+                return
+            yield event
+
+    async def result(self, timeout: float | None = None) -> Result:
+        """Wait for the request to end and return its stored result.
+
+        Raises RequestTimeout after `timeout` seconds (default: settings.request_timeout_s); the request
+        itself goes on and can be read later with `client.get(id)`."""
+        limit = self.client.settings.request_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        try:
+            while True:
+                if self._final.is_set() or self.gap:
+                    stored = await self.client.get(self.id)
+                    if stored.final:
+                        return stored
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(
+                        f"request {self.id} did not finish within {limit:.0f}s; it may still finish: "
+                        f"check later with `inferq result {self.id}`"
+                    )
+                await self._wait_for_final(min(remaining, _RESULT_POLL_S))
+                if not self._final.is_set():
+                    self.gap = True  # nothing heard for a while: consult the store on the next pass
+        finally:
+            if self._final.is_set():
+                self.client._replies.unregister(self.id)
+
+    async def _wait_for_final(self, timeout: float) -> None:
+        """Consume queued events (for stream=False, or after tokens() stopped) until the final one."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._final.is_set():
+                    if self._accept(await self._queue.get()) is None:
+                        return
+        except TimeoutError:
+            return
+
+    def _accept(self, item: TokenEvent | _Gap) -> TokenEvent | None:
+        if item is GAP or not isinstance(item, TokenEvent):
+            self.gap = True
+            return None
+        if item.finished:
+            self._final.set()
+        if item.seq != self._next_seq:
+            self.gap = True  # a lost message: the stored result is the truth now
+            return None
+        self._next_seq += 1
+        return item
+
+
+class InferenceClient:
+    """Async client. Use as `async with InferenceClient(settings) as client:` or `await InferenceClient.from_url(url)`.
+
+    On start it subscribes once to its own reply channel; every request names that channel."""
+
+    def __init__(self, settings: Settings | None = None, *, redis: Redis | None = None) -> None:
+        self.settings = settings or load_settings()
+        self.keys = Keys(self.settings.key_prefix)
+        self.client_id = uuid.uuid4().hex[:16]
+        self.channel = self.keys.tokens(self.client_id)
+        self._redis = redis
+        self._own_redis = redis is None
+        self._replies: ReplyListener
+        self._admit: Any = None
+        self._started = False
+
+    @classmethod
+    async def from_url(cls, url: str | None = None, **settings: Any) -> InferenceClient:
+        client = cls(load_settings(redis_url=url, **settings))
+        await client.start()
+        return client
+
+    @property
+    def redis(self) -> Redis:
+        if self._redis is None:
+            raise RuntimeError("client not started: use `async with InferenceClient(...)` or await start()")
+        return self._redis
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self._redis is None:
+            self._redis = await asyncio.to_thread(connect, self.settings)
+        self._admit = self.redis.register_script(_ADMIT_LUA)
+        self._replies = ReplyListener(self.redis, self.channel)
+        await self._replies.start()
+        self._started = True
+
+    async def close(self) -> None:
+        if not self._started:
+            return
+        await self._replies.stop()
+        if self._own_redis and self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+        self._started = False
+
+    async def __aenter__(self) -> InferenceClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def build_request(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        **params: Any,
+    ) -> GenerationRequest:
+        """Validate a request without sending it. Raises InvalidRequest with what to fix."""
+        max_tokens = params.get("max_tokens")
+        if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
+            raise InvalidRequest(
+                f"max_tokens={max_tokens} is above the limit of {self.settings.max_tokens_limit} "
+                "(INFERQ_MAX_TOKENS_LIMIT)"
+            )
+        try:
+            return GenerationRequest(
+                id=request_id or uuid.uuid4().hex,
+                model=model or self.settings.model,
+                prompt=prompt,
+                messages=list(messages) if messages is not None else None,  # type: ignore[arg-type]
+                created_at=time.time(),
+                **params,
+            )
+        except ValidationError as exc:
+            raise InvalidRequest(f"invalid request: {describe_validation_error(exc)}") from None
+        except TypeError as exc:
+            raise InvalidRequest(f"invalid request: {exc}") from None
+
+    async def submit(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        stream: bool = True,
+        **params: Any,
+    ) -> RequestHandle:
+        """Validate and enqueue one request. Raises InvalidRequest (nothing enqueued) or QueueFull.
+
+        `params`: max_tokens, temperature, top_p, top_k, stop, seed, priority, deadline, reply_stream."""
+        request = self.build_request(
+            prompt=prompt,
+            messages=messages,
+            model=model,
+            request_id=request_id,
+            stream=stream,
+            reply_channel=self.channel,
+            **params,
+        )
+        await self.start()
+        queue = self._replies.register(request.id)  # before the add: no event can be missed
+        try:
+            code, queue_len, lag, _ = await self._admit(
+                keys=[self.keys.queue(request.model, request.priority), self.keys.result(request.id)],
+                args=[
+                    self.settings.max_queue_len,
+                    self.settings.max_lag,
+                    GROUP,
+                    pack(request.payload()),
+                    request.model,
+                    repr(request.created_at),
+                    self.settings.result_ttl_s,
+                ],
+            )
+        except BaseException:
+            self._replies.unregister(request.id)
+            raise
+        if code == 0:
+            self._replies.unregister(request.id)
+            raise QueueFull(request.model, int(queue_len), int(lag), retry_after_s=1.0)
+        handle = RequestHandle(self, request, queue)
+        if code == 2:
+            handle.gap = True  # an earlier submit owns this id: its events went elsewhere; use the store
+        return handle
+
+    async def generate(self, **kwargs: Any) -> Result:
+        """Submit and wait: the stored result of a request that ended `done`; RequestFailed otherwise."""
+        timeout = kwargs.pop("timeout", None)
+        handle = await self.submit(stream=False, **kwargs)
+        result = await handle.result(timeout=timeout)
+        if result.status != "done":
+            raise RequestFailed(f"request {result.id} ended {result.status}: {result.error or ''}".rstrip(": "), result)
+        return result
+
+    async def get(self, request_id: str) -> Result:
+        """The stored result of any request (queued, running or finished)."""
+        raw = await self.redis.hgetall(self.keys.result(request_id))  # type: ignore[misc]
+        if not raw:
+            raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
+        return Result.from_hash(request_id, raw)

@@ -1,0 +1,51 @@
+"""Terminal presentation for `inferq submit` / `inferq result`: text to stdout as it arrives, stats to stderr."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from producer.client import InferenceClient
+from shared.schemas import Result
+from shared.settings import Settings
+
+
+async def submit_and_print(settings: Settings, request: dict[str, Any], *, stream: bool, timeout: float) -> Result:
+    """Submit one request; with `stream`, write its text to stdout token by token. Returns the stored result."""
+    async with InferenceClient(settings) as client:
+        handle = await client.submit(stream=stream, **request)
+        print(f"request {handle.id} queued", file=sys.stderr, flush=True)
+        printed = ""
+        if stream:
+            async for event in handle.tokens():
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+                printed += event.text
+        result = await handle.result(timeout=timeout)
+    if stream:
+        # If events were missed (a reconnect), finish the line from the stored text.
+        rest = result.text[len(printed) :] if result.text.startswith(printed) else "\n" + result.text
+        sys.stdout.write(rest + "\n")
+        sys.stdout.flush()
+    print(describe(result), file=sys.stderr, flush=True)
+    return result
+
+
+async def fetch_result(settings: Settings, request_id: str) -> Result:
+    async with InferenceClient(settings) as client:
+        return await client.get(request_id)
+
+
+def describe(result: Result) -> str:
+    """One line of stats: status, tokens, time to first token, decode speed."""
+    t = result.timings
+    parts = [f"[{result.status}", f"finish={result.finish_reason}"]
+    parts.append(f"tokens in/out {result.usage.prompt_tokens}/{result.usage.completion_tokens}")
+    if t.queued_at and t.first_token_at:
+        parts.append(f"ttft {1000 * (t.first_token_at - t.queued_at):.0f} ms")
+    if t.first_token_at and t.finished_at and result.usage.completion_tokens > 1:
+        span = max(t.finished_at - t.first_token_at, 1e-6)
+        parts.append(f"{(result.usage.completion_tokens - 1) / span:.1f} tok/s")
+    if result.error:
+        parts.append(f"error: {result.error}")
+    return ", ".join(parts) + "]"

@@ -1,0 +1,106 @@
+"""One pub/sub subscription per client process, routing token events to requests by id.
+
+The channel is subscribed once, before any request is added, so no event can be missed and there is no
+SUBSCRIBE/UNSUBSCRIBE per request (DESIGN.md "Streaming"). If the connection drops, every open request is
+told it may have missed events (GAP) and falls back to its stored result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Final
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.codec import unpack
+from shared.errors import BadPayload
+from shared.schemas import TokenEvent
+
+log = logging.getLogger("inferq.client")
+
+
+class _Gap:
+    """Sentinel: events may have been lost; read the stored result instead."""
+
+
+GAP: Final = _Gap()
+Item = TokenEvent | _Gap
+
+
+class ReplyListener:
+    def __init__(self, redis: Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self._routes: dict[str, asyncio.Queue[Item]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"inferq-replies-{self.channel}")
+        # Wait for the first SUBSCRIBE to be confirmed; later reconnects announce a GAP instead.
+        waiter = asyncio.create_task(self._subscribed.wait())
+        done, _ = await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            waiter.cancel()
+            self._task.result()  # re-raise why the listener could not start
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def register(self, request_id: str) -> asyncio.Queue[Item]:
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._routes[request_id] = queue
+        return queue
+
+    def unregister(self, request_id: str) -> None:
+        self._routes.pop(request_id, None)
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                if self._subscribed.is_set():
+                    self._announce_gap()  # reconnected: anything published meanwhile is gone
+                self._subscribed.set()
+                backoff = 0.05
+                while True:
+                    msg = await pubsub.get_message(timeout=None)
+                    if msg is not None and msg["type"] == "message":
+                        self._route(msg["data"])
+            except (RedisError, OSError) as exc:
+                if not self._subscribed.is_set():
+                    raise
+                log.warning("reply channel lost (%s); reconnecting in %.2fs", exc, backoff)
+                self._announce_gap()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _route(self, data: bytes) -> None:
+        try:
+            message = unpack(data)
+            events = [TokenEvent.model_validate(e) for e in message["events"]]
+        except (BadPayload, ValidationError, KeyError, TypeError) as exc:
+            log.warning("dropping undecodable reply message: %s", exc)
+            self._announce_gap()
+            return
+        for event in events:
+            queue = self._routes.get(event.id)
+            if queue is not None:
+                queue.put_nowait(event)
+
+    def _announce_gap(self) -> None:
+        for queue in self._routes.values():
+            queue.put_nowait(GAP)

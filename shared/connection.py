@@ -1,0 +1,34 @@
+"""Opening Redis: the given INFERQ_REDIS_URL, or the embedded server (started on first use)."""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from shared.embedded import EmbeddedServer
+from shared.settings import Settings
+
+
+def embedded_server(settings: Settings) -> EmbeddedServer:
+    return EmbeddedServer(settings.data_dir, settings.embedded_port)
+
+
+def resolve_url(settings: Settings) -> str:
+    """The URL to use. With no INFERQ_REDIS_URL this starts the embedded server if it is not running."""
+    if settings.redis_url:
+        return settings.redis_url
+    server = embedded_server(settings)
+    server.start()
+    return server.url
+
+
+def connect(settings: Settings, *, max_connections: int = 64, url: str | None = None) -> Redis:
+    """An asyncio client over a blocking pool: callers wait for a free connection instead of failing
+    with MaxConnectionsError when many coroutines issue commands at once (ENVIRONMENT.md)."""
+    pool = BlockingConnectionPool.from_url(
+        url or resolve_url(settings),
+        max_connections=max_connections,
+        timeout=30,
+        health_check_interval=30,
+        socket_keepalive=True,
+    )
+    return Redis(connection_pool=pool)

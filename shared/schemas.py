@@ -1,0 +1,154 @@
+"""The messages that cross process boundaries, validated by pydantic at both ends (DESIGN.md, "Data plane").
+
+Queue entries and token events travel as msgpack (shared.codec); stored results are flat Redis hashes.
+Every queue entry carries `v`, the schema version, so a worker can refuse what it does not understand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import BadPayload
+
+SCHEMA_VERSION = 1
+HARD_MAX_TOKENS = 1 << 20  # schema ceiling; the client also applies Settings.max_tokens_limit
+
+Lane = Literal["high", "normal", "low"]
+Status = Literal["queued", "running", "done", "failed", "cancelled", "expired"]
+FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled", "expired"})
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationRequest(BaseModel):
+    """One queue entry: what to generate and where to send the answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = SCHEMA_VERSION
+    id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:\-]+$")
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = Field(256, ge=1, le=HARD_MAX_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = None
+    stream: bool = True  # publish token events; bulk requests say False and get only the final record
+    reply_channel: str | None = None  # the submitting client's pub/sub channel (shared.keys.Keys.tokens)
+    reply_stream: str | None = None  # a durable stream that receives the final record (bulk jobs)
+    priority: Lane = "normal"
+    created_at: float = 0.0
+    deadline: float | None = None  # unix time after which the request is not started
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt is empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages is empty")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+    def payload(self) -> dict[str, Any]:
+        """The dict that is msgpacked into the stream entry (None fields left out to keep entries small)."""
+        return self.model_dump(exclude_none=True)
+
+    @classmethod
+    def from_payload(cls, data: Any) -> GenerationRequest:
+        if not isinstance(data, dict):
+            raise BadPayload(f"queue entry is a {type(data).__name__}, expected a map")
+        if data.get("v") != SCHEMA_VERSION:
+            raise BadPayload(f"unsupported schema version {data.get('v')!r}; this worker reads v{SCHEMA_VERSION}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise BadPayload(f"invalid request: {describe_validation_error(exc)}") from exc
+
+
+class TokenEvent(BaseModel):
+    """One request's output of one engine step. `seq` counts events per request from 0 without gaps."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    seq: int
+    text: str = ""
+    token_ids: list[int] = Field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    status: Status | None = None  # set on the final event
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(BaseModel):
+    """Unix timestamps of a request's life; None where it did not get that far."""
+
+    queued_at: float | None = None
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+
+class Result(BaseModel):
+    """The stored state of one request: the Redis hash `{p}:r:{id}`."""
+
+    id: str
+    status: Status
+    model: str = ""
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    error: str | None = None
+    worker: str | None = None
+    attempts: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_STATES
+
+    @classmethod
+    def from_hash(cls, request_id: str, raw: dict[bytes, bytes]) -> Result:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        usage = Usage(
+            prompt_tokens=int(h.get("prompt_tokens", 0)), completion_tokens=int(h.get("completion_tokens", 0))
+        )
+        timings = Timings(**{f: float(h[f]) for f in Timings.model_fields if h.get(f)})
+        return cls(
+            id=request_id,
+            status=h.get("status", "queued"),  # type: ignore[arg-type]
+            model=h.get("model", ""),
+            text=h.get("text", ""),
+            finish_reason=h.get("finish_reason") or None,
+            usage=usage,
+            timings=timings,
+            error=h.get("error") or None,
+            worker=h.get("worker") or None,
+            attempts=int(h.get("attempts", 0)),
+        )
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A one-line, human-readable summary of a pydantic error (for CLI, client and DLQ messages)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors()[:5])

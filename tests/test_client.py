@@ -1,0 +1,81 @@
+"""The producer against a real Redis: validation before anything is enqueued, atomic admission, ids."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from producer import InferenceClient, SyncInferenceClient
+from shared.errors import InvalidRequest, QueueFull, RequestNotFound, RequestTimeout
+from shared.keys import Keys
+from shared.settings import Settings
+
+
+async def _nothing_enqueued(redis: Redis, settings: Settings) -> None:
+    keys = Keys(settings.key_prefix)
+    assert [k async for k in redis.scan_iter(f"{keys.prefix}:*")] == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one of prompt or messages"),
+        ({}, "exactly one of prompt or messages"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 10**6}, "above the limit"),
+        ({"prompt": "a", "temperature": -1}, "temperature"),
+        ({"prompt": "a", "colour": "red"}, "colour"),
+        ({"messages": [{"role": "wizard", "content": "b"}]}, "role"),
+        ({"prompt": "a", "priority": "urgent"}, "priority"),
+        ({"prompt": "a", "request_id": "has space"}, "id"),
+    ],
+)
+async def test_invalid_requests_are_refused_before_enqueue(
+    client: InferenceClient, redis: Redis, settings: Settings, kwargs: dict, message: str
+) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        await client.submit(**kwargs)
+    await _nothing_enqueued(redis, settings)
+
+
+async def test_admission_refuses_at_cap_and_keeps_what_it_took(settings: Settings, redis: Redis) -> None:
+    capped = settings.merged(max_queue_len=3)
+    async with InferenceClient(capped) as client:
+        handles = [await client.submit(prompt=f"p{i}", max_tokens=1) for i in range(3)]
+        with pytest.raises(QueueFull) as refused:
+            await client.submit(prompt="one too many")
+    assert refused.value.queue_len == 3 and refused.value.retry_after_s > 0
+    stream = Keys(settings.key_prefix).queue("tiny")
+    assert await redis.xlen(stream) == 3  # nothing trimmed, nothing extra
+    for h in handles:
+        stored = await client_get(settings, h.id)
+        assert stored.status == "queued" and stored.timings.queued_at
+
+
+async def client_get(settings: Settings, request_id: str):  # type: ignore[no-untyped-def]
+    async with InferenceClient(settings) as c:
+        return await c.get(request_id)
+
+
+async def test_same_request_id_is_one_request(client: InferenceClient, redis: Redis, settings: Settings) -> None:
+    await client.submit(prompt="first", request_id="order-42")
+    await client.submit(prompt="second", request_id="order-42")
+    assert await redis.xlen(Keys(settings.key_prefix).queue("tiny")) == 1
+
+
+async def test_unknown_result_and_timeout(client: InferenceClient) -> None:
+    with pytest.raises(RequestNotFound, match="no request 'nope'"):
+        await client.get("nope")
+    handle = await client.submit(prompt="nobody serves this model", model="no-worker-model")
+    with pytest.raises(RequestTimeout, match="inferq result"):
+        await handle.result(timeout=0.3)
+    assert (await client.get(handle.id)).status == "queued"
+
+
+def test_sync_client_submits_and_reads(settings: Settings) -> None:
+    with SyncInferenceClient(settings) as client:
+        handle = client.submit(prompt="from sync code", request_id="sync-1")
+        assert client.get(handle.id).status == "queued"
+        with pytest.raises(InvalidRequest):
+            client.submit(prompt="")

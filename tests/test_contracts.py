@@ -1,0 +1,84 @@
+"""The contracts in shared/: schemas refuse bad input with a clear reason, the codec never unpickles,
+key names follow DESIGN.md."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.codec import pack, unpack
+from shared.errors import BadPayload, ConfigError, InferqError, QueueFull
+from shared.keys import Keys
+from shared.schemas import GenerationRequest, Result
+from shared.settings import load_settings
+
+
+def test_keys_follow_design() -> None:
+    k = Keys("inferq")
+    assert k.queues("tiny") == ["inferq:q:tiny:high", "inferq:q:tiny:normal", "inferq:q:tiny:low"]
+    assert k.result("abc") == "inferq:r:abc"
+    assert k.tokens("c1") == "inferq:t:c1"
+    assert k.dlq("tiny") == "inferq:dlq:tiny"
+    assert k.worker("w") == "inferq:w:w"
+    assert k.cancel() == "inferq:cancel"
+    assert k.done("job") == "inferq:done:job"
+    with pytest.raises(ValueError, match="unknown lane"):
+        k.queue("tiny", "urgent")
+
+
+def test_request_roundtrip_through_msgpack() -> None:
+    req = GenerationRequest(id="r1", model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    back = GenerationRequest.from_payload(unpack(pack(req.payload())))
+    assert back == req
+    assert back.messages is not None and back.messages[0].content == "hi"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ({"v": 2, "id": "a", "model": "m", "prompt": "x"}, "unsupported schema version 2"),
+        ({"v": 1, "model": "m", "prompt": "x"}, "id: Field required"),
+        ({"v": 1, "id": "a", "model": "m"}, "exactly one of prompt or messages"),
+        ({"v": 1, "id": "a", "model": "m", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one"),
+        ({"v": 1, "id": "a", "model": "m", "prompt": "   "}, "prompt is empty"),
+        ({"v": 1, "id": "a", "model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"v": 1, "id": "a", "model": "m", "prompt": "x", "colour": "red"}, "colour: Extra inputs"),
+        ([1, 2, 3], "expected a map"),
+    ],
+)
+def test_bad_payloads_say_why(payload: object, reason: str) -> None:
+    with pytest.raises(BadPayload, match=reason):
+        GenerationRequest.from_payload(payload)
+
+
+def test_codec_rejects_garbage_and_pickle() -> None:
+    import pickle
+
+    with pytest.raises(BadPayload, match="undecodable"):
+        unpack(b"\xc1\xff\x00garbage")
+    # A pickle is just bytes to msgpack: it never turns back into Python objects.
+    with pytest.raises(BadPayload):
+        GenerationRequest.from_payload(unpack(pickle.dumps({"v": 1})))
+
+
+def test_result_from_hash() -> None:
+    raw = {b"status": b"done", b"text": b"Paris", b"prompt_tokens": b"7", b"completion_tokens": b"2", b"queued_at": b"1.5"}
+    r = Result.from_hash("x", raw)
+    assert (r.status, r.text, r.usage.total_tokens, r.timings.queued_at, r.final) == ("done", "Paris", 9, 1.5, True)
+
+
+def test_settings_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INFERQ_MAX_INFLIGHT", "7")
+    monkeypatch.setenv("INFERQ_MODEL", "tiny")
+    s = load_settings(model="smollm2")  # a flag beats the environment
+    assert (s.max_inflight, s.model, s.redis_url) == (7, "smollm2", None)
+    with pytest.raises(ConfigError, match="redis://"):
+        load_settings(redis_url="http://localhost")
+    monkeypatch.setenv("INFERQ_MAX_INFLIGHT", "0")
+    with pytest.raises(ConfigError, match="INFERQ_"):
+        load_settings()
+
+
+def test_errors_share_one_root() -> None:
+    err = QueueFull("tiny", 10, 3, 1.5)
+    assert isinstance(err, InferqError)
+    assert "retry in ~1.5s" in str(err)

@@ -1,0 +1,68 @@
+"""Running a worker process: engine up, worker up, signals, drain, exit code. Signal handling lives here only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from shared.connection import connect
+from shared.settings import Settings
+from worker.consumer import Worker
+from worker.engine import Engine
+
+log = logging.getLogger("inferq.worker")
+
+
+def make_engine(kind: str, model_path: str, settings: Settings) -> Engine:
+    if kind == "standin":
+        from worker.standin import StandInEngine
+
+        return StandInEngine()
+    from worker.vllm_engine import VllmEngine
+
+    return VllmEngine(model_path, settings)
+
+
+async def serve(settings: Settings, engine: Engine, *, model: str, consumer: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT. First signal: stop reading and drain (up to drain_timeout_s), exit 0.
+    Second signal: abort in-flight work, leaving it pending for other workers. Dead engine: exit 1."""
+    redis = connect(settings)
+    await engine.start()
+    try:
+        async with Worker(settings, engine, redis, model=model, consumer=consumer) as worker:
+            loop = asyncio.get_running_loop()
+            signals = 0
+            hard_stop = asyncio.Event()
+
+            def on_signal(signum: int) -> None:
+                nonlocal signals
+                signals += 1
+                if signals == 1:
+                    log.info(
+                        "%s: no new work; finishing in-flight requests (signal again to stop now)",
+                        signal.Signals(signum).name,
+                    )
+                    worker.stop_reading()
+                else:
+                    log.warning("second signal: leaving in-flight requests pending for other workers")
+                    hard_stop.set()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal, sig)
+            try:
+                await worker.run()
+                drain = asyncio.create_task(worker.drain(0 if worker.fatal else settings.drain_timeout_s))
+                stop = asyncio.create_task(hard_stop.wait())
+                await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not drain.done():
+                    drain.cancel()
+                    await worker.abandon()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        return 1 if worker.fatal else 0
+    finally:
+        await engine.stop()
+        await redis.aclose()

@@ -1,0 +1,35 @@
+"""A deterministic stand-in engine for tests and benchmarks of the queue's own logic.
+
+It is not vLLM and never pretends to be: it emits `max_tokens` tokens at a fixed rate, one per step, for
+every request at once (like a continuously batched engine), so what a test or benchmark measures is the
+Redis layer. Token i of a request is the text "t{i} " with token id i. A prompt "fail" raises, for
+error-path tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from shared.schemas import GenerationRequest
+from worker.engine import Delta, RequestRejected
+
+
+class StandInEngine:
+    def __init__(self, step_s: float = 0.001) -> None:
+        self.name = "standin"
+        self.step_s = step_s
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        if request.prompt == "fail":
+            raise RequestRejected("stand-in engine refuses the prompt 'fail'")
+        prompt_tokens = len((request.prompt or "".join(m.content for m in request.messages or [])).split())
+        for i in range(request.max_tokens):
+            await asyncio.sleep(self.step_s)
+            last = i == request.max_tokens - 1
+            yield Delta(f"t{i} ", [i], last, "length" if last else None, prompt_tokens)

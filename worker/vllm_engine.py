@@ -1,0 +1,109 @@
+"""vLLM's v1 AsyncLLM behind the worker's Engine interface (continuous batching, DELTA outputs, abort)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from shared.errors import EngineError
+from shared.schemas import GenerationRequest
+from shared.settings import Settings
+from worker.engine import Delta, RequestRejected
+
+log = logging.getLogger("inferq.engine")
+
+
+class VllmEngine:
+    """One AsyncLLM in this process (its engine core runs in a spawned child process)."""
+
+    def __init__(self, model_path: str, settings: Settings) -> None:
+        self.name = "vllm"
+        self.model_path = model_path
+        self.settings = settings
+        self._llm: Any = None
+        self._tokenizer: Any = None
+
+    async def start(self) -> None:
+        # The CPU build sizes its KV cache from this variable; it must be set before the engine starts.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.settings.kv_cache_gib))))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            dtype=self.settings.dtype,  # type: ignore[arg-type]
+            max_model_len=self.settings.max_model_len,
+            max_num_seqs=max(self.settings.max_inflight, 1),
+            enforce_eager=True,
+            disable_log_stats=True,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        """Tokenize here so the context check can say exactly what is too long; chat uses the model's template."""
+        tok = self._tokenizer
+        if request.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise RequestRejected(f"model {request.model!r} has no chat template; send a plain prompt instead")
+            msgs = [m.model_dump() for m in request.messages]
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids: list[int] = tok.encode(text, add_special_tokens=False)
+        else:
+            ids = tok.encode(request.prompt)
+        limit = self.settings.max_model_len
+        if len(ids) + request.max_tokens > limit:
+            raise RequestRejected(
+                f"prompt of {len(ids)} tokens plus max_tokens={request.max_tokens} exceeds the model's "
+                f"context of {limit} tokens; shorten the prompt or lower max_tokens"
+            )
+        return ids
+
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k or 0,
+            stop=request.stop or None,
+            seed=request.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None:
+            raise EngineError("engine not started")
+        ids = self.prompt_token_ids(request)
+        try:
+            # AsyncLLM aborts the request itself when this generator is cancelled or closed.
+            async for out in self._llm.generate(
+                {"prompt_token_ids": ids}, self._sampling_params(request), request_id=request.id
+            ):
+                completion = out.outputs[0]
+                yield Delta(
+                    text=completion.text,
+                    token_ids=list(completion.token_ids),
+                    finished=out.finished,
+                    finish_reason=completion.finish_reason if out.finished else None,
+                    prompt_tokens=len(ids),
+                )
+        except EngineDeadError as exc:
+            raise EngineError(f"vLLM engine died: {exc}") from exc
+        except VLLMClientError as exc:
+            raise RequestRejected(str(exc)) from exc
+        except Exception as exc:
+            if self._llm is not None and self._llm.errored:
+                raise EngineError(f"vLLM engine failed: {exc!r}") from exc
+            raise
