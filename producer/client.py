@@ -38,14 +38,26 @@ class RequestHandle:
         self._next_seq = 0
         self.gap = False  # True once events were missed: tokens() stops early, result() reads the store
 
-    async def tokens(self) -> AsyncIterator[TokenEvent]:
+    async def tokens(self, timeout: float | None = None) -> AsyncIterator[TokenEvent]:
         """Token events in order (seq 0, 1, ...), ending with the one that has `finished=True`.
 
-        Ends early, without error, if events were missed; `result()` then still has the whole text."""
+        Ends early, without error, if events were missed; `result()` then still has the whole text.
+        Raises RequestTimeout if the request has not finished after `timeout` seconds (default:
+        settings.request_timeout_s)."""
         if not self.request.stream:
             raise InvalidRequest("this request was submitted with stream=False; await result() instead")
+        deadline = self._deadline(timeout)
         while not self._final.is_set():
-            item = await self._queue.get()
+            try:
+                async with asyncio.timeout(min(_RESULT_POLL_S, max(deadline - time.monotonic(), 0))):
+                    item = await self._queue.get()
+            except TimeoutError:
+                # Quiet for a while: a final event may have been lost, so ask the store.
+                if (await self.client.get(self.id)).final:
+                    self.gap = True
+                    return
+                self._check_deadline(deadline, timeout)
+                continue
             event = self._accept(item)
             if event is None:
                 return
@@ -56,26 +68,28 @@ class RequestHandle:
 
         Raises RequestTimeout after `timeout` seconds (default: settings.request_timeout_s); the request
         itself goes on and can be read later with `client.get(id)`."""
-        limit = self.client.settings.request_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        try:
-            while True:
-                if self._final.is_set() or self.gap:
-                    stored = await self.client.get(self.id)
-                    if stored.final:
-                        return stored
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RequestTimeout(
-                        f"request {self.id} did not finish within {limit:.0f}s; it may still finish: "
-                        f"check later with `inferq result {self.id}`"
-                    )
-                await self._wait_for_final(min(remaining, _RESULT_POLL_S))
-                if not self._final.is_set():
-                    self.gap = True  # nothing heard for a while: consult the store on the next pass
-        finally:
-            if self._final.is_set():
-                self.client._replies.unregister(self.id)
+        deadline = self._deadline(timeout)
+        while True:
+            if self._final.is_set() or self.gap:
+                stored = await self.client.get(self.id)
+                if stored.final:
+                    self.client._replies.unregister(self.id)
+                    return stored
+            self._check_deadline(deadline, timeout)
+            await self._wait_for_final(min(deadline - time.monotonic(), _RESULT_POLL_S))
+            if not self._final.is_set():
+                self.gap = True  # nothing heard for a while: consult the store on the next pass
+
+    def _deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (self.client.settings.request_timeout_s if timeout is None else timeout)
+
+    def _check_deadline(self, deadline: float, timeout: float | None) -> None:
+        if time.monotonic() >= deadline:
+            limit = self.client.settings.request_timeout_s if timeout is None else timeout
+            raise RequestTimeout(
+                f"request {self.id} did not finish within {limit:g}s; it may still finish: "
+                f"check later with `inferq result {self.id}`"
+            )
 
     async def _wait_for_final(self, timeout: float) -> None:
         """Consume queued events (for stream=False, or after tokens() stopped) until the final one."""

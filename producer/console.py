@@ -17,7 +17,7 @@ async def submit_and_print(settings: Settings, request: dict[str, Any], *, strea
         print(f"request {handle.id} queued", file=sys.stderr, flush=True)
         printed = ""
         if stream:
-            async for event in handle.tokens():
+            async for event in handle.tokens(timeout=timeout):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
                 printed += event.text

@@ -51,7 +51,9 @@ def prefix(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(redis_server: EmbeddedServer, prefix: str) -> Settings:
-    return Settings(redis_url=redis_server.url, key_prefix=prefix, data_dir=MODELS_DIR, model="tiny")
+    return Settings(
+        redis_url=redis_server.url, key_prefix=prefix, data_dir=MODELS_DIR, model="tiny", request_timeout_s=120
+    )
 
 
 @pytest.fixture
@@ -82,7 +84,7 @@ class WorkerProcess:
         self.settings = settings
         self.name = name
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "cli.py"), "worker", "--consumer", name, *args],
             cwd=ROOT,
@@ -178,9 +180,17 @@ def tiny_worker(redis_server: EmbeddedServer, tmp_path_factory: pytest.TempPathF
     from worker.models import prepare_model
 
     prepare_model("tiny", MODELS_DIR)
-    cfg = Settings(redis_url=redis_server.url, key_prefix="vllm-tiny", data_dir=MODELS_DIR, model="tiny")
+    cfg = Settings(
+        redis_url=redis_server.url, key_prefix="vllm-tiny", data_dir=MODELS_DIR, model="tiny", request_timeout_s=120
+    )
     proc = WorkerProcess(
-        cfg, "--model", "tiny", "--max-inflight", "64", name="tiny-0", log_path=tmp_path_factory.mktemp("w") / "tiny.log"
+        cfg,
+        "--model",
+        "tiny",
+        "--max-inflight",
+        "64",
+        name="tiny-0",
+        log_path=tmp_path_factory.mktemp("w") / "tiny.log",
     )
     proc.wait_ready()
     yield proc

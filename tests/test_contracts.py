@@ -38,7 +38,10 @@ def test_request_roundtrip_through_msgpack() -> None:
         ({"v": 2, "id": "a", "model": "m", "prompt": "x"}, "unsupported schema version 2"),
         ({"v": 1, "model": "m", "prompt": "x"}, "id: Field required"),
         ({"v": 1, "id": "a", "model": "m"}, "exactly one of prompt or messages"),
-        ({"v": 1, "id": "a", "model": "m", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one"),
+        (
+            {"v": 1, "id": "a", "model": "m", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+            "exactly one",
+        ),
         ({"v": 1, "id": "a", "model": "m", "prompt": "   "}, "prompt is empty"),
         ({"v": 1, "id": "a", "model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"v": 1, "id": "a", "model": "m", "prompt": "x", "colour": "red"}, "colour: Extra inputs"),
@@ -61,7 +64,13 @@ def test_codec_rejects_garbage_and_pickle() -> None:
 
 
 def test_result_from_hash() -> None:
-    raw = {b"status": b"done", b"text": b"Paris", b"prompt_tokens": b"7", b"completion_tokens": b"2", b"queued_at": b"1.5"}
+    raw = {
+        b"status": b"done",
+        b"text": b"Paris",
+        b"prompt_tokens": b"7",
+        b"completion_tokens": b"2",
+        b"queued_at": b"1.5",
+    }
     r = Result.from_hash("x", raw)
     assert (r.status, r.text, r.usage.total_tokens, r.timings.queued_at, r.final) == ("done", "Paris", 9, 1.5, True)
 

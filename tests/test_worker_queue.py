@@ -42,7 +42,9 @@ async def test_concurrent_streams_arrive_complete_and_in_order(
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 
-async def test_non_streaming_and_reply_stream(client: InferenceClient, settings: Settings, redis: Redis, start_worker) -> None:
+async def test_non_streaming_and_reply_stream(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
     start_worker("--engine", "standin", "--model", MODEL)
     done_stream = Keys(settings.key_prefix).done("job1")
     handle = await client.submit(prompt="bulk line", model=MODEL, max_tokens=3, stream=False, reply_stream=done_stream)
@@ -51,7 +53,12 @@ async def test_non_streaming_and_reply_stream(client: InferenceClient, settings:
     records = await redis.xrange(done_stream)
     assert len(records) == 1
     record = unpack(records[0][1][b"m"])
-    assert (record["id"], record["status"], record["text"], record["completion_tokens"]) == (handle.id, "done", "t0 t1 t2 ", 3)
+    assert (record["id"], record["status"], record["text"], record["completion_tokens"]) == (
+        handle.id,
+        "done",
+        "t0 t1 t2 ",
+        3,
+    )
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 
@@ -64,7 +71,9 @@ async def test_poison_entries_fail_with_reason_and_worker_keeps_serving(
     good = {"v": 1, "model": MODEL, "prompt": "ok", "max_tokens": 2}
     await redis.xadd(stream, {"m": b"\xc1 not msgpack"})
     await redis.xadd(stream, {"m": msgpack.packb({**good, "id": "wrong-version", "v": 9})})
-    await redis.xadd(stream, {"m": msgpack.packb({k: v for k, v in good.items() if k != "prompt"} | {"id": "no-prompt"})})
+    await redis.xadd(
+        stream, {"m": msgpack.packb({k: v for k, v in good.items() if k != "prompt"} | {"id": "no-prompt"})}
+    )
     await redis.xadd(stream, {"other": b"field"})
     await redis.xadd(stream, {"m": pack({**good, "id": "engine-refuses", "prompt": "fail"})})
     before = await client.submit(prompt="good before", model=MODEL, max_tokens=2)
@@ -123,7 +132,9 @@ async def test_sigterm_drains_in_flight_then_exits_zero(
     assert await redis.exists(Keys(settings.key_prefix).worker("w0")) == 0  # heartbeat removed
 
 
-async def test_one_engine_step_is_one_redis_transaction(settings: Settings, client: InferenceClient, redis: Redis) -> None:
+async def test_one_engine_step_is_one_redis_transaction(
+    settings: Settings, client: InferenceClient, redis: Redis
+) -> None:
     """In-process worker: 50 requests x 20 tokens are 1,000 token events, sent in far fewer transactions."""
     engine = StandInEngine(step_s=0.002)
     conn = Redis.from_url(settings.redis_url or "")

@@ -202,20 +202,24 @@ def _build_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # float32: transformers warns that GGUF loading asked for in bf16 is slower; we cast when saving.
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:  # transformers needs the gguf package to read the file
         raise ModelError(f"cannot read {gguf.name}: {exc}; install the gguf and accelerate packages") from exc
 
-    # save_pretrained would write the GGUF's quantization_config, which vLLM then tries to honour, and
-    # trips over the tied lm_head; so write the tensors ourselves and the config by hand.
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    # save_pretrained refuses a model loaded from GGUF ("not serializable"), so write the tensors ourselves:
+    # without lm_head.weight, which shares storage with the embeddings (safetensors refuses shared tensors;
+    # tie_word_embeddings rebuilds it), and a config without the GGUF quantization_config vLLM would follow.
+    weights = model.state_dict()
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in weights.items() if k != "lm_head.weight"}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = ["LlamaForCausalLM"]
     config.tie_word_embeddings = True
+    config.dtype = torch.bfloat16  # what the tensors hold; vLLM's dtype="auto" follows it
     config.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)

@@ -33,7 +33,7 @@ class VllmEngine:
 
         args = AsyncEngineArgs(
             model=self.model_path,
-            dtype=self.settings.dtype,  # type: ignore[arg-type]
+            dtype=self._dtype(),  # type: ignore[arg-type]
             max_model_len=self.settings.max_model_len,
             max_num_seqs=max(self.settings.max_inflight, 1),
             enforce_eager=True,
@@ -41,6 +41,16 @@ class VllmEngine:
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self._tokenizer = self._llm.get_tokenizer()
+
+    def _dtype(self) -> str:
+        """ "auto" means bf16 on the CPU build, whose AMX bf16 kernels died with SIGILL on our 2-core VMs
+        (the engine core exits on the first request). float32 works everywhere; pick it on CPU unless the
+        user asked for a dtype explicitly (INFERQ_DTYPE)."""
+        if self.settings.dtype != "auto":
+            return self.settings.dtype
+        from vllm.platforms import current_platform
+
+        return "float32" if current_platform.is_cpu() else "auto"
 
     async def stop(self) -> None:
         if self._llm is not None:

@@ -1,0 +1,104 @@
+"""`inferq` as a person uses it: text on stdout, stats on stderr, exit codes 0/1/2/3/4, help that teaches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.embedded import EmbeddedServer
+from shared.settings import Settings
+from tests.conftest import ROOT, _free_port
+
+MODEL = "fake"
+
+
+async def inferq(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        **os.environ,
+        "INFERQ_REDIS_URL": settings.redis_url or "",
+        "INFERQ_KEY_PREFIX": settings.key_prefix,
+        **env,
+    }
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_submit_streams_text_to_stdout_and_stats_to_stderr(settings: Settings, start_worker) -> None:
+    start_worker("--engine", "standin", "--model", MODEL)
+    out = await inferq(settings, "submit", "--model", MODEL, "--prompt", "hi", "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "t0 t1 t2 t3 \n"
+    assert "[done" in out.stderr and "tokens in/out" in out.stderr
+
+    as_json = await inferq(settings, "submit", "-m", MODEL, "-p", "hi", "--max-tokens", "2", "--json")
+    record = json.loads(as_json.stdout)
+    assert (record["status"], record["text"], record["usage"]["completion_tokens"]) == ("done", "t0 t1 ", 2)
+
+    shown = await inferq(settings, "result", record["id"])
+    assert shown.returncode == 0 and shown.stdout == "t0 t1 \n" and "status: done" in shown.stderr
+
+
+async def test_exit_codes(settings: Settings, start_worker) -> None:
+    usage = await inferq(settings, "submit", "--prompt", "x", "--max-tokens", "0")
+    assert usage.returncode == 2 and "max_tokens" in usage.stderr
+
+    timeout = await inferq(settings, "submit", "-m", "unserved", "-p", "x", "--timeout", "0.5")
+    assert timeout.returncode == 4 and "did not finish within" in timeout.stderr
+
+    full = await inferq(settings, "submit", "-m", "unserved", "-p", "x", "--timeout", "0.1", INFERQ_MAX_QUEUE_LEN="1")
+    assert full.returncode == 3 and "is full" in full.stderr
+
+    start_worker("--engine", "standin", "--model", MODEL)
+    failed = await inferq(settings, "submit", "-m", MODEL, "-p", "fail", "--raw")
+    assert failed.returncode == 1 and "stand-in engine refuses" in failed.stderr
+
+    missing = await inferq(settings, "result", "no-such-id")
+    assert missing.returncode == 1 and "no request 'no-such-id'" in missing.stderr
+
+    bad_env = await inferq(settings, "submit", "-p", "x", INFERQ_MAX_INFLIGHT="zero")
+    assert bad_env.returncode == 2 and "INFERQ_" in bad_env.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["submit"], ["worker"], ["redis"], ["models"], ["result"]])
+async def test_help_teaches(settings: Settings, command: list[str]) -> None:
+    out = await inferq(settings, *command, "--help")
+    assert out.returncode == 0 and "Usage:" in out.stdout
+    assert len(out.stdout.splitlines()) > 5
+
+
+async def test_redis_commands_manage_one_shared_server(tmp_path: Path, settings: Settings) -> None:
+    env = {"INFERQ_REDIS_URL": "", "INFERQ_DATA_DIR": str(tmp_path), "INFERQ_EMBEDDED_PORT": str(_free_port())}
+    status = await inferq(settings, "redis", "status", **env)
+    assert status.returncode == 1 and "not running" in status.stdout
+    # Two starts racing: one server, the other reuses it.
+    first, second = await asyncio.gather(
+        inferq(settings, "redis", "start", **env), inferq(settings, "redis", "start", **env)
+    )
+    assert sorted([first.stdout.split(":")[0], second.stdout.split(":")[0]]) == ["already running", "started"]
+    status = await inferq(settings, "redis", "status", **env)
+    assert status.returncode == 0 and "running" in status.stdout
+    assert (tmp_path / "redis" / "appendonlydir").is_dir()  # AOF on
+    stop = await inferq(settings, "redis", "stop", **env)
+    assert stop.stdout.strip() == "stopped"
+    assert (await inferq(settings, "redis", "status", **env)).returncode == 1
+
+
+def test_embedded_server_reused_and_stopped(tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path, _free_port())
+    assert server.start() is True
+    pid = server.pid()
+    assert server.start() is False and server.pid() == pid
+    assert server.stop() is True and not server.ping()
+    assert server.stop() is False
