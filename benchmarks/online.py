@@ -1,0 +1,138 @@
+"""Online throughput: the same requests on vLLM AsyncLLM called directly, and through inferq's queue.
+
+    python benchmarks/online.py --model tiny --concurrency 128 --requests 512
+
+Both runs use the same engine settings (worker/vllm_engine.py), the same prompts, greedy decoding (so
+both produce the same tokens) and the same concurrency; the queue run streams every token back over
+Redis pub/sub to a client in this process, as an online caller would. Prints both figures and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from producer import InferenceClient  # noqa: E402
+from shared.embedded import EmbeddedServer  # noqa: E402
+from shared.keys import Keys  # noqa: E402
+from shared.schemas import GenerationRequest  # noqa: E402
+from shared.settings import load_settings  # noqa: E402
+from worker.models import resolve_model  # noqa: E402
+from worker.vllm_engine import VllmEngine  # noqa: E402
+
+WORDS = "the queue holds requests until a worker is free and then runs them through the model".split()
+
+
+def prompts(n: int, length: int) -> list[str]:
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(length)) + f" {i}" for i in range(n)]
+
+
+async def drive(n: int, concurrency: int, one: Callable[[int], Awaitable[int]]) -> tuple[float, int]:
+    """Run `one(i)` for i < n with at most `concurrency` at once; returns (seconds, tokens generated)."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def guarded(i: int) -> int:
+        async with sem:
+            return await one(i)
+
+    t0 = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(guarded(i) for i in range(n))))
+    return time.perf_counter() - t0, tokens
+
+
+async def run_direct(args: argparse.Namespace, model_path: str, texts: list[str]) -> tuple[float, int]:
+    settings = load_settings(model=args.model, max_inflight=args.concurrency)
+    engine = VllmEngine(model_path, settings)
+    await engine.start()
+
+    async def one(i: int) -> int:
+        req = GenerationRequest(
+            id=f"d{args.tag}{i}", model=args.model, prompt=texts[i], max_tokens=args.max_tokens, temperature=0
+        )
+        return sum([len(d.token_ids) async for d in engine.generate(req)])
+
+    try:
+        await drive(args.warmup, args.concurrency, one)
+        args.tag += 1
+        return await drive(args.requests, args.concurrency, one)
+    finally:
+        await engine.stop()
+
+
+def spawn_worker(args: argparse.Namespace, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, str(ROOT / "cli.py"), "worker", "--model", args.model, "--consumer", "bench"]
+    with open(log, "wb") as fh:
+        return subprocess.Popen([*cmd, "--max-inflight", str(args.concurrency)], env=env, stdout=fh, stderr=fh)
+
+
+async def run_queue(args: argparse.Namespace, texts: list[str]) -> tuple[float, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = Path(tempfile.mkdtemp(prefix="inferq-bench-"))
+    server = EmbeddedServer(data, port)
+    server.start()
+    settings = load_settings(redis_url=server.url, model=args.model, key_prefix="bench")
+    env = {**os.environ, "INFERQ_REDIS_URL": server.url, "INFERQ_KEY_PREFIX": "bench"}
+    worker = spawn_worker(args, env, data / "worker.log")
+    try:
+        async with InferenceClient(settings) as client:
+            while not await client.redis.exists(Keys("bench").worker("bench")):
+                if worker.poll() is not None:
+                    raise SystemExit(f"worker died: {(data / 'worker.log').read_text()[-2000:]}")
+                await asyncio.sleep(0.2)
+
+            async def one(i: int) -> int:
+                handle = await client.submit(prompt=texts[i], max_tokens=args.max_tokens, temperature=0)
+                n = sum([len(e.token_ids) async for e in handle.tokens()])
+                if handle.gap:  # events were missed: count from the stored result
+                    n = (await handle.result()).usage.completion_tokens
+                return n
+
+            await drive(args.warmup, args.concurrency, one)
+            return await drive(args.requests, args.concurrency, one)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+        server.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--concurrency", type=int, default=128)
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    args = p.parse_args()
+    args.tag = 0
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    model_path = str(resolve_model(args.model, load_settings().data_dir))
+    texts = prompts(args.requests + args.warmup, args.prompt_len)
+
+    d_s, d_tok = asyncio.run(run_direct(args, model_path, texts))
+    q_s, q_tok = asyncio.run(run_queue(args, texts))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"model {args.model}, {args.requests} requests, concurrency {args.concurrency}, "
+          f"prompt ~{args.prompt_len} words, max_tokens {args.max_tokens}, greedy")  # fmt: skip
+    print(f"{'target':<24}{'seconds':>10}{'tokens':>10}{'tok/s':>10}{'req/s':>10}")
+    for name, s, tok in (("direct AsyncLLM", d_s, d_tok), ("inferq (Redis queue)", q_s, q_tok)):
+        print(f"{name:<24}{s:>10.2f}{tok:>10}{tok / s:>10.0f}{args.requests / s:>10.1f}")
+    print(f"ratio inferq / direct (output tok/s): {(q_tok / q_s) / (d_tok / d_s):.3f}")
+
+
+if __name__ == "__main__":  # vLLM spawns its engine core: keep the child from re-running this
+    main()
