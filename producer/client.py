@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
-from types import TracebackType
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,6 +17,7 @@ from shared.codec import pack
 from shared.connection import connect
 from shared.errors import InvalidRequest, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
 from shared.keys import GROUP, Keys
+from shared.lifecycle import AsyncLifecycle
 from shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
 from shared.settings import Settings, load_settings
 
@@ -114,7 +114,7 @@ class RequestHandle:
         return item
 
 
-class InferenceClient:
+class InferenceClient(AsyncLifecycle):
     """Async client. Use as `async with InferenceClient(settings) as client:` or `await InferenceClient.from_url(url)`.
 
     On start it subscribes once to its own reply channel; every request names that channel."""
@@ -160,15 +160,6 @@ class InferenceClient:
             await self._redis.aclose()
             self._redis = None
         self._started = False
-
-    async def __aenter__(self) -> InferenceClient:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def build_request(
         self,

@@ -11,7 +11,6 @@ import socket
 import time
 import uuid
 from importlib import resources
-from types import TracebackType
 from typing import Any
 
 from redis.asyncio import Redis
@@ -20,6 +19,7 @@ from redis.exceptions import ResponseError
 from shared.codec import pack, unpack
 from shared.errors import BadPayload, EngineError
 from shared.keys import GROUP, Keys
+from shared.lifecycle import AsyncLifecycle
 from shared.schemas import SCHEMA_VERSION, GenerationRequest
 from shared.settings import Settings
 from worker.engine import Engine, RequestRejected
@@ -39,7 +39,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Worker:
+class Worker(AsyncLifecycle):
     """`async with Worker(...) as w: await w.run()`; `stop_reading()` then `drain()` for a clean stop."""
 
     def __init__(
@@ -87,15 +87,6 @@ class Worker:
         await self.outbox.stop()
         with contextlib.suppress(Exception):
             await self.redis.delete(self.keys.worker(self.name))
-
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def stop_reading(self) -> None:
         self._stopping.set()
