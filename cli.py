@@ -5,7 +5,6 @@ Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -14,6 +13,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from shared import aio
 from shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
 from shared.schemas import Result
 from shared.settings import Settings, load_settings
@@ -56,7 +56,7 @@ def _settings(**overrides: Any) -> Settings:
 def _run(coro: Any) -> Any:
     """Run a coroutine, turning inferq's errors into their exit codes and a one-line message."""
     try:
-        return asyncio.run(coro)
+        return aio.run(coro)
     except QueueFull as exc:
         _die(str(exc), EXIT_QUEUE_FULL)
     except RequestTimeout as exc:

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from producer import InferenceClient  # noqa: E402
+from shared import aio  # noqa: E402
 from shared.embedded import EmbeddedServer  # noqa: E402
 from shared.keys import Keys  # noqa: E402
 from shared.schemas import GenerationRequest  # noqa: E402
@@ -72,7 +74,9 @@ async def run_direct(args: argparse.Namespace, model_path: str, texts: list[str]
 
 
 def spawn_worker(args: argparse.Namespace, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, str(ROOT / "cli.py"), "worker", "--model", args.model, "--consumer", "bench"]
+    # INFERQ_BENCH_WORKER_PREFIX lets a profiler wrap the worker, e.g. "py-spy record -o w.txt --format raw --".
+    prefix = os.environ.get("INFERQ_BENCH_WORKER_PREFIX", "").split()
+    cmd = [*prefix, sys.executable, str(ROOT / "cli.py"), "worker", "--model", args.model, "--consumer", "bench"]
     with open(log, "wb") as fh:
         return subprocess.Popen([*cmd, "--max-inflight", str(args.concurrency)], env=env, stdout=fh, stderr=fh)
 
@@ -104,7 +108,7 @@ async def run_queue(args: argparse.Namespace, texts: list[str]) -> tuple[float, 
             await drive(args.warmup, args.concurrency, one)
             return await drive(args.requests, args.concurrency, one)
     finally:
-        worker.terminate()
+        worker.send_signal(signal.SIGINT)  # the worker drains on SIGINT as on SIGTERM; a profiler saves on it
         worker.wait(timeout=60)
         server.stop()
 
@@ -117,14 +121,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--targets", default="direct,inferq", help="which of direct,inferq to run")
     args = p.parse_args()
     args.tag = 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     model_path = str(resolve_model(args.model, load_settings().data_dir))
     texts = prompts(args.requests + args.warmup, args.prompt_len)
 
-    d_s, d_tok = asyncio.run(run_direct(args, model_path, texts))
-    q_s, q_tok = asyncio.run(run_queue(args, texts))
+    targets = args.targets.split(",")
+    d_s, d_tok = aio.run(run_direct(args, model_path, texts)) if "direct" in targets else (float("nan"), 0)
+    q_s, q_tok = aio.run(run_queue(args, texts)) if "inferq" in targets else (float("nan"), 0)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"model {args.model}, {args.requests} requests, concurrency {args.concurrency}, "
           f"prompt ~{args.prompt_len} words, max_tokens {args.max_tokens}, greedy")  # fmt: skip

@@ -6,13 +6,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from producer.replies import GAP, ReplyListener, _Gap
+from producer.admission import Admitter
+from producer.replies import DEADLINE, TICK, ReplyListener, Signal
 from shared.codec import pack
 from shared.connection import connect
 from shared.errors import InvalidRequest, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
@@ -21,7 +21,6 @@ from shared.lifecycle import AsyncLifecycle
 from shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
 from shared.settings import Settings, load_settings
 
-_ADMIT_LUA = resources.files("producer").joinpath("admit.lua").read_text()
 # How often result() re-reads the stored result while waiting, in case a final event was lost.
 _RESULT_POLL_S = 2.0
 
@@ -46,63 +45,73 @@ class RequestHandle:
         settings.request_timeout_s)."""
         if not self.request.stream:
             raise InvalidRequest("this request was submitted with stream=False; await result() instead")
-        deadline = self._deadline(timeout)
-        while not self._final.is_set():
-            try:
-                async with asyncio.timeout(min(_RESULT_POLL_S, max(deadline - time.monotonic(), 0))):
-                    item = await self._queue.get()
-            except TimeoutError:
-                # Quiet for a while: a final event may have been lost, so ask the store.
-                if (await self.client.get(self.id)).final:
-                    self.gap = True
+        limit = self._limit(timeout)
+        timer = asyncio.get_running_loop().call_later(limit, self._queue.put_nowait, DEADLINE)
+        heard = True
+        try:
+            while not self._final.is_set():
+                item = await self._queue.get()
+                if item is DEADLINE:
+                    self._timed_out(limit)
+                if item is TICK:
+                    # Quiet since the last tick: a final event may have been lost, so ask the store.
+                    if not heard and (await self.client.get(self.id)).final:
+                        self.gap = True
+                        return
+                    heard = False
+                    continue
+                heard = True
+                event = self._accept(item)
+                if event is None:
                     return
-                self._check_deadline(deadline, timeout)
-                continue
-            event = self._accept(item)
-            if event is None:
-                return
-            yield event
+                yield event
+        finally:
+            timer.cancel()
 
     async def result(self, timeout: float | None = None) -> Result:
         """Wait for the request to end and return its stored result.
 
         Raises RequestTimeout after `timeout` seconds (default: settings.request_timeout_s); the request
         itself goes on and can be read later with `client.get(id)`."""
-        deadline = self._deadline(timeout)
+        limit = self._limit(timeout)
+        deadline = time.monotonic() + limit
         while True:
             if self._final.is_set() or self.gap:
                 stored = await self.client.get(self.id)
                 if stored.final:
                     self.client._replies.unregister(self.id)
                     return stored
-            self._check_deadline(deadline, timeout)
-            await self._wait_for_final(min(deadline - time.monotonic(), _RESULT_POLL_S))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._timed_out(limit)
+            await self._wait_for_final(min(remaining, _RESULT_POLL_S))
             if not self._final.is_set():
                 self.gap = True  # nothing heard for a while: consult the store on the next pass
 
-    def _deadline(self, timeout: float | None) -> float:
-        return time.monotonic() + (self.client.settings.request_timeout_s if timeout is None else timeout)
+    def _limit(self, timeout: float | None) -> float:
+        return self.client.settings.request_timeout_s if timeout is None else timeout
 
-    def _check_deadline(self, deadline: float, timeout: float | None) -> None:
-        if time.monotonic() >= deadline:
-            limit = self.client.settings.request_timeout_s if timeout is None else timeout
-            raise RequestTimeout(
-                f"request {self.id} did not finish within {limit:g}s; it may still finish: "
-                f"check later with `inferq result {self.id}`"
-            )
+    def _timed_out(self, limit: float) -> NoReturn:
+        raise RequestTimeout(
+            f"request {self.id} did not finish within {limit:g}s; it may still finish: "
+            f"check later with `inferq result {self.id}`"
+        )
 
     async def _wait_for_final(self, timeout: float) -> None:
         """Consume queued events (for stream=False, or after tokens() stopped) until the final one."""
         try:
             async with asyncio.timeout(timeout):
                 while not self._final.is_set():
-                    if self._accept(await self._queue.get()) is None:
+                    item = await self._queue.get()
+                    if item is TICK or item is DEADLINE:
+                        continue
+                    if self._accept(item) is None:
                         return
         except TimeoutError:
             return
 
-    def _accept(self, item: TokenEvent | _Gap) -> TokenEvent | None:
-        if item is GAP or not isinstance(item, TokenEvent):
+    def _accept(self, item: TokenEvent | Signal) -> TokenEvent | None:
+        if not isinstance(item, TokenEvent):  # GAP
             self.gap = True
             return None
         if item.finished:
@@ -127,7 +136,7 @@ class InferenceClient(AsyncLifecycle):
         self._redis = redis
         self._own_redis = redis is None
         self._replies: ReplyListener
-        self._admit: Any = None
+        self._admitter: Admitter
         self._started = False
 
     @classmethod
@@ -147,7 +156,8 @@ class InferenceClient(AsyncLifecycle):
             return
         if self._redis is None:
             self._redis = await asyncio.to_thread(connect, self.settings)
-        self._admit = self.redis.register_script(_ADMIT_LUA)
+        self._admitter = Admitter(self.redis)
+        self._admitter.start()
         self._replies = ReplyListener(self.redis, self.channel)
         await self._replies.start()
         self._started = True
@@ -155,6 +165,7 @@ class InferenceClient(AsyncLifecycle):
     async def close(self) -> None:
         if not self._started:
             return
+        await self._admitter.stop()
         await self._replies.stop()
         if self._own_redis and self._redis is not None:
             await self._redis.aclose()
@@ -216,9 +227,9 @@ class InferenceClient(AsyncLifecycle):
         await self.start()
         queue = self._replies.register(request.id)  # before the add: no event can be missed
         try:
-            code, queue_len, lag, _ = await self._admit(
-                keys=[self.keys.queue(request.model, request.priority), self.keys.result(request.id)],
-                args=[
+            code, queue_len, lag, _ = await self._admitter.admit(
+                [self.keys.queue(request.model, request.priority), self.keys.result(request.id)],
+                [
                     self.settings.max_queue_len,
                     self.settings.max_lag,
                     GROUP,

@@ -23,12 +23,22 @@ from shared.schemas import TokenEvent
 log = logging.getLogger("inferq.client")
 
 
-class _Gap:
-    """Sentinel: events may have been lost; read the stored result instead."""
+class Signal:
+    """A sentinel put in a request's queue next to its token events."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-GAP: Final = _Gap()
-Item = TokenEvent | _Gap
+GAP: Final = Signal("GAP")  # events may have been lost: read the stored result instead
+TICK: Final = Signal("TICK")  # time passed: a waiter checks its deadline and, if it heard nothing, the store
+DEADLINE: Final = Signal("DEADLINE")  # put by a waiter's own timer
+Item = TokenEvent | Signal
+# One timer for all requests instead of one per awaited event: waiting for a token then costs no timer.
+TICK_S = 0.5
 
 
 class ReplyListener:
@@ -38,6 +48,7 @@ class ReplyListener:
         self._routes: dict[str, asyncio.Queue[Item]] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"inferq-replies-{self.channel}")
@@ -47,13 +58,21 @@ class ReplyListener:
         if self._task in done:
             waiter.cancel()
             self._task.result()  # re-raise why the listener could not start
+        self._ticker = asyncio.create_task(self._tick(), name=f"inferq-ticker-{self.channel}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._ticker = None
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            for queue in self._routes.values():
+                queue.put_nowait(TICK)
 
     def register(self, request_id: str) -> asyncio.Queue[Item]:
         queue: asyncio.Queue[Item] = asyncio.Queue()
