@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench-online: setup
-	$(PY) benchmarks/online.py --model tiny --concurrency 128 --requests 512
+	$(PY) benchmarks/online.py --model tiny --concurrency 128 --requests 4096 --rounds 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

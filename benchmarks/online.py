@@ -15,6 +15,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--targets", default="direct,inferq", help="which of direct,inferq to run")
+    p.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times; report the median")
     args = p.parse_args()
     args.tag = 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -129,15 +131,23 @@ def main() -> None:
     texts = prompts(args.requests + args.warmup, args.prompt_len)
 
     targets = args.targets.split(",")
-    d_s, d_tok = aio.run(run_direct(args, model_path, texts)) if "direct" in targets else (float("nan"), 0)
-    q_s, q_tok = aio.run(run_queue(args, texts)) if "inferq" in targets else (float("nan"), 0)
+    runs: dict[str, list[tuple[float, int]]] = {"direct": [], "inferq": []}
+    for _ in range(args.rounds):  # alternating, so drift on a shared machine hits both targets alike
+        if "direct" in targets:
+            runs["direct"].append(aio.run(run_direct(args, model_path, texts)))
+        if "inferq" in targets:
+            runs["inferq"].append(aio.run(run_queue(args, texts)))
+    rates = {k: sorted(tok / s for s, tok in v) for k, v in runs.items() if v}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"model {args.model}, {args.requests} requests, concurrency {args.concurrency}, "
           f"prompt ~{args.prompt_len} words, max_tokens {args.max_tokens}, greedy")  # fmt: skip
-    print(f"{'target':<24}{'seconds':>10}{'tokens':>10}{'tok/s':>10}{'req/s':>10}")
-    for name, s, tok in (("direct AsyncLLM", d_s, d_tok), ("inferq (Redis queue)", q_s, q_tok)):
-        print(f"{name:<24}{s:>10.2f}{tok:>10}{tok / s:>10.0f}{args.requests / s:>10.1f}")
-    print(f"ratio inferq / direct (output tok/s): {(q_tok / q_s) / (d_tok / d_s):.3f}")
+    print(f"{'target':<24}{'median tok/s':>14}  all rounds (output tok/s)")
+    names = {"direct": "direct AsyncLLM", "inferq": "inferq (Redis queue)"}
+    for key, values in rates.items():
+        print(f"{names[key]:<24}{statistics.median(values):>14.0f}  {', '.join(f'{v:.0f}' for v in values)}")
+    if len(rates) == 2:
+        ratio = statistics.median(rates["inferq"]) / statistics.median(rates["direct"])
+        print(f"ratio inferq / direct (median output tok/s): {ratio:.3f}")
 
 
 if __name__ == "__main__":  # vLLM spawns its engine core: keep the child from re-running this

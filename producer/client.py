@@ -67,6 +67,8 @@ class RequestHandle:
                 yield event
         finally:
             timer.cancel()
+            if self._final.is_set():
+                self.client._replies.unregister(self.id)  # nothing more will come for this id
 
     async def result(self, timeout: float | None = None) -> Result:
         """Wait for the request to end and return its stored result.

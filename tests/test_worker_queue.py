@@ -149,3 +149,14 @@ async def test_one_engine_step_is_one_redis_transaction(
     assert all(r.status == "done" and r.usage.completion_tokens == 20 for r in results)
     assert worker.outbox.batches < 1000 / 5, worker.outbox.batches
     assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+def test_sync_client_streams_and_waits(settings: Settings, start_worker) -> None:
+    from producer import SyncInferenceClient
+
+    start_worker("--engine", "standin", "--model", MODEL)
+    with SyncInferenceClient(settings) as client:
+        handle = client.submit(prompt="from sync code", model=MODEL, max_tokens=3)
+        assert [e.text for e in handle.tokens()] == ["t0 ", "t1 ", "t2 "]
+        assert handle.result(timeout=30).text == "t0 t1 t2 "
+        assert client.generate(prompt="again", model=MODEL, max_tokens=2, timeout=30).text == "t0 t1 "
