@@ -29,9 +29,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 redis_app = typer.Typer(help="The embedded Redis-compatible server (used when INFERQ_REDIS_URL is not set).")
+dlq_app = typer.Typer(
+    help="Dead letters: requests that failed for good (undecodable, refused by the engine, or delivered more "
+    "than INFERQ_MAX_DELIVERIES times). Each keeps its original payload, the reason and the delivery count."
+)
 models_app = typer.Typer(help="Local models that need no model hub: tiny (tests) and smollm2 (SmolLM2-135M-Instruct).")
 app.add_typer(redis_app, name="redis")
 app.add_typer(models_app, name="models")
+app.add_typer(dlq_app, name="dlq")
 
 RedisUrl = Annotated[
     str | None, typer.Option("--redis-url", help="redis://, rediss:// or unix:// URL [env INFERQ_REDIS_URL]")
@@ -79,6 +84,9 @@ def submit(
     seed: Annotated[int | None, typer.Option(help="sampling seed, for repeatable answers")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     priority: Annotated[str, typer.Option(help="lane: high, normal or low")] = "normal",
+    ttl: Annotated[
+        float | None, typer.Option(help="seconds the request may wait and run; then it ends `expired`")
+    ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="send PROMPT as-is, without the chat template")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print the answer only when it is complete")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the final result as one JSON object")] = False,
@@ -109,6 +117,7 @@ def submit(
         "seed": seed,
         "stop": stop or [],
         "priority": priority,
+        "ttl": ttl,
     }
     result = _run(submit_and_print(settings, request, stream=not no_stream and not as_json, timeout=timeout))
     if as_json:
@@ -134,6 +143,90 @@ def result(
         if stored.error:
             typer.echo(f"error: {stored.error}", err=True)
         typer.echo(stored.text)
+
+
+@app.command()
+def cancel(
+    request_id: Annotated[str, typer.Argument(help="the id printed by submit")],
+    redis_url: RedisUrl = None,
+) -> None:
+    """Cancel a request. Queued: it ends `cancelled` and is never run. Running: its worker aborts it in the
+    engine and it ends `cancelled` with the text so far. Prints the status after the call."""
+    from producer.console import cancel_request
+
+    typer.echo(_run(cancel_request(_settings(redis_url=redis_url), request_id)))
+
+
+# ---- dead letters -----------------------------------------------------------------------------------
+@dlq_app.command("list")
+def dlq_list(
+    model: Model = None,
+    count: Annotated[int, typer.Option(help="show at most this many, oldest first")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """List the model's dead letters: id, request id, deliveries, reason."""
+    from producer.console import with_dead_letters
+
+    settings = _settings(redis_url=redis_url, model=model)
+    letters = _run(with_dead_letters(settings, None, lambda d: d.list(count=count)))
+    for letter in letters:
+        row = letter.summary()
+        if as_json:
+            typer.echo(json.dumps(row))
+        else:
+            typer.echo(f"{row['id']}  {row['request_id'] or '-'}  deliveries={row['deliveries']}  {row['error']}")
+    if not letters and not as_json:
+        typer.echo(f"no dead letters for model {settings.model!r}", err=True)
+
+
+@dlq_app.command("show")
+def dlq_show(
+    dead_letter_id: Annotated[str, typer.Argument(help="the id `inferq dlq list` printed")],
+    model: Model = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Show one dead letter as JSON, with its original request (or, for poison, the raw payload size)."""
+    from producer.console import with_dead_letters
+
+    settings = _settings(redis_url=redis_url, model=model)
+    letter = _run(with_dead_letters(settings, None, lambda d: d.show(dead_letter_id)))
+    request = letter.request
+    typer.echo(json.dumps({**letter.summary(), "request": request.payload() if request else None}, indent=2))
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    dead_letter_ids: Annotated[list[str], typer.Argument(help="dead letter ids to enqueue again")],
+    model: Model = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Enqueue the original requests again (same request ids; their failed results are replaced)."""
+    from producer.console import with_dead_letters
+
+    settings = _settings(redis_url=redis_url, model=model)
+
+    async def retry_all(letters: Any) -> list[str]:
+        return [await letters.retry(i) for i in dead_letter_ids]
+
+    for request_id in _run(with_dead_letters(settings, None, retry_all)):
+        typer.echo(f"re-enqueued {request_id}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    model: Model = None,
+    yes: Annotated[bool, typer.Option("--yes", help="really drop them (required)")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Drop every dead letter of the model. Their `failed` results stay readable until they expire."""
+    from producer.console import with_dead_letters
+
+    if not yes:
+        _die("this drops every dead letter for good; add --yes to confirm", EXIT_USAGE)
+    settings = _settings(redis_url=redis_url, model=model)
+    dropped = _run(with_dead_letters(settings, None, lambda d: d.purge()))
+    typer.echo(f"purged {dropped} dead letters of model {settings.model!r}")
 
 
 # ---- worker -----------------------------------------------------------------------------------------

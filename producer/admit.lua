@@ -1,11 +1,13 @@
 -- Atomic admission (DESIGN.md "Admission / backpressure"): refuse at the cap, else enqueue.
--- KEYS[1] lane stream, KEYS[2] result hash
--- ARGV: max_queue_len, max_lag, group, payload, model, queued_at, result_ttl_s
+-- KEYS[1] lane stream, KEYS[2] result hash, KEYS[3] (only to retry a dead letter) the DLQ stream
+-- ARGV: max_queue_len, max_lag, group, payload, model, queued_at, result_ttl_s, [DLQ entry id]
 -- Returns {code, queue_len, lag, entry_id}: code 1 admitted, 0 refused, 2 the id exists already (idempotent).
+-- A retry (KEYS[3] given) replaces the failed result and removes the dead letter in the same step.
 local max_len = tonumber(ARGV[1])
 local max_lag = tonumber(ARGV[2])
+local retry = KEYS[3] ~= nil
 
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if not retry and redis.call('EXISTS', KEYS[2]) == 1 then
   return {2, 0, 0, ''}
 end
 
@@ -31,6 +33,10 @@ end
 -- The group reads from 0, so entries added before any worker started are not missed.
 if not has_group then
   redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[3], '0', 'MKSTREAM')
+end
+if retry then
+  redis.call('DEL', KEYS[2])
+  redis.call('XDEL', KEYS[3], ARGV[8])
 end
 local entry_id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[4])
 redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[5], 'queued_at', ARGV[6], 'attempts', 0)

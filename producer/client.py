@@ -6,23 +6,36 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from importlib import resources
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.admission import Admitter
+from producer.admission import EXISTS, REFUSED, Admitter
+from producer.dlq import DeadLetters
 from producer.replies import DEADLINE, TICK, ReplyListener, Signal
-from shared.codec import pack
 from shared.connection import connect
-from shared.errors import InvalidRequest, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
-from shared.keys import GROUP, Keys
+from shared.errors import (
+    InvalidRequest,
+    QueueFull,
+    RedisUnavailable,
+    RequestFailed,
+    RequestNotFound,
+    RequestTimeout,
+)
+from shared.keys import Keys
 from shared.lifecycle import AsyncLifecycle
 from shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
 from shared.settings import Settings, load_settings
 
 # How often result() re-reads the stored result while waiting, in case a final event was lost.
 _RESULT_POLL_S = 2.0
+_CANCEL_LUA = resources.files("producer").joinpath("cancel.lua").read_text()
+_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class RequestHandle:
@@ -55,7 +68,7 @@ class RequestHandle:
                     self._timed_out(limit)
                 if item is TICK:
                     # Quiet since the last tick: a final event may have been lost, so ask the store.
-                    if not heard and (await self.client.get(self.id)).final:
+                    if not heard and await self._stored_if_final() is not None:
                         self.gap = True
                         return
                     heard = False
@@ -79,8 +92,8 @@ class RequestHandle:
         deadline = time.monotonic() + limit
         while True:
             if self._final.is_set() or self.gap:
-                stored = await self.client.get(self.id)
-                if stored.final:
+                stored = await self._stored_if_final()
+                if stored is not None:
                     self.client._replies.unregister(self.id)
                     return stored
             remaining = deadline - time.monotonic()
@@ -89,6 +102,19 @@ class RequestHandle:
             await self._wait_for_final(min(remaining, _RESULT_POLL_S))
             if not self._final.is_set():
                 self.gap = True  # nothing heard for a while: consult the store on the next pass
+
+    async def cancel(self) -> str:
+        """Cancel this request (see InferenceClient.cancel); returns its status after the call."""
+        return await self.client.cancel(self.id)
+
+    async def _stored_if_final(self) -> Result | None:
+        """The stored result if the request has ended; None while it runs or while Redis is unreachable
+        (waiting goes on: a worker's result write is retried until Redis is back)."""
+        try:
+            stored = await self.client.get(self.id)
+        except _OUTAGE:
+            return None
+        return stored if stored.final else None
 
     def _limit(self, timeout: float | None) -> float:
         return self.client.settings.request_timeout_s if timeout is None else timeout
@@ -139,6 +165,7 @@ class InferenceClient(AsyncLifecycle):
         self._own_redis = redis is None
         self._replies: ReplyListener
         self._admitter: Admitter
+        self._cancel_script: AsyncScript
         self._started = False
 
     @classmethod
@@ -158,8 +185,9 @@ class InferenceClient(AsyncLifecycle):
             return
         if self._redis is None:
             self._redis = await asyncio.to_thread(connect, self.settings)
-        self._admitter = Admitter(self.redis)
+        self._admitter = Admitter(self.redis, self.settings)
         self._admitter.start()
+        self._cancel_script = self.redis.register_script(_CANCEL_LUA)
         self._replies = ReplyListener(self.redis, self.channel)
         await self._replies.start()
         self._started = True
@@ -181,9 +209,20 @@ class InferenceClient(AsyncLifecycle):
         messages: Sequence[ChatMessage | dict[str, str]] | None = None,
         model: str | None = None,
         request_id: str | None = None,
+        ttl: float | None = None,
         **params: Any,
     ) -> GenerationRequest:
-        """Validate a request without sending it. Raises InvalidRequest with what to fix."""
+        """Validate a request without sending it. Raises InvalidRequest with what to fix.
+
+        `ttl` (seconds from now) is a shorthand for `deadline` (unix time): a request not started by then
+        ends `expired` without running; one still running then is aborted and ends `expired`."""
+        created_at = time.time()
+        if ttl is not None:
+            if ttl <= 0:
+                raise InvalidRequest(f"ttl={ttl} must be positive (seconds the request may wait and run)")
+            if params.get("deadline") is not None:
+                raise InvalidRequest("give ttl or deadline, not both")
+            params["deadline"] = created_at + ttl
         max_tokens = params.get("max_tokens")
         if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
             raise InvalidRequest(
@@ -196,7 +235,7 @@ class InferenceClient(AsyncLifecycle):
                 model=model or self.settings.model,
                 prompt=prompt,
                 messages=list(messages) if messages is not None else None,  # type: ignore[arg-type]
-                created_at=time.time(),
+                created_at=created_at,
                 **params,
             )
         except ValidationError as exc:
@@ -216,7 +255,8 @@ class InferenceClient(AsyncLifecycle):
     ) -> RequestHandle:
         """Validate and enqueue one request. Raises InvalidRequest (nothing enqueued) or QueueFull.
 
-        `params`: max_tokens, temperature, top_p, top_k, stop, seed, priority, deadline, reply_stream."""
+        `params`: max_tokens, temperature, top_p, top_k, stop, seed, priority, deadline or ttl, reply_stream.
+        A `request_id` that was submitted before is not enqueued again: the handle follows the first one."""
         request = self.build_request(
             prompt=prompt,
             messages=messages,
@@ -229,26 +269,21 @@ class InferenceClient(AsyncLifecycle):
         await self.start()
         queue = self._replies.register(request.id)  # before the add: no event can be missed
         try:
-            code, queue_len, lag, _ = await self._admitter.admit(
-                [self.keys.queue(request.model, request.priority), self.keys.result(request.id)],
-                [
-                    self.settings.max_queue_len,
-                    self.settings.max_lag,
-                    GROUP,
-                    pack(request.payload()),
-                    request.model,
-                    repr(request.created_at),
-                    self.settings.result_ttl_s,
-                ],
-            )
+            admission = await self._admitter.admit(request)
+        except _OUTAGE as exc:
+            self._replies.unregister(request.id)
+            raise RedisUnavailable(
+                f"Redis did not answer the submit ({exc}); request {request.id} may or may not be queued. "
+                f"Submit again with request_id={request.id!r}: an id that is queued already is not added twice"
+            ) from exc
         except BaseException:
             self._replies.unregister(request.id)
             raise
-        if code == 0:
+        if admission.code == REFUSED:
             self._replies.unregister(request.id)
-            raise QueueFull(request.model, int(queue_len), int(lag), retry_after_s=1.0)
+            raise QueueFull(request.model, admission.queue_len, admission.lag, retry_after_s=1.0)
         handle = RequestHandle(self, request, queue)
-        if code == 2:
+        if admission.code == EXISTS:
             handle.gap = True  # an earlier submit owns this id: its events went elsewhere; use the store
         return handle
 
@@ -260,6 +295,22 @@ class InferenceClient(AsyncLifecycle):
         if result.status != "done":
             raise RequestFailed(f"request {result.id} ended {result.status}: {result.error or ''}".rstrip(": "), result)
         return result
+
+    async def cancel(self, request_id: str) -> str:
+        """Cancel a request: a queued one ends `cancelled` at once and is skipped when a worker reads it; a
+        running one is aborted in the engine by its worker and ends `cancelled` with the text so far.
+        Returns the status after the call (a request that had ended already keeps its final status)."""
+        status = await self._cancel_script(
+            keys=[self.keys.result(request_id), self.keys.cancel()], args=[request_id, repr(time.time())]
+        )
+        status = status.decode() if isinstance(status, bytes) else str(status)
+        if not status:
+            raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
+        return status
+
+    def dead_letters(self, model: str | None = None) -> DeadLetters:
+        """The model's dead-letter stream: list, show, retry, purge (producer.dlq)."""
+        return DeadLetters(self.redis, self.keys, self._admitter, model or self.settings.model)
 
     async def get(self, request_id: str) -> Result:
         """The stored result of any request (queued, running or finished)."""

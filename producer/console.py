@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from producer.client import InferenceClient
+from producer.dlq import DeadLetters
 from shared.schemas import Result
 from shared.settings import Settings
+
+T = TypeVar("T")
 
 
 async def submit_and_print(settings: Settings, request: dict[str, Any], *, stream: bool, timeout: float) -> Result:
@@ -49,3 +53,14 @@ def describe(result: Result) -> str:
     if result.error:
         parts.append(f"error: {result.error}")
     return ", ".join(parts) + "]"
+
+
+async def cancel_request(settings: Settings, request_id: str) -> str:
+    async with InferenceClient(settings) as client:
+        return await client.cancel(request_id)
+
+
+async def with_dead_letters(settings: Settings, model: str | None, action: Callable[[DeadLetters], Awaitable[T]]) -> T:
+    """Run one DLQ operation (`inferq dlq ...`) with a client that lives just as long."""
+    async with InferenceClient(settings) as client:
+        return await action(client.dead_letters(model))

@@ -2,7 +2,7 @@
 
 The channel is subscribed once, before any request is added, so no event can be missed and there is no
 SUBSCRIBE/UNSUBSCRIBE per request (DESIGN.md "Streaming"). If the connection drops, every open request is
-told it may have missed events (GAP) and falls back to its stored result.
+told it may have missed events (GAP) and falls back to its stored result (shared.subscription).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Final
 
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared.codec import unpack
 from shared.errors import BadPayload
 from shared.schemas import TokenEvent
+from shared.subscription import Subscription
 
 log = logging.getLogger("inferq.client")
 
@@ -45,30 +45,22 @@ TICK_S = 0.5
 
 class ReplyListener:
     def __init__(self, redis: Redis, channel: str) -> None:
-        self.redis = redis
         self.channel = channel
         self._routes: dict[str, asyncio.Queue[Item]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
+        self._subscription = Subscription(redis, channel, self._route, self._announce_gap)
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"inferq-replies-{self.channel}")
-        # Wait for the first SUBSCRIBE to be confirmed; later reconnects announce a GAP instead.
-        waiter = asyncio.create_task(self._subscribed.wait())
-        done, _ = await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task in done:
-            waiter.cancel()
-            self._task.result()  # re-raise why the listener could not start
+        await self._subscription.start()
         self._ticker = asyncio.create_task(self._tick(), name=f"inferq-ticker-{self.channel}")
 
     async def stop(self) -> None:
-        for task in (self._task, self._ticker):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._task = self._ticker = None
+        await self._subscription.stop()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
 
     async def _tick(self) -> None:
         while True:
@@ -83,31 +75,6 @@ class ReplyListener:
 
     def unregister(self, request_id: str) -> None:
         self._routes.pop(request_id, None)
-
-    async def _run(self) -> None:
-        backoff = 0.05
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                if self._subscribed.is_set():
-                    self._announce_gap()  # reconnected: anything published meanwhile is gone
-                self._subscribed.set()
-                backoff = 0.05
-                while True:
-                    msg = await pubsub.get_message(timeout=None)
-                    if msg is not None and msg["type"] == "message":
-                        self._route(msg["data"])
-            except (RedisError, OSError) as exc:
-                if not self._subscribed.is_set():
-                    raise
-                log.warning("reply channel lost (%s); reconnecting in %.2fs", exc, backoff)
-                self._announce_gap()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
 
     def _route(self, data: bytes) -> None:
         try:

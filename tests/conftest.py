@@ -6,6 +6,7 @@ codes and the spawned vLLM engine core are the real thing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -72,7 +73,9 @@ async def client(settings: Settings) -> AsyncIterator[InferenceClient]:
 class WorkerProcess:
     """A `cli.py worker` subprocess; `wait_ready()` returns once its heartbeat key exists."""
 
-    def __init__(self, settings: Settings, *args: str, name: str, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, *args: str, name: str, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         env = {
             **os.environ,
             "INFERQ_REDIS_URL": settings.redis_url or "",
@@ -80,6 +83,7 @@ class WorkerProcess:
             "INFERQ_DATA_DIR": str(settings.data_dir),
             "INFERQ_HEARTBEAT_S": "0.5",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **(env or {}),
         }
         self.settings = settings
         self.name = name
@@ -111,6 +115,11 @@ class WorkerProcess:
         finally:
             r.close()
         raise AssertionError(f"worker not ready after {timeout_s}s:\n{self.log()[-4000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and everything it started (its vLLM engine core): a crash, no clean-up."""
+        with_children_gone(self.proc.pid)
+        self.proc.wait()
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -148,9 +157,19 @@ def with_children_gone(pgid: int) -> None:
 def start_worker(settings: Settings, tmp_path: Path) -> Iterator[object]:
     started: list[WorkerProcess] = []
 
-    def start(*args: str, name: str | None = None, wait: bool = True, cfg: Settings | None = None) -> WorkerProcess:
+    def start(
+        *args: str,
+        name: str | None = None,
+        wait: bool = True,
+        cfg: Settings | None = None,
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
         proc = WorkerProcess(
-            cfg or settings, *args, name=name or f"w{len(started)}", log_path=tmp_path / f"worker{len(started)}.log"
+            cfg or settings,
+            *args,
+            name=name or f"w{len(started)}",
+            log_path=tmp_path / f"worker{len(started)}.log",
+            env=env,
         )
         started.append(proc)
         if wait:
@@ -160,6 +179,15 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[object]:
     yield start
     for proc in started:
         proc.stop()
+
+
+async def wait_until(check, timeout_s: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll an async `check()` until it is true: for states only visible by asking Redis (no event exists)."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 async def drained(redis: Redis, settings: Settings, model: str) -> tuple[int, int]:

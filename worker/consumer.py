@@ -1,5 +1,9 @@
 """The consumer-group worker: read as many entries as there are free slots, run them on the engine,
-stream their tokens, and finish each with one transaction (result + ack + delete) (DESIGN.md "Delivery")."""
+stream their tokens, and end each with one atomic step (result + ack + delete) (DESIGN.md "Delivery").
+
+Every entry ends in exactly one stored final state: `done`, `failed` (and dead-lettered), `cancelled` or
+`expired`; or it stays pending, owned by this worker, until another worker takes it over.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +14,47 @@ import os
 import socket
 import time
 import uuid
-from importlib import resources
-from typing import Any
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.codec import pack, unpack
+from shared.batching import BatchedScript
+from shared.codec import unpack
 from shared.errors import BadPayload, EngineError
 from shared.keys import GROUP, Keys
 from shared.lifecycle import AsyncLifecycle
-from shared.schemas import SCHEMA_VERSION, GenerationRequest
+from shared.schemas import GenerationRequest
 from shared.settings import Settings
+from shared.subscription import Subscription
+from worker import scripts
+from worker.claims import Claims, Entry, pairs, text
 from worker.engine import Engine, RequestRejected
-from worker.outbox import Command, Outbox
+from worker.outbox import Outbox
+from worker.requests import Generation, RequestWriter
 
 log = logging.getLogger("inferq.worker")
 
-_READ_LUA = resources.files("worker").joinpath("read_lanes.lua").read_text()
 _BLOCK_MS = 1000  # longest a blocked read delays noticing a stop request
+_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+@dataclass(eq=False)
+class Job:
+    """One entry this worker owns, from read to ack."""
+
+    stream: str
+    entry_id: str
+    task: asyncio.Task[None] | None = None
+    request: GenerationRequest | None = None
+    stop_reason: str | None = None  # "cancelled" or "expired" once interrupted on purpose
+    finishing: bool = False  # the final write is under way: too late to interrupt
 
 
 class Worker(AsyncLifecycle):
@@ -54,12 +72,16 @@ class Worker(AsyncLifecycle):
         self.streams = self.keys.queues(model)
         self.capacity = settings.max_inflight
         self.outbox = Outbox(redis)
-        self._read_script = redis.register_script(_READ_LUA)
-        self._tasks: dict[str, asyncio.Task[None]] = {}  # entry id -> task running it
-        self._entry_stream: dict[str, str] = {}
+        self.writer = RequestWriter(self.outbox, self.keys, settings, self.name, model)
+        self.claims = Claims(redis, settings, self.streams, self.name)
+        self._read_script = redis.register_script(scripts.READ_LANES)
+        self._start_script = BatchedScript(redis, scripts.START, "start")
+        self._cancels = Subscription(redis, self.keys.cancel(), self._on_cancel)
+        self._jobs: dict[str, Job] = {}  # entry id -> job
+        self._by_request: dict[str, Job] = {}  # request id -> job, for cancel and deadline
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
         self.fatal: BaseException | None = None
         self.tokens_out = 0
         self.completed = 0
@@ -73,18 +95,24 @@ class Worker(AsyncLifecycle):
                 if "BUSYGROUP" not in str(exc):
                     raise
         self.outbox.start()
+        self._start_script.start()
+        await self._cancels.start()  # before reading: a cancel sent after we start a request is heard
         await self._beat()  # the heartbeat key doubles as "ready": the engine is up, reading starts now
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="inferq-heartbeat")
+        self._maintenance = asyncio.create_task(self._maintain(), name="inferq-maintenance")
         log.info(
             "worker %s ready: model %s, %d slots, engine %s", self.name, self.model, self.capacity, self.engine.name
         )
 
     async def close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-        await self.outbox.stop()
+                await self._maintenance
+        await self._cancels.stop()
+        await self._start_script.stop()
+        # Bounded: with Redis gone, unwritten results are dropped, but their entries stay pending (unacked)
+        # and another worker runs them again.
+        await self.outbox.stop(timeout_s=max(self.settings.drain_timeout_s, 1.0))
         with contextlib.suppress(Exception):
             await self.redis.delete(self.keys.worker(self.name))
 
@@ -94,213 +122,236 @@ class Worker(AsyncLifecycle):
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for in-flight requests up to `timeout_s`; abort the rest and leave them pending for others."""
-        if self._tasks:
-            log.info("draining %d in-flight requests (up to %.0fs)", len(self._tasks), timeout_s)
-            _, late = await asyncio.wait(set(self._tasks.values()), timeout=timeout_s)
+        tasks = {job.task for job in self._jobs.values() if job.task is not None}
+        if tasks:
+            log.info("draining %d in-flight requests (up to %.0fs)", len(tasks), timeout_s)
+            _, late = await asyncio.wait(tasks, timeout=timeout_s)
             if late:
                 log.warning("drain timeout: leaving %d requests pending for other workers", len(late))
             await self.abandon()
 
     async def abandon(self) -> None:
-        """Abort everything in flight without acknowledging it: other workers will reclaim it."""
-        tasks = list(self._tasks.values())
+        """Abort everything in flight without acknowledging it: other workers will take it over."""
+        tasks = [job.task for job in self._jobs.values() if job.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def interrupt(self, request_id: str, reason: str) -> None:
+        """Abort a running request on purpose (reason "cancelled" or "expired"); it ends with that status."""
+        job = self._by_request.get(request_id)
+        if job is None or job.task is None or job.finishing or job.stop_reason is not None:
+            return
+        job.stop_reason = reason
+        job.task.cancel()  # AsyncLLM aborts the request when its generator is cancelled
+
+    def _on_cancel(self, data: bytes) -> None:
+        self.interrupt(data.decode(errors="replace"), "cancelled")
+
     # ---- reading ---------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Read and dispatch until stop_reading() (or a dead engine)."""
+        """Read and dispatch until stop_reading() (or a dead engine). Survives Redis outages."""
+        backoff = 0.05
         while not self._stopping.is_set():
-            free = self.capacity - len(self._tasks)
+            free = self.capacity - len(self._jobs)
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            for stream, entry_id, fields in await self._read(free):
-                self._dispatch(stream, entry_id, fields)
+            try:
+                entries = await self._read(free)
+            except _OUTAGE as exc:
+                log.warning("redis unreachable (%s); reading again in %.2fs", exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            for entry in entries:
+                self._dispatch(*entry)
 
-    async def _read(self, free: int) -> list[tuple[str, str, dict[bytes, bytes]]]:
+    async def _read(self, free: int) -> list[Entry]:
+        if self.claims.takeover_due():
+            taken = await self.claims.take_over(free)
+            if taken:
+                log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
+                return taken
         found = await self._read_script(keys=self.streams, args=[GROUP, self.name, free])
         if found:
-            return [(self.streams[int(i) - 1], _text(eid), _pairs(f)) for i, eid, f in found]
+            return [(self.streams[int(i) - 1], text(eid), pairs(f), 1) for i, eid, f in found]
         # Nothing queued: block until something arrives. Redis answers a blocked multi-stream read with
         # the one stream that received data, so this still takes no more than `free` entries.
         reply = await self.redis.xreadgroup(
             GROUP, self.name, dict.fromkeys(self.streams, ">"), count=free, block=_BLOCK_MS
         )
-        return [(_text(s), _text(eid), f) for s, entries in reply or [] for eid, f in entries]
+        return [(text(s), text(eid), f, 1) for s, entries in reply or [] for eid, f in entries]
 
-    def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        task = asyncio.create_task(self._process(stream, entry_id, fields), name=f"inferq-{entry_id}")
-        self._tasks[entry_id] = task
-        self._entry_stream[entry_id] = stream
-        task.add_done_callback(lambda _t: self._release(entry_id))
+    def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
+        if entry_id in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
+            return
+        job = Job(stream, entry_id)
+        job.task = asyncio.create_task(self._process(job, fields, deliveries), name=f"inferq-{entry_id}")
+        self._jobs[entry_id] = job
+        job.task.add_done_callback(lambda _t: self._release(job))
 
-    def _release(self, entry_id: str) -> None:
-        self._tasks.pop(entry_id, None)
-        self._entry_stream.pop(entry_id, None)
+    def _release(self, job: Job) -> None:
+        self._jobs.pop(job.entry_id, None)
+        if job.request is not None and self._by_request.get(job.request.id) is job:
+            del self._by_request[job.request.id]
         self._slot_free.set()
 
     # ---- one request -----------------------------------------------------------------------------
-    async def _process(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    async def _process(self, job: Job, fields: dict[bytes, bytes], deliveries: int) -> None:
         raw = fields.get(b"m")
         try:
             if raw is None:
                 raise BadPayload("queue entry has no 'm' field")
             request = GenerationRequest.from_payload(unpack(raw))
         except BadPayload as exc:
-            log.warning("entry %s on %s is poison: %s", entry_id, stream, exc)
-            await self._fail(stream, entry_id, fields, str(exc), request=None)
+            log.warning("entry %s on %s is poison: %s", job.entry_id, job.stream, exc)
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, str(exc), deliveries, None)
+            return
+        job.request = request
+        self._by_request[request.id] = job
+        if deliveries > self.settings.max_deliveries:
+            reason = (
+                f"delivered {deliveries} times without finishing (max_deliveries={self.settings.max_deliveries}): "
+                "each worker that took it died or stalled"
+            )
+            log.warning("request %s: %s", request.id, reason)
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, reason, deliveries, request)
             return
         try:
-            await self._generate(stream, entry_id, request)
+            await self._run(job, request)
         except EngineError as exc:
             # Leave this entry (and every other in-flight one) pending: the engine, not the request, failed.
             if self.fatal is None:
                 self.fatal = exc
-                log.error("engine failed, worker stops and leaves its work pending: %s", exc)
+                log.error("ENGINE FAILED: worker %s stops and leaves its work pending for others: %s", self.name, exc)
                 self.stop_reading()
         except RequestRejected as exc:
-            await self._fail(stream, entry_id, fields, f"rejected by the engine: {exc}", request=request)
+            error = f"rejected by the engine: {exc}"
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, error, deliveries, request)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("request %s failed in the engine", request.id)
-            await self._fail(stream, entry_id, fields, f"engine error: {exc.__class__.__name__}: {exc}", request)
+            error = f"engine error: {exc.__class__.__name__}: {exc}"
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, error, deliveries, request)
 
-    async def _generate(self, stream: str, entry_id: str, request: GenerationRequest) -> None:
-        rkey = self.keys.result(request.id)
-        started = time.time()
-        self.outbox.add(
-            ("HSET", rkey, "status", "running", "started_at", repr(started), "worker", self.name),
-            ("HINCRBY", rkey, "attempts", 1),
-        )
+    async def _run(self, job: Job, request: GenerationRequest) -> None:
+        if request.deadline is not None and time.time() >= request.deadline:
+            await self.writer.end(job.stream, job.entry_id, request, "expired", Generation())
+            return
+        status, ended = await self._mark_running(request)
+        if ended:  # it ended already (cancelled while queued, or finished by an earlier delivery)
+            await self.writer.skip(job.stream, job.entry_id, request, status)
+            return
+        if status == "cancelled":  # cancelled between being read and started
+            await self.writer.end(job.stream, job.entry_id, request, "cancelled", Generation())
+            return
+        timer = None
+        if request.deadline is not None:
+            delay = max(request.deadline - time.time(), 0.0)
+            timer = asyncio.get_running_loop().call_later(delay, self.interrupt, request.id, "expired")
+        try:
+            await self._generate(job, request)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _mark_running(self, request: GenerationRequest) -> tuple[str, bool]:
+        """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
+        backoff = 0.05
+        args = [self.name, repr(time.time()), self.settings.result_ttl_s]
+        while True:
+            try:
+                status, ended = await self._start_script([self.keys.result(request.id)], args)
+                return text(status), bool(int(ended))
+            except _OUTAGE as exc:
+                log.warning("redis unreachable (%s) starting %s; retrying in %.2fs", exc, request.id, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _generate(self, job: Job, request: GenerationRequest) -> None:
+        gen = Generation(started_at=time.time())
         channel = request.reply_channel if request.stream else None
-        parts: list[str] = []
-        seq = completion_tokens = prompt_tokens = 0
-        first_token_at: float | None = None
-        finish_reason: str | None = None
-        last_text = ""
-        async for delta in self.engine.generate(request):
-            if first_token_at is None:
-                first_token_at = time.time()
-            parts.append(delta.text)
-            completion_tokens += len(delta.token_ids)
-            prompt_tokens = delta.prompt_tokens
-            if delta.finished:
-                finish_reason, last_text = delta.finish_reason, delta.text
-                last_ids = delta.token_ids
-                break
-            if channel:
-                self.outbox.publish(
-                    channel, {"id": request.id, "seq": seq, "text": delta.text, "token_ids": delta.token_ids}
-                )
-                seq += 1
-        else:
-            last_ids = []
-        self.tokens_out += completion_tokens
-        record = {
-            "status": "done",
-            "text": "".join(parts),
-            "finish_reason": finish_reason or "stop",
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "first_token_at": repr(first_token_at or time.time()),
-            "finished_at": repr(time.time()),
-        }
-        final_event = {
-            "id": request.id,
-            "seq": seq if channel else 0,
-            "text": last_text if channel else "",
-            "token_ids": last_ids if channel else [],
-            "finished": True,
-            "finish_reason": record["finish_reason"],
-            "status": "done",
-        }
-        await self._finish(stream, entry_id, request, record, final_event)
+        try:
+            async for delta in self.engine.generate(request):
+                last = gen.add(delta)
+                if last:
+                    break
+                if channel:
+                    self.outbox.publish(channel, gen.event(request.id, delta))
+        except asyncio.CancelledError:
+            if job.stop_reason is None:
+                raise  # shutdown or a lost claim: leave the entry pending, write nothing
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            job.finishing = True
+            log.info("request %s %s after %d tokens", request.id, job.stop_reason, gen.completion_tokens)
+            await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, gen)
+            return
+        job.finishing = True
+        self.tokens_out += gen.completion_tokens
+        await self.writer.end(job.stream, job.entry_id, request, "done", gen)
         self.completed += 1
 
-    async def _finish(
-        self,
-        stream: str,
-        entry_id: str,
-        request: GenerationRequest | None,
-        record: dict[str, Any],
-        final_event: dict[str, Any] | None,
-        extra: tuple[Command, ...] = (),
-    ) -> None:
-        """One transaction: the stored result, the ack + delete, the reply-stream record, the final event."""
-        commands: list[Command] = [*extra]
-        if request is not None:
-            rkey = self.keys.result(request.id)
-            commands += [
-                ("HSET", rkey, *(x for kv in record.items() for x in (kv[0], str(kv[1])))),
-                ("EXPIRE", rkey, self.settings.result_ttl_s),
-            ]
-            if request.reply_stream:
-                durable = {"v": SCHEMA_VERSION, "id": request.id, **record}
-                commands.append(("XADD", request.reply_stream, "*", "m", pack(durable)))
-        commands += [("XACK", stream, GROUP, entry_id), ("XDEL", stream, entry_id)]
-        events = ((request.reply_channel, final_event),) if request and request.reply_channel and final_event else ()
-        await self.outbox.add(*commands, events=events)
-
-    async def _fail(
-        self, stream: str, entry_id: str, fields: dict[bytes, bytes], error: str, request: GenerationRequest | None
-    ) -> None:
-        """Poison or rejected input: dead-letter it with the reason, store `failed`, acknowledge it."""
-        deliveries = 1
-        dead = (
-            "XADD", self.keys.dlq(self.model), "*",
-            "payload", fields.get(b"m", b""), "error", error, "stream", stream, "entry_id", entry_id,
-            "deliveries", deliveries, "failed_at", repr(time.time()), "worker", self.name,
-        )  # fmt: skip
-        record = {"status": "failed", "error": error, "finish_reason": "error", "finished_at": repr(time.time())}
-        # seq -1: the client cannot match it to the token events it saw, so it reads the stored result.
-        event = (
-            {"id": request.id, "seq": -1, "finished": True, "finish_reason": "error", "status": "failed"}
-            if request
-            else None
-        )
-        await self._finish(stream, entry_id, request, record, event, extra=(dead,))
-
-    # ---- heartbeat and claims ----------------------------------------------------------------------
-    async def _heartbeat_loop(self) -> None:
-        last_tokens, last_t = self.tokens_out, time.monotonic()
+    # ---- heartbeat, claims, cancels ----------------------------------------------------------------
+    async def _maintain(self) -> None:
+        """Renew claims several times per claim window; beat, poll cancels and reap once per heartbeat."""
+        last_tokens, last_beat = self.tokens_out, time.monotonic()
         while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            now = time.monotonic()
-            rate = (self.tokens_out - last_tokens) / max(now - last_t, 1e-6)
-            last_tokens, last_t = self.tokens_out, now
+            await asyncio.sleep(self.claims.renew_interval_s)
             try:
+                for entry_id in await self.claims.renew(self._owned()):
+                    self._lose(entry_id)
+                now = time.monotonic()
+                if now - last_beat < self.settings.heartbeat_s:
+                    continue
+                rate = (self.tokens_out - last_tokens) / max(now - last_beat, 1e-6)
+                last_tokens, last_beat = self.tokens_out, now
                 await self._beat(rate)
-                await self._renew_claims()
+                await self._poll_cancels()
+                for name in await self.claims.reap():
+                    log.info("removed dead consumer %s from the group", name)
             except Exception as exc:  # a missed beat is not fatal; the next one retries
                 log.warning("heartbeat failed: %s", exc)
+
+    def _owned(self) -> dict[str, list[str]]:
+        owned: dict[str, list[str]] = {}
+        for job in self._jobs.values():
+            owned.setdefault(job.stream, []).append(job.entry_id)
+        return owned
+
+    def _lose(self, entry_id: str) -> None:
+        """Another worker took this entry over (we could not renew in time): stop running it, write nothing."""
+        job = self._jobs.get(entry_id)
+        if job is not None and job.task is not None and not job.finishing:
+            log.warning("entry %s was taken over by another worker; dropping our run of it", entry_id)
+            job.task.cancel()
+
+    async def _poll_cancels(self) -> None:
+        """Cancels broadcast while our subscription was down are still marked on the result: look once per beat."""
+        running = [job.request.id for job in self._jobs.values() if job.request is not None]
+        if not running:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in running:
+                pipe.hget(self.keys.result(request_id), "cancel")
+            marks = await pipe.execute()
+        for request_id, mark in zip(running, marks, strict=True):
+            if mark == b"1":
+                self.interrupt(request_id, "cancelled")
 
     async def _beat(self, tokens_per_s: float = 0.0) -> None:
         key = self.keys.worker(self.name)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={
                 "model": self.model, "engine": self.engine.name, "capacity": self.capacity,
-                "inflight": len(self._tasks), "tokens_per_s": f"{tokens_per_s:.1f}", "completed": self.completed,
+                "inflight": len(self._jobs), "tokens_per_s": f"{tokens_per_s:.1f}", "completed": self.completed,
                 "last_seen": repr(time.time()), "pid": os.getpid(), "host": socket.gethostname(),
             })  # fmt: skip
             pipe.expire(key, max(3, int(self.settings.heartbeat_s * 3)))
             await pipe.execute()
-
-    async def _renew_claims(self) -> None:
-        """Reset the idle time of every entry this worker is running, so no other worker takes it over."""
-        by_stream: dict[str, list[str]] = {}
-        for entry_id, stream in list(self._entry_stream.items()):
-            by_stream.setdefault(stream, []).append(entry_id)
-        if not by_stream:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                pipe.xclaim(stream, GROUP, self.name, 0, ids, justid=True)
-            await pipe.execute()
-
-
-def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}

@@ -39,11 +39,14 @@ class Outbox:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="inferq-outbox")
 
-    async def stop(self) -> None:
-        """Send what is queued, then stop."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Send what is queued (waiting at most `timeout_s` for Redis), then stop."""
         if self._task is None:
             return
-        await self.flush()
+        try:
+            await asyncio.wait_for(self.flush(), timeout_s)
+        except TimeoutError:
+            log.error("could not write %d queued commands before stopping (redis down?)", len(self._commands))
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

@@ -2,14 +2,16 @@
 
 It is not vLLM and never pretends to be: it emits `max_tokens` tokens at a fixed rate, one per step, for
 every request at once (like a continuously batched engine), so what a test or benchmark measures is the
-Redis layer. Token i of a request is the text "t{i} " with token id i. A prompt "fail" raises, for
-error-path tests."""
+Redis layer. Token i of a request is the text "t{i} " with token id i. For error-path tests, the prompt
+"fail" is refused (RequestRejected) and the prompt "die" fails the whole engine (EngineError), as a crashed
+vLLM engine core would."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
+from shared.errors import EngineError
 from shared.schemas import GenerationRequest
 from worker.engine import Delta, RequestRejected
 
@@ -28,6 +30,8 @@ class StandInEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.prompt == "fail":
             raise RequestRejected("stand-in engine refuses the prompt 'fail'")
+        if request.prompt == "die":
+            raise EngineError("stand-in engine died on the prompt 'die'")
         prompt_tokens = len((request.prompt or "".join(m.content for m in request.messages or [])).split())
         for i in range(request.max_tokens):
             await asyncio.sleep(self.step_s)

@@ -1,0 +1,18 @@
+-- Cancel a request (DESIGN.md "Cancellation and deadlines").
+-- KEYS[1] the result hash, KEYS[2] the cancel channel. ARGV: request id, now (unix seconds).
+-- A queued request becomes `cancelled` at once (a worker skips it when it reads it); a running one gets a
+-- `cancel` mark and a broadcast, and its worker aborts it in the engine. Returns the status after the call,
+-- or '' if there is no such request.
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then
+  return ''
+end
+if status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+  return status
+end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finish_reason', 'cancelled', 'finished_at', ARGV[2])
+end
+redis.call('PUBLISH', KEYS[2], ARGV[1])
+return redis.call('HGET', KEYS[1], 'status')

@@ -1,0 +1,73 @@
+"""Who owns which entry (DESIGN.md "Delivery"): renew our claims, take over the dead's, remove the dead.
+
+A running worker resets the idle time of every entry it runs several times per `claim_idle_ms`, so a long
+generation is never taken over; an entry idle longer than that belongs to a consumer that died (or lost
+Redis for that long) and any worker with a free slot takes it over with XAUTOCLAIM.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.keys import GROUP, Keys
+from shared.settings import Settings
+from worker import scripts
+
+# (lane stream, entry id, fields, deliveries so far including this one)
+Entry = tuple[str, str, dict[bytes, bytes], int]
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def pairs(flat: list[Any]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+class Claims:
+    def __init__(self, redis: Redis, settings: Settings, streams: list[str], consumer: str) -> None:
+        self.redis = redis
+        self.streams = streams
+        self.consumer = consumer
+        self.keys = Keys(settings.key_prefix)
+        self.idle_ms = settings.claim_idle_ms
+        # Renew three times per idle window (and at least every heartbeat): two missed renewals are harmless.
+        self.renew_interval_s = min(settings.heartbeat_s, settings.claim_idle_ms / 3000)
+        self._claim = redis.register_script(scripts.CLAIM)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._reap = redis.register_script(scripts.REAP)
+        self._next_takeover = 0.0  # monotonic time of the next look for abandoned entries
+        self._next_reap = 0.0
+
+    def takeover_due(self) -> bool:
+        return time.monotonic() >= self._next_takeover
+
+    async def take_over(self, free: int) -> list[Entry]:
+        """Up to `free` entries idle longer than claim_idle_ms, now ours, highest lane first."""
+        found = await self._claim(keys=self.streams, args=[GROUP, self.consumer, self.idle_ms, free])
+        # Full haul: there may be more, look again next time; otherwise look again in half an idle window.
+        wait_s = 0.0 if len(found) >= free else self.idle_ms / 2000
+        self._next_takeover = time.monotonic() + wait_s
+        return [(self.streams[int(i) - 1], text(eid), pairs(f), int(n)) for i, eid, f, n in found]
+
+    async def renew(self, owned: dict[str, list[str]]) -> list[str]:
+        """Reset the idle time of the entries we run; returns the ids another worker took over meanwhile."""
+        if not owned:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in owned.items():
+                await self._renew(keys=[stream], args=[GROUP, self.consumer, *ids], client=pipe)
+            replies = await pipe.execute()
+        return [text(entry_id) for lost in replies for entry_id in lost]
+
+    async def reap(self) -> list[str]:
+        """Remove consumers that own nothing, were idle a whole claim window and have no heartbeat."""
+        if time.monotonic() < self._next_reap:
+            return []
+        self._next_reap = time.monotonic() + self.idle_ms / 1000
+        removed = await self._reap(keys=self.streams, args=[GROUP, self.idle_ms, self.keys.worker(""), self.consumer])
+        return [text(name) for name in removed]

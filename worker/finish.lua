@@ -1,0 +1,24 @@
+-- End a request: store its final state once, then acknowledge and delete its entry (DESIGN.md "Delivery").
+-- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] (optional) the request's reply stream.
+-- ARGV: group, entry_id, result_ttl_s, durable record (msgpack, for the reply stream), then field, value, ...
+-- The write is idempotent: if another delivery of the same request already stored a final state, that one
+-- stands (a redelivered request never yields two different results); the extra finish is only counted.
+-- Returns 1 if this call stored the result, 0 if one was there already.
+local status = redis.call('HGET', KEYS[1], 'status')
+local wrote = 0
+if status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+  redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
+else
+  local fields = {}
+  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(fields))
+  redis.call('HDEL', KEYS[1], 'cancel')
+  if KEYS[3] then
+    redis.call('XADD', KEYS[3], '*', 'm', ARGV[4])
+  end
+  wrote = 1
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+return wrote

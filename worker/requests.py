@@ -1,0 +1,134 @@
+"""How a request ends, written to Redis: the stored result, the ack + delete, the reply-stream record and
+the final token event, all in one transaction through the outbox (DESIGN.md "Delivery", "Poison input")."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.codec import pack
+from shared.keys import GROUP, Keys
+from shared.schemas import SCHEMA_VERSION, GenerationRequest
+from shared.settings import Settings
+from worker import scripts
+from worker.engine import Delta
+from worker.outbox import Command, Outbox
+
+
+@dataclass
+class Generation:
+    """What one run of a request produced so far: enough to end it `done`, or `cancelled`/`expired` with
+    the partial text."""
+
+    started_at: float | None = None
+    parts: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    last: Delta | None = None  # the final delta, sent with the final event
+    seq: int = 0  # the next token event's seq
+
+    def add(self, delta: Delta) -> bool:
+        """Take one step's delta; True if it is the last one."""
+        if self.first_token_at is None:
+            self.first_token_at = time.time()
+        self.parts.append(delta.text)
+        self.completion_tokens += len(delta.token_ids)
+        self.prompt_tokens = delta.prompt_tokens
+        if delta.finished:
+            self.finish_reason, self.last = delta.finish_reason, delta
+        return delta.finished
+
+    def event(self, request_id: str, delta: Delta) -> dict[str, Any]:
+        """The token event of one (not final) step; numbers it."""
+        event = {"id": request_id, "seq": self.seq, "text": delta.text, "token_ids": delta.token_ids}
+        self.seq += 1
+        return event
+
+
+class RequestWriter:
+    def __init__(self, outbox: Outbox, keys: Keys, settings: Settings, worker_name: str, model: str) -> None:
+        self.outbox = outbox
+        self.dlq = keys.dlq(model)
+        self.keys = keys
+        self.settings = settings
+        self.worker_name = worker_name
+
+    async def end(
+        self,
+        stream: str,
+        entry_id: str,
+        request: GenerationRequest,
+        status: str,
+        gen: Generation,
+        *,
+        error: str | None = None,
+        extra: tuple[Command, ...] = (),
+    ) -> None:
+        """Store the final state (unless an earlier delivery stored one: finish.lua), ack and delete the entry,
+        append to the reply stream, send the final event. Returns once Redis has it all."""
+        now = time.time()
+        finish_reason = (gen.finish_reason or "stop") if status == "done" else ("error" if error else status)
+        record: dict[str, Any] = {
+            "status": status,
+            "text": "".join(gen.parts),
+            "finish_reason": finish_reason,
+            "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens,
+            "finished_at": repr(now),
+        }
+        if gen.first_token_at is not None:
+            record["first_token_at"] = repr(gen.first_token_at)
+        if error:
+            record["error"] = error
+        keys = [self.keys.result(request.id), stream]
+        if request.reply_stream:
+            keys.append(request.reply_stream)
+        durable = pack({"v": SCHEMA_VERSION, "id": request.id, **record})
+        finish: Command = (
+            "EVAL", scripts.FINISH, len(keys), *keys, GROUP, entry_id, self.settings.result_ttl_s, durable,
+            *(x for kv in record.items() for x in (kv[0], str(kv[1]))),
+        )  # fmt: skip
+        streaming = request.stream and request.reply_channel
+        last = gen.last if streaming and status == "done" else None
+        event = {
+            "id": request.id,
+            # seq -1 on failures: the client cannot match it to the events it saw, so it reads the stored result
+            "seq": -1 if error else gen.seq if streaming else 0,
+            "text": last.text if last else "",
+            "token_ids": last.token_ids if last else [],
+            "finished": True,
+            "finish_reason": finish_reason,
+            "status": status,
+        }
+        events = ((request.reply_channel, event),) if request.reply_channel else ()
+        await self.outbox.add(*extra, finish, events=events)
+
+    async def skip(self, stream: str, entry_id: str, request: GenerationRequest, status: str) -> None:
+        """The request ended before this delivery ran it: acknowledge and delete only; tell a waiting client."""
+        event = {"id": request.id, "seq": -1, "finished": True, "finish_reason": status, "status": status}
+        events = ((request.reply_channel, event),) if request.reply_channel else ()
+        await self.outbox.add(("XACK", stream, GROUP, entry_id), ("XDEL", stream, entry_id), events=events)
+
+    async def dead_letter(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[bytes, bytes],
+        error: str,
+        deliveries: int,
+        request: GenerationRequest | None,
+    ) -> None:
+        """Poison input, a request the engine refused, or one delivered too often: to the DLQ with the reason,
+        stored `failed`, acknowledged. An entry that cannot even be decoded has no result to store."""
+        dead: Command = (
+            "XADD", self.dlq, "*",
+            "payload", fields.get(b"m", b""), "error", error, "stream", stream, "entry_id", entry_id,
+            "deliveries", deliveries, "failed_at", repr(time.time()), "worker", self.worker_name,
+        )  # fmt: skip
+        if request is None:
+            await self.outbox.add(dead, ("XACK", stream, GROUP, entry_id), ("XDEL", stream, entry_id))
+            return
+        await self.end(stream, entry_id, request, "failed", Generation(), error=error, extra=(dead,))
