@@ -14,26 +14,18 @@ import asyncio
 import os
 import platform
 import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import spawn_worker, temp_server, wait_ready  # first: it puts the repo root on sys.path
 
-from producer import InferenceClient  # noqa: E402
-from shared import aio  # noqa: E402
-from shared.embedded import EmbeddedServer  # noqa: E402
-from shared.keys import Keys  # noqa: E402
-from shared.schemas import GenerationRequest  # noqa: E402
-from shared.settings import load_settings  # noqa: E402
-from worker.models import resolve_model  # noqa: E402
-from worker.vllm_engine import VllmEngine  # noqa: E402
+from producer import InferenceClient
+from shared import aio
+from shared.schemas import GenerationRequest
+from shared.settings import load_settings
+from worker.models import resolve_model
+from worker.vllm_engine import VllmEngine
 
 WORDS = "the queue holds requests until a worker is free and then runs them through the model".split()
 
@@ -74,30 +66,15 @@ async def run_direct(args: argparse.Namespace, model_path: str, texts: list[str]
         await engine.stop()
 
 
-def spawn_worker(args: argparse.Namespace, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    # INFERQ_BENCH_WORKER_PREFIX lets a profiler wrap the worker, e.g. "py-spy record -o w.txt --format raw --".
-    prefix = os.environ.get("INFERQ_BENCH_WORKER_PREFIX", "").split()
-    cmd = [*prefix, sys.executable, str(ROOT / "cli.py"), "worker", "--model", args.model, "--consumer", "bench"]
-    with open(log, "wb") as fh:
-        return subprocess.Popen([*cmd, "--max-inflight", str(args.concurrency)], env=env, stdout=fh, stderr=fh)
-
-
 async def run_queue(args: argparse.Namespace, texts: list[str]) -> tuple[float, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = Path(tempfile.mkdtemp(prefix="inferq-bench-"))
-    server = EmbeddedServer(data, port)
-    server.start()
+    server, data = temp_server()
     settings = load_settings(redis_url=server.url, model=args.model, key_prefix="bench")
-    env = {**os.environ, "INFERQ_REDIS_URL": server.url, "INFERQ_KEY_PREFIX": "bench"}
-    worker = spawn_worker(args, env, data / "worker.log")
+    log = data / "worker.log"
+    worker_args = ["--model", args.model, "--max-inflight", str(args.concurrency)]
+    worker = spawn_worker(server.url, "bench", "bench", worker_args, log)
     try:
         async with InferenceClient(settings) as client:
-            while not await client.redis.exists(Keys("bench").worker("bench")):
-                if worker.poll() is not None:
-                    raise SystemExit(f"worker died: {(data / 'worker.log').read_text()[-2000:]}")
-                await asyncio.sleep(0.2)
+            await wait_ready(client.redis, "bench", "bench", worker, log)
 
             async def one(i: int) -> int:
                 handle = await client.submit(prompt=texts[i], max_tokens=args.max_tokens, temperature=0)

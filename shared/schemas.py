@@ -40,9 +40,9 @@ class GenerationRequest(BaseModel):
     max_tokens: int = Field(256, ge=1, le=HARD_MAX_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what msgpack and vLLM can carry
     stream: bool = True  # publish token events; bulk requests say False and get only the final record
     reply_channel: str | None = None  # the submitting client's pub/sub channel (shared.keys.Keys.tokens)
     reply_stream: str | None = None  # a durable stream that receives the final record (bulk jobs)

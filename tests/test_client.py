@@ -28,6 +28,9 @@ async def _nothing_enqueued(redis: Redis, settings: Settings) -> None:
         ({"prompt": "a", "colour": "red"}, "colour"),
         ({"messages": [{"role": "wizard", "content": "b"}]}, "role"),
         ({"prompt": "a", "priority": "urgent"}, "priority"),
+        ({"prompt": "a", "seed": 2**70}, "seed"),
+        ({"prompt": "a", "ttl": 0}, "ttl=0 must be positive"),
+        ({"prompt": "a", "ttl": 5, "deadline": 1e10}, "ttl or deadline"),
         ({"prompt": "a", "request_id": "has space"}, "id"),
     ],
 )

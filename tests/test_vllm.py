@@ -8,6 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from producer import InferenceClient
+from shared.codec import pack
 from shared.keys import Keys
 from shared.settings import Settings
 from tests.conftest import WorkerProcess, drained
@@ -84,4 +85,54 @@ async def test_too_long_prompt_fails_with_reason_and_dead_letters(tiny: Settings
     async with Redis.from_url(tiny.redis_url or "") as r:
         dlq = await r.xrange(Keys(tiny.key_prefix).dlq("tiny"))
         assert any(b"exceeds the model's context" in fields[b"error"] for _, fields in dlq)
+        assert await drained(r, tiny, "tiny") == (0, 0)
+
+
+async def test_cancel_aborts_a_running_request_in_the_engine(tiny: Settings, redis: Redis) -> None:
+    async with InferenceClient(tiny) as client:
+        handle = await client.submit(prompt="Tell a very long story", max_tokens=1500, temperature=0, model="tiny")
+        events = handle.tokens(timeout=120)
+        seen = [await events.__anext__()]
+        assert await handle.cancel() == "running"
+        seen += [e async for e in events]
+        result = await handle.result(timeout=60)
+        after = await client.generate(prompt="the engine still serves", max_tokens=3, model="tiny")
+    assert seen[-1].finished and (seen[-1].finish_reason, seen[-1].status) == ("cancelled", "cancelled")
+    assert [e.seq for e in seen] == list(range(len(seen)))
+    assert (result.status, result.finish_reason) == ("cancelled", "cancelled")
+    assert result.text == "".join(e.text for e in seen) and 0 < result.usage.completion_tokens < 1500
+    assert after.status == "done"
+    async with Redis.from_url(tiny.redis_url or "") as r:
+        assert await drained(r, tiny, "tiny") == (0, 0)
+
+
+async def test_deadline_aborts_a_running_request_in_the_engine(tiny: Settings) -> None:
+    async with InferenceClient(tiny) as client:
+        result = await client.submit(
+            prompt="Another long story", max_tokens=1500, temperature=0, model="tiny", ttl=1.5, stream=False
+        )
+        expired = await result.result(timeout=60)
+    assert (expired.status, expired.finish_reason, expired.attempts) == ("expired", "expired", 1)
+    assert 0 < expired.usage.completion_tokens < 1500 and expired.text
+
+
+async def test_poison_entries_around_good_requests_on_vllm(tiny: Settings) -> None:
+    keys = Keys(tiny.key_prefix)
+    stream = keys.queue("tiny")
+    good = {"v": 1, "model": "tiny", "prompt": "ok", "max_tokens": 2}
+    async with InferenceClient(tiny) as client, Redis.from_url(tiny.redis_url or "") as r:
+        before = await client.submit(prompt="good before", model="tiny", max_tokens=2)
+        await r.xadd(stream, {"m": b"\x00\xffgarbage"})
+        await r.xadd(stream, {"m": pack({**good, "id": "poison-v2", "v": 2})})
+        await r.xadd(stream, {"m": pack({"v": 1, "id": "poison-no-model", "prompt": "x"})})
+        await r.xadd(stream, {"m": pack({**good, "id": "poison-too-long", "prompt": "word " * 3000})})
+        after = await client.submit(prompt="good after", model="tiny", max_tokens=2)
+        assert (await before.result(timeout=60)).status == (await after.result(timeout=60)).status == "done"
+        too_long = await client.get("poison-too-long")
+        assert too_long.status == "failed" and "exceeds the model's context" in (too_long.error or "")
+        reasons = [f[b"error"].decode() for _, f in await r.xrange(keys.dlq("tiny"))]
+        assert any("undecodable msgpack" in x for x in reasons)
+        assert any("unsupported schema version 2" in x for x in reasons)
+        assert any("model: Field required" in x for x in reasons)
+        assert any("exceeds the model's context" in x for x in reasons)
         assert await drained(r, tiny, "tiny") == (0, 0)

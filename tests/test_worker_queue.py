@@ -76,6 +76,7 @@ async def test_poison_entries_fail_with_reason_and_worker_keeps_serving(
     )
     await redis.xadd(stream, {"other": b"field"})
     await redis.xadd(stream, {"m": pack({**good, "id": "engine-refuses", "prompt": "fail"})})
+    await redis.xadd(stream, {"m": pack({**good, "id": "engine-raises", "prompt": "crash"})})
     before = await client.submit(prompt="good before", model=MODEL, max_tokens=2)
     start_worker("--engine", "standin", "--model", MODEL)
     after = await client.submit(prompt="good after", model=MODEL, max_tokens=2)
@@ -84,15 +85,18 @@ async def test_poison_entries_fail_with_reason_and_worker_keeps_serving(
 
     refused = await client.get("engine-refuses")
     assert refused.status == "failed" and "stand-in engine refuses" in (refused.error or "")
+    raised = await client.get("engine-raises")
+    assert raised.status == "failed" and "engine error: RuntimeError: stand-in engine crashed" in (raised.error or "")
     # The ids inside undecodable entries cannot be trusted, so only the DLQ records those.
     dlq = await redis.xrange(keys.dlq(MODEL))
     reasons = [fields[b"error"].decode() for _, fields in dlq]
-    assert len(reasons) == 5
+    assert len(reasons) == 6
     assert any("undecodable msgpack" in r for r in reasons)
     assert any("unsupported schema version 9" in r for r in reasons)
     assert any("exactly one of prompt or messages" in r for r in reasons)
     assert any("no 'm' field" in r for r in reasons)
     assert any("stand-in engine refuses" in r for r in reasons)
+    assert any("stand-in engine crashed" in r for r in reasons)
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 

@@ -3,8 +3,8 @@
 It is not vLLM and never pretends to be: it emits `max_tokens` tokens at a fixed rate, one per step, for
 every request at once (like a continuously batched engine), so what a test or benchmark measures is the
 Redis layer. Token i of a request is the text "t{i} " with token id i. For error-path tests, the prompt
-"fail" is refused (RequestRejected) and the prompt "die" fails the whole engine (EngineError), as a crashed
-vLLM engine core would."""
+"fail" is refused (RequestRejected), the prompt "crash" raises an unexpected error for that request only,
+and the prompt "die" fails the whole engine (EngineError), as a crashed vLLM engine core would."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ class StandInEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.prompt == "fail":
             raise RequestRejected("stand-in engine refuses the prompt 'fail'")
+        if request.prompt == "crash":
+            raise RuntimeError("stand-in engine crashed on the prompt 'crash'")
         if request.prompt == "die":
             raise EngineError("stand-in engine died on the prompt 'die'")
         prompt_tokens = len((request.prompt or "".join(m.content for m in request.messages or [])).split())

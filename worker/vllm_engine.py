@@ -91,7 +91,7 @@ class VllmEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         if self._llm is None:
             raise EngineError("engine not started")
@@ -116,4 +116,7 @@ class VllmEngine:
         except Exception as exc:
             if self._llm is not None and self._llm.errored:
                 raise EngineError(f"vLLM engine failed: {exc!r}") from exc
+            if isinstance(exc, EngineGenerateError):  # this request only; its message is empty, the cause is not
+                cause = exc.__cause__ or exc
+                raise RequestRejected(f"vLLM could not run it: {cause.__class__.__name__}: {cause}") from exc
             raise

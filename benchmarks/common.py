@@ -1,0 +1,50 @@
+"""What the benchmark scripts share: a throwaway embedded Redis and worker processes started as users do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.embedded import EmbeddedServer  # noqa: E402
+from shared.keys import Keys  # noqa: E402
+
+
+def temp_server() -> tuple[EmbeddedServer, Path]:
+    """A fresh valkey-server (AOF on) on a free port in a new temp dir: the bench never touches user data."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = Path(tempfile.mkdtemp(prefix="inferq-bench-"))
+    server = EmbeddedServer(data, port)
+    server.start()
+    return server, data
+
+
+def spawn_worker(
+    url: str, prefix: str, name: str, args: list[str], log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`cli.py worker --consumer NAME ARGS...` in its own process group (so a kill takes its engine core too).
+    INFERQ_BENCH_WORKER_PREFIX lets a profiler wrap it, e.g. "py-spy record -o w.txt --format raw --"."""
+    wrap = os.environ.get("INFERQ_BENCH_WORKER_PREFIX", "").split()
+    env = {**os.environ, "INFERQ_REDIS_URL": url, "INFERQ_KEY_PREFIX": prefix, **(extra_env or {})}
+    cmd = [*wrap, sys.executable, str(ROOT / "cli.py"), "worker", "--consumer", name, *args]
+    with open(log, "ab") as fh:
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=fh, start_new_session=True)
+
+
+async def wait_ready(redis: Redis, prefix: str, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the worker's heartbeat key exists (its engine is up and it reads)."""
+    while not await redis.exists(Keys(prefix).worker(name)):
+        if proc.poll() is not None:
+            raise SystemExit(f"worker {name} exited with {proc.returncode}; its log: {log}")
+        await asyncio.sleep(0.1)

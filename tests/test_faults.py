@@ -1,0 +1,161 @@
+"""Faults on real vLLM (tiny model): a worker killed mid-run, Redis killed and restarted, the engine core
+dying, requests cancelled or expired inside the engine, poison around good work. Whatever happens, every
+request that got an id ends in exactly one final state and nothing is left pending."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from producer import InferenceClient, RequestHandle
+from shared.codec import unpack
+from shared.embedded import EmbeddedServer
+from shared.errors import RedisUnavailable
+from shared.keys import GROUP, Keys
+from shared.schemas import Result
+from shared.settings import Settings
+from tests.conftest import MODELS_DIR, WorkerProcess, _free_port, drained, wait_until
+
+TINY = ("--model", "tiny", "--max-inflight", "64")
+FAST_CLAIMS = {"INFERQ_CLAIM_IDLE_MS": "2000", "INFERQ_HEARTBEAT_S": "0.5"}
+
+
+async def follow(handle: RequestHandle) -> tuple[str, Result]:
+    """Stream a request (if it streams) and return the streamed text with the stored result."""
+    text = ""
+    if handle.request.stream:
+        text = "".join([e.text async for e in handle.tokens(timeout=240)])
+    return text, await handle.result(timeout=240)
+
+
+def check_streams(pairs: list[tuple[RequestHandle, tuple[str, Result]]]) -> None:
+    for handle, (streamed, result) in pairs:
+        assert result.status == "done", (handle.id, result)
+        if handle.request.stream and not handle.gap:
+            assert streamed == result.text  # a clean stream matches the result; after a gap, the store rules
+
+
+async def test_kill_one_of_two_workers_mid_run_loses_and_duplicates_nothing(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    keys = Keys(settings.key_prefix)
+    stream, done = keys.queue("tiny"), keys.done("kill-test")
+    victim = start_worker(*TINY, name="victim", env=FAST_CLAIMS)
+    start_worker(*TINY, name="survivor", env=FAST_CLAIMS)
+    handles = [
+        await client.submit(
+            prompt=f"Request {i} about queues", model="tiny", max_tokens=48, temperature=0,
+            stream=i % 2 == 0, reply_stream=None if i % 2 == 0 else done,
+        )
+        for i in range(200)
+    ]  # fmt: skip
+    followers = [asyncio.create_task(follow(h)) for h in handles]
+
+    async def victim_busy() -> bool:
+        return any(c["name"] == b"victim" and c["pending"] > 0 for c in await redis.xinfo_consumers(stream, GROUP))
+
+    await wait_until(victim_busy, 60, "the victim worker to hold entries")
+    victim.kill()
+    pairs = list(zip(handles, await asyncio.gather(*followers), strict=True))
+    check_streams(pairs)
+    # Exactly one result each: one durable record per non-streaming request, no second final write.
+    records = Counter(unpack(f[b"m"])["id"] for _, f in await redis.xrange(done))
+    assert records == Counter(h.id for h in handles if not h.request.stream)
+    for h in handles:
+        assert await redis.hget(keys.result(h.id), "duplicates") is None
+    taken_over = [r for _, (_, r) in pairs if r.attempts > 1]
+    assert taken_over and all(r.worker == "survivor" for r in taken_over)
+    assert await drained(redis, settings, "tiny") == (0, 0)
+
+    async def victim_removed() -> bool:
+        return {c["name"] for c in await redis.xinfo_consumers(stream, GROUP)} == {b"survivor"}
+
+    await wait_until(victim_removed, 30, "the dead worker to leave the group")
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> EmbeddedServer:
+    server = EmbeddedServer(tmp_path / "valkey", _free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_redis_killed_and_restarted_mid_run_every_admitted_request_ends(
+    own_server: EmbeddedServer, tmp_path: Path, start_worker
+) -> None:
+    settings = Settings(redis_url=own_server.url, key_prefix="restart", data_dir=MODELS_DIR, request_timeout_s=240)
+    worker = start_worker(*TINY, cfg=settings, env=FAST_CLAIMS)
+    admitted: list[RequestHandle] = []
+    refused = 0
+    async with InferenceClient(settings) as client:
+
+        async def submit(i: int) -> None:
+            nonlocal refused
+            try:
+                admitted.append(
+                    await client.submit(
+                        prompt=f"Restart {i}", model="tiny", max_tokens=40, temperature=0, stream=i % 2 == 0
+                    )
+                )
+            except RedisUnavailable:
+                refused += 1
+
+        for i in range(60):
+            await submit(i)
+        followers = [asyncio.create_task(follow(h)) for h in admitted]
+        pid = own_server.pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        for i in range(60, 65):  # the server is down: these are refused with a clear error, not lost
+            await submit(i)
+        await asyncio.to_thread(own_server.start)  # same dir, same AOF
+        for i in range(65, 100):
+            await submit(i)
+        followers += [asyncio.create_task(follow(h)) for h in admitted[len(followers) :]]
+        pairs = list(zip(admitted, await asyncio.gather(*followers), strict=True))
+        check_streams(pairs)
+        assert refused >= 5 and len(admitted) == 100 - refused
+        assert worker.proc.poll() is None, "the worker must survive the outage"
+        after = await client.generate(prompt="after the restart", model="tiny", max_tokens=4, timeout=120)
+        assert after.status == "done"
+    async with Redis.from_url(own_server.url) as r:
+        assert await drained(r, settings, "tiny") == (0, 0)
+
+
+def engine_core_pids(worker_pid: int) -> list[int]:
+    """The worker's child processes (vLLM's engine core is spawned as one)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == worker_pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+async def test_engine_core_death_stops_the_worker_and_leaves_work_pending(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    stream = Keys(settings.key_prefix).queue("tiny")
+    worker = start_worker(*TINY)
+    handles = [await client.submit(prompt=f"long {i}", model="tiny", max_tokens=1500) for i in range(4)]
+    for h in handles:
+        await h.tokens(timeout=120).__anext__()  # all running in the engine
+    cores = engine_core_pids(worker.proc.pid)
+    assert cores, "vLLM's engine core child process not found"
+    for pid in cores:
+        os.kill(pid, signal.SIGKILL)
+    assert await asyncio.to_thread(worker.wait, 120) == 1
+    assert "ENGINE FAILED" in worker.log()
+    pending = {c["name"]: c["pending"] for c in await redis.xinfo_consumers(stream, GROUP)}
+    assert pending == {b"w0": 4}  # nothing acknowledged: another worker will take them over
+    assert {(await client.get(h.id)).status for h in handles} == {"running"}
