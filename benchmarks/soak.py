@@ -5,7 +5,8 @@
 
 A steady worker and a victim serve one queue; every --kill-every seconds (after the victim is ready) the
 victim and its engine get SIGKILL mid-generation and a new victim starts. Requests are submitted at --rate
-per second, half streaming tokens, half non-streaming with a durable reply stream. At the end it prints
+per second, half streaming tokens, half non-streaming with a durable reply stream; the kills go on until
+every request has ended. At the end it prints
 submitted / done / failed / lost / duplicated: lost (no final state) and duplicated (two final writes, or
 two reply-stream records for one request) must both be 0. Re-runs (a request started again after its
 worker died) are expected and counted separately.
@@ -51,11 +52,10 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
             start("victim-0")
             for name in list(procs):
                 await wait_ready(client.redis, PREFIX, name, procs[name], data / f"{name}.log")
-            submitting = True
 
-            async def killer() -> None:
+            async def killer() -> None:  # until every request has ended: takeovers happen under fire too
                 nonlocal kills
-                while submitting:
+                while True:
                     await asyncio.sleep(args.kill_every)
                     victim = f"victim-{kills}"
                     os.killpg(procs[victim].pid, signal.SIGKILL)  # the worker and its engine core
@@ -84,7 +84,6 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
                 handles.append(handle)
                 followers.append(asyncio.create_task(follow(handle)))
                 await asyncio.sleep(max(0.0, t0 + (i + 1) / args.rate - time.perf_counter()))
-            submitting = False
             results = await asyncio.gather(*followers, return_exceptions=True)
             wall = time.perf_counter() - t0
             killing.cancel()

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = load_settings().data_dir
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer(tmp_path_factory.mktemp("valkey"), _free_port())
+    server = EmbeddedServer(tmp_path_factory.mktemp("valkey"), free_port())
     server.start()
     yield server
     server.stop()

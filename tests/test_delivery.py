@@ -16,7 +16,7 @@ from shared.settings import Settings
 from tests.conftest import drained, wait_until
 
 MODEL = "fake"
-FAST_CLAIMS = {"INFERQ_CLAIM_IDLE_MS": "300", "INFERQ_HEARTBEAT_S": "0.2"}
+FAST_CLAIMS = {"INFERQ_CLAIM_IDLE_MS": "1000", "INFERQ_HEARTBEAT_S": "0.2"}
 
 
 def standin(*extra: str) -> tuple[str, ...]:
@@ -83,7 +83,7 @@ async def test_entry_delivered_more_than_max_deliveries_is_dead_lettered_then_re
 async def test_long_generation_is_never_taken_over_while_its_worker_lives(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:
-    # ~3.5 s of generation against a 300 ms claim window and a second worker looking for idle entries.
+    # ~3.5 s of generation against a 1 s claim window and a second worker looking for idle entries.
     start_worker(*standin(), env=FAST_CLAIMS)
     start_worker(*standin(), env=FAST_CLAIMS)
     handle = await client.submit(prompt="long", model=MODEL, max_tokens=3000)
@@ -111,6 +111,9 @@ async def test_cancelled_queued_request_is_skipped_and_never_run(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:
     handle = await client.submit(prompt="never mind", model=MODEL, max_tokens=5)
+    done = Keys(settings.key_prefix).done("job-c")
+    bulk = await client.submit(prompt="bulk line", model=MODEL, max_tokens=5, stream=False, reply_stream=done)
+    assert await bulk.cancel() == "cancelled"
     assert await handle.cancel() == "cancelled"
     assert (await client.get(handle.id)).status == "cancelled"  # final at once, before any worker
     later = await client.submit(prompt="next", model=MODEL, max_tokens=1)
@@ -121,6 +124,10 @@ async def test_cancelled_queued_request_is_skipped_and_never_run(
     result = await handle.result(timeout=30)
     assert (result.status, result.finish_reason, result.attempts, result.text) == ("cancelled", "cancelled", 0, "")
     assert await client.cancel(handle.id) == "cancelled"  # cancelling again changes nothing
+    # A bulk collector still gets its one record, written when a worker acknowledged the entry.
+    [(_, fields)] = await redis.xrange(done)
+    assert (unpack(fields[b"m"])["id"], unpack(fields[b"m"])["status"]) == (bulk.id, "cancelled")
+    assert (await bulk.result(timeout=30)).status == "cancelled"
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from shared.errors import RedisUnavailable
 from shared.keys import GROUP, Keys
 from shared.schemas import Result
 from shared.settings import Settings
-from tests.conftest import MODELS_DIR, WorkerProcess, _free_port, drained, wait_until
+from tests.conftest import MODELS_DIR, drained, free_port, wait_until
 
 TINY = ("--model", "tiny", "--max-inflight", "64")
 FAST_CLAIMS = {"INFERQ_CLAIM_IDLE_MS": "2000", "INFERQ_HEARTBEAT_S": "0.5"}
@@ -80,8 +81,8 @@ async def test_kill_one_of_two_workers_mid_run_loses_and_duplicates_nothing(
 
 
 @pytest.fixture
-def own_server(tmp_path: Path) -> EmbeddedServer:
-    server = EmbeddedServer(tmp_path / "valkey", _free_port())
+def own_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path / "valkey", free_port())
     server.start()
     yield server
     server.stop()

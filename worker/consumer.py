@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -54,7 +54,8 @@ class Job:
     task: asyncio.Task[None] | None = None
     request: GenerationRequest | None = None
     stop_reason: str | None = None  # "cancelled" or "expired" once interrupted on purpose
-    finishing: bool = False  # the final write is under way: too late to interrupt
+    interruptible: bool = False  # True while it starts or generates; the final write is never interrupted
+    gen: Generation = field(default_factory=Generation)  # what it produced so far
 
 
 class Worker(AsyncLifecycle):
@@ -140,7 +141,7 @@ class Worker(AsyncLifecycle):
     def interrupt(self, request_id: str, reason: str) -> None:
         """Abort a running request on purpose (reason "cancelled" or "expired"); it ends with that status."""
         job = self._by_request.get(request_id)
-        if job is None or job.task is None or job.finishing or job.stop_reason is not None:
+        if job is None or job.task is None or not job.interruptible or job.stop_reason is not None:
             return
         job.stop_reason = reason
         job.task.cancel()  # AsyncLLM aborts the request when its generator is cancelled
@@ -223,6 +224,14 @@ class Worker(AsyncLifecycle):
             return
         try:
             await self._run(job, request)
+        except asyncio.CancelledError:
+            if job.stop_reason is None:
+                raise  # shutdown or a lost claim: leave the entry pending, write nothing
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.info("request %s %s after %d tokens", request.id, job.stop_reason, job.gen.completion_tokens)
+            await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, job.gen)
         except EngineError as exc:
             # Leave this entry (and every other in-flight one) pending: the engine, not the request, failed.
             if self.fatal is None:
@@ -232,23 +241,24 @@ class Worker(AsyncLifecycle):
         except RequestRejected as exc:
             error = f"rejected by the engine: {exc}"
             await self.writer.dead_letter(job.stream, job.entry_id, fields, error, deliveries, request)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             log.exception("request %s failed in the engine", request.id)
             error = f"engine error: {exc.__class__.__name__}: {exc}"
             await self.writer.dead_letter(job.stream, job.entry_id, fields, error, deliveries, request)
 
     async def _run(self, job: Job, request: GenerationRequest) -> None:
+        """Start the request (unless it ended, was cancelled or is past its deadline) and generate it.
+        An interrupt (cancel, deadline) raises CancelledError here; _process ends the request then."""
         if request.deadline is not None and time.time() >= request.deadline:
-            await self.writer.end(job.stream, job.entry_id, request, "expired", Generation())
+            await self.writer.end(job.stream, job.entry_id, request, "expired", job.gen)
             return
-        status, ended = await self._mark_running(request)
-        if ended:  # it ended already (cancelled while queued, or finished by an earlier delivery)
-            await self.writer.skip(job.stream, job.entry_id, request, status)
-            return
-        if status == "cancelled":  # cancelled between being read and started
-            await self.writer.end(job.stream, job.entry_id, request, "cancelled", Generation())
+        job.interruptible = True
+        status = await self._mark_running(request)
+        if status != "running":
+            job.interruptible = False
+            # Ended already (cancelled while queued): finish.lua keeps the stored state and only acknowledges.
+            # Or "cancelled" but not ended yet: the cancel came between the read and the start.
+            await self.writer.end(job.stream, job.entry_id, request, status, job.gen)
             return
         timer = None
         if request.deadline is not None:
@@ -260,40 +270,29 @@ class Worker(AsyncLifecycle):
             if timer is not None:
                 timer.cancel()
 
-    async def _mark_running(self, request: GenerationRequest) -> tuple[str, bool]:
+    async def _mark_running(self, request: GenerationRequest) -> str:
         """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
         backoff = 0.05
         args = [self.name, repr(time.time()), self.settings.result_ttl_s]
         while True:
             try:
-                status, ended = await self._start_script([self.keys.result(request.id)], args)
-                return text(status), bool(int(ended))
+                status, _ended = await self._start_script([self.keys.result(request.id)], args)
+                return text(status)
             except _OUTAGE as exc:
                 log.warning("redis unreachable (%s) starting %s; retrying in %.2fs", exc, request.id, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
     async def _generate(self, job: Job, request: GenerationRequest) -> None:
-        gen = Generation(started_at=time.time())
+        gen = job.gen
+        gen.started_at = time.time()
         channel = request.reply_channel if request.stream else None
-        try:
-            async for delta in self.engine.generate(request):
-                last = gen.add(delta)
-                if last:
-                    break
-                if channel:
-                    self.outbox.publish(channel, gen.event(request.id, delta))
-        except asyncio.CancelledError:
-            if job.stop_reason is None:
-                raise  # shutdown or a lost claim: leave the entry pending, write nothing
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            job.finishing = True
-            log.info("request %s %s after %d tokens", request.id, job.stop_reason, gen.completion_tokens)
-            await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, gen)
-            return
-        job.finishing = True
+        async for delta in self.engine.generate(request):
+            if gen.add(delta):
+                break
+            if channel:
+                self.outbox.publish(channel, gen.event(request.id, delta))
+        job.interruptible = False
         self.tokens_out += gen.completion_tokens
         await self.writer.end(job.stream, job.entry_id, request, "done", gen)
         self.completed += 1
@@ -328,7 +327,7 @@ class Worker(AsyncLifecycle):
     def _lose(self, entry_id: str) -> None:
         """Another worker took this entry over (we could not renew in time): stop running it, write nothing."""
         job = self._jobs.get(entry_id)
-        if job is not None and job.task is not None and not job.finishing:
+        if job is not None and job.task is not None and job.interruptible:
             log.warning("entry %s was taken over by another worker; dropping our run of it", entry_id)
             job.task.cancel()
 

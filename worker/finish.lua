@@ -1,22 +1,29 @@
 -- End a request: store its final state once, then acknowledge and delete its entry (DESIGN.md "Delivery").
 -- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] (optional) the request's reply stream.
--- ARGV: group, entry_id, result_ttl_s, durable record (msgpack, for the reply stream), then field, value, ...
+-- ARGV: group, entry_id, result_ttl_s, durable record (msgpack, for the reply stream), worker name,
+--       then field, value, ... of the final state.
 -- The write is idempotent: if another delivery of the same request already stored a final state, that one
--- stands (a redelivered request never yields two different results); the extra finish is only counted.
+-- stands (a redelivered request never yields two different results) and the extra run is only counted in
+-- `duplicates`. A request cancelled while queued has a final state but no run (no `ended_by`): its one
+-- reply-stream record is written here, when a worker acknowledges its entry.
 -- Returns 1 if this call stored the result, 0 if one was there already.
 local status = redis.call('HGET', KEYS[1], 'status')
+local final = status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired'
 local wrote = 0
-if status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+if final and redis.call('HEXISTS', KEYS[1], 'ended_by') == 1 then
   redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
 else
-  local fields = {}
-  for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[1], unpack(fields))
-  redis.call('HDEL', KEYS[1], 'cancel')
+  if not final then
+    local fields = {}
+    for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+    redis.call('HSET', KEYS[1], unpack(fields))
+    redis.call('HDEL', KEYS[1], 'cancel')
+    wrote = 1
+  end
+  redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
   if KEYS[3] then
     redis.call('XADD', KEYS[3], '*', 'm', ARGV[4])
   end
-  wrote = 1
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])

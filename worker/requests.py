@@ -88,7 +88,8 @@ class RequestWriter:
             keys.append(request.reply_stream)
         durable = pack({"v": SCHEMA_VERSION, "id": request.id, **record})
         finish: Command = (
-            "EVAL", scripts.FINISH, len(keys), *keys, GROUP, entry_id, self.settings.result_ttl_s, durable,
+            "EVAL", scripts.FINISH, len(keys), *keys,
+            GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name,
             *(x for kv in record.items() for x in (kv[0], str(kv[1]))),
         )  # fmt: skip
         streaming = request.stream and request.reply_channel
@@ -105,12 +106,6 @@ class RequestWriter:
         }
         events = ((request.reply_channel, event),) if request.reply_channel else ()
         await self.outbox.add(*extra, finish, events=events)
-
-    async def skip(self, stream: str, entry_id: str, request: GenerationRequest, status: str) -> None:
-        """The request ended before this delivery ran it: acknowledge and delete only; tell a waiting client."""
-        event = {"id": request.id, "seq": -1, "finished": True, "finish_reason": status, "status": status}
-        events = ((request.reply_channel, event),) if request.reply_channel else ()
-        await self.outbox.add(("XACK", stream, GROUP, entry_id), ("XDEL", stream, entry_id), events=events)
 
     async def dead_letter(
         self,
