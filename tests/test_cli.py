@@ -13,7 +13,7 @@ import pytest
 
 from shared.embedded import EmbeddedServer
 from shared.settings import Settings
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT, free_port
 
 MODEL = "fake"
 
@@ -71,7 +71,9 @@ async def test_exit_codes(settings: Settings, start_worker) -> None:
     assert bad_env.returncode == 2 and "INFERQ_" in bad_env.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["submit"], ["worker"], ["redis"], ["models"], ["result"]])
+@pytest.mark.parametrize(
+    "command", [[], ["submit"], ["worker"], ["redis"], ["models"], ["result"], ["cancel"], ["dlq"], ["dlq", "retry"]]
+)
 async def test_help_teaches(settings: Settings, command: list[str]) -> None:
     out = await inferq(settings, *command, "--help")
     assert out.returncode == 0 and "Usage:" in out.stdout
@@ -79,7 +81,7 @@ async def test_help_teaches(settings: Settings, command: list[str]) -> None:
 
 
 async def test_redis_commands_manage_one_shared_server(tmp_path: Path, settings: Settings) -> None:
-    env = {"INFERQ_REDIS_URL": "", "INFERQ_DATA_DIR": str(tmp_path), "INFERQ_EMBEDDED_PORT": str(_free_port())}
+    env = {"INFERQ_REDIS_URL": "", "INFERQ_DATA_DIR": str(tmp_path), "INFERQ_EMBEDDED_PORT": str(free_port())}
     status = await inferq(settings, "redis", "status", **env)
     assert status.returncode == 1 and "not running" in status.stdout
     # Two starts racing: one server, the other reuses it.
@@ -96,9 +98,51 @@ async def test_redis_commands_manage_one_shared_server(tmp_path: Path, settings:
 
 
 def test_embedded_server_reused_and_stopped(tmp_path: Path) -> None:
-    server = EmbeddedServer(tmp_path, _free_port())
+    server = EmbeddedServer(tmp_path, free_port())
     assert server.start() is True
     pid = server.pid()
     assert server.start() is False and server.pid() == pid
     assert server.stop() is True and not server.ping()
     assert server.stop() is False
+
+
+async def test_cancel_and_dead_letter_commands(settings: Settings, client, redis) -> None:  # type: ignore[no-untyped-def]
+    from shared.keys import GROUP, Keys
+
+    queued = await client.submit(prompt="not yet", model=MODEL, max_tokens=2)
+    out = await inferq(settings, "cancel", queued.id)
+    assert out.returncode == 0 and out.stdout == "cancelled\n"
+    unknown = await inferq(settings, "cancel", "no-such-id")
+    assert unknown.returncode == 1 and "no request 'no-such-id'" in unknown.stderr
+
+    # Two dead letters, as a worker writes them: one retryable request, one undecodable payload.
+    keys = Keys(settings.key_prefix)
+    handle = await client.submit(prompt="retry me", model=MODEL, max_tokens=2, stream=False)
+    [[_, [_cancelled, (entry_id, fields)]]] = await redis.xreadgroup(GROUP, "ghost", {keys.queue(MODEL): ">"})
+    await redis.xack(keys.queue(MODEL), GROUP, entry_id)
+    await redis.xdel(keys.queue(MODEL), entry_id)
+    await redis.xadd(keys.dlq(MODEL), {"payload": fields[b"m"], "error": "boom", "deliveries": 4})
+    await redis.xadd(keys.dlq(MODEL), {"payload": b"\xc1junk", "error": "undecodable", "deliveries": 1})
+    await redis.hset(keys.result(handle.id), mapping={"status": "failed", "error": "boom"})
+
+    listed = await inferq(settings, "dlq", "list", "-m", MODEL, "--json")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["request_id"], r["deliveries"], r["error"]) for r in rows] == [
+        (handle.id, 4, "boom"),
+        (None, 1, "undecodable"),
+    ]
+    shown = await inferq(settings, "dlq", "show", rows[0]["id"], "-m", MODEL)
+    assert json.loads(shown.stdout)["request"]["prompt"] == "retry me"
+
+    junk = await inferq(settings, "dlq", "retry", rows[1]["id"], "-m", MODEL)
+    assert junk.returncode == 2 and "cannot be retried" in junk.stderr
+    retried = await inferq(settings, "dlq", "retry", rows[0]["id"], "-m", MODEL)
+    assert retried.returncode == 0 and retried.stdout == f"re-enqueued {handle.id}\n"
+    assert (await client.get(handle.id)).status == "queued"
+    assert await redis.xlen(keys.queue(MODEL)) == 2  # the cancelled entry (still ghost's) + the retried one
+
+    refused = await inferq(settings, "dlq", "purge", "-m", MODEL)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    purged = await inferq(settings, "dlq", "purge", "-m", MODEL, "--yes")
+    assert purged.returncode == 0 and "purged 1 dead letters" in purged.stdout
+    assert await redis.xlen(keys.dlq(MODEL)) == 0
