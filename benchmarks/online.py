@@ -66,12 +66,12 @@ async def run_direct(args: argparse.Namespace, model_path: str, texts: list[str]
         await engine.stop()
 
 
-async def run_queue(args: argparse.Namespace, texts: list[str], interval_ms: str) -> tuple[float, int]:
+async def run_queue(args: argparse.Namespace, texts: list[str]) -> tuple[float, int]:
     server, data = temp_server()
     settings = load_settings(redis_url=server.url, model=args.model, key_prefix="bench")
     log = data / "worker.log"
     worker_args = ["--model", args.model, "--max-inflight", str(args.concurrency)]
-    worker = spawn_worker(server.url, "bench", "bench", worker_args, log, {"INFERQ_STREAM_INTERVAL_MS": interval_ms})
+    worker = spawn_worker(server.url, "bench", "bench", worker_args, log)
     try:
         async with InferenceClient(settings) as client:
             await wait_ready(client.redis, "bench", "bench", worker, log)
@@ -101,11 +101,6 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--targets", default="direct,inferq", help="which of direct,inferq to run")
     p.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times; report the median")
-    p.add_argument(
-        "--stream-intervals",
-        default=os.environ.get("INFERQ_STREAM_INTERVAL_MS", "0"),
-        help="comma-separated worker stream intervals (ms) to run the inferq target with, e.g. 0,20",
-    )
     args = p.parse_args()
     args.tag = 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -113,25 +108,23 @@ def main() -> None:
     texts = prompts(args.requests + args.warmup, args.prompt_len)
 
     targets = args.targets.split(",")
-    intervals = args.stream_intervals.split(",") if "inferq" in targets else []
-    names = {"direct": "direct AsyncLLM"} if "direct" in targets else {}
-    names |= {f"inferq@{ms}": f"inferq, interval {ms} ms" for ms in intervals}
-    runs: dict[str, list[tuple[float, int]]] = {key: [] for key in names}
-    for _ in range(args.rounds):  # alternating, so drift on a shared machine hits every target alike
+    runs: dict[str, list[tuple[float, int]]] = {"direct": [], "inferq": []}
+    for _ in range(args.rounds):  # alternating, so drift on a shared machine hits both targets alike
         if "direct" in targets:
             runs["direct"].append(aio.run(run_direct(args, model_path, texts)))
-        for ms in intervals:
-            runs[f"inferq@{ms}"].append(aio.run(run_queue(args, texts, ms)))
-    rates = {k: sorted(tok / s for s, tok in v) for k, v in runs.items()}
+        if "inferq" in targets:
+            runs["inferq"].append(aio.run(run_queue(args, texts)))
+    rates = {k: sorted(tok / s for s, tok in v) for k, v in runs.items() if v}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"model {args.model}, {args.requests} requests, concurrency {args.concurrency}, "
           f"prompt ~{args.prompt_len} words, max_tokens {args.max_tokens}, greedy")  # fmt: skip
-    print(f"{'target':<28}{'median tok/s':>14}  {'/ direct':>8}  all rounds (output tok/s)")
-    base = statistics.median(rates["direct"]) if "direct" in rates else None
+    print(f"{'target':<24}{'median tok/s':>14}  all rounds (output tok/s)")
+    names = {"direct": "direct AsyncLLM", "inferq": "inferq (Redis queue)"}
     for key, values in rates.items():
-        median = statistics.median(values)
-        ratio = f"{median / base:.3f}" if base else "-"
-        print(f"{names[key]:<28}{median:>14.0f}  {ratio:>8}  {', '.join(f'{v:.0f}' for v in values)}")
+        print(f"{names[key]:<24}{statistics.median(values):>14.0f}  {', '.join(f'{v:.0f}' for v in values)}")
+    if len(rates) == 2:
+        ratio = statistics.median(rates["inferq"]) / statistics.median(rates["direct"])
+        print(f"ratio inferq / direct (median output tok/s): {ratio:.3f}")
 
 
 if __name__ == "__main__":  # vLLM spawns its engine core: keep the child from re-running this

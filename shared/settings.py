@@ -40,9 +40,6 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(60_000, ge=100)
     max_deliveries: int = Field(3, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
-    stream_interval_ms: float = Field(
-        0.0, ge=0, le=1000, description="hold mid-generation token events up to this long to send several steps at once"
-    )
 
     # Admission and results.
     max_queue_len: int = Field(100_000, ge=1, description="refuse new work at this many queued entries")

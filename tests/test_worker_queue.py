@@ -164,30 +164,3 @@ def test_sync_client_streams_and_waits(settings: Settings, start_worker) -> None
         assert [e.text for e in handle.tokens()] == ["t0 ", "t1 ", "t2 "]
         assert handle.result(timeout=30).text == "t0 t1 t2 "
         assert client.generate(prompt="again", model=MODEL, max_tokens=2, timeout=30).text == "t0 t1 "
-
-
-async def test_stream_interval_sends_several_steps_per_message_in_order(
-    settings: Settings, client: InferenceClient, redis: Redis
-) -> None:
-    """With a 50 ms stream interval, 100 steps of 2 ms reach the client in a few messages, complete and in
-    order."""
-    engine = StandInEngine(step_s=0.002)
-    conn = Redis.from_url(settings.redis_url or "")
-    cfg = settings.merged(max_inflight=64, stream_interval_ms=50)
-    async with Worker(cfg, engine, conn, model=MODEL, consumer="inproc") as worker:
-        runner = asyncio.create_task(worker.run())
-        handles = [await client.submit(prompt=f"p{i}", model=MODEL, max_tokens=100) for i in range(8)]
-
-        async def consume(h):  # type: ignore[no-untyped-def]
-            return [e async for e in h.tokens(timeout=30)], await h.result(timeout=30)
-
-        streams = await asyncio.gather(*(consume(h) for h in handles))
-        worker.stop_reading()
-        await runner
-        await worker.drain(5)
-    await conn.aclose()
-    for events, result in streams:
-        assert [e.seq for e in events] == list(range(100)) and events[-1].finished
-        assert "".join(e.text for e in events) == result.text and result.status == "done"
-    assert worker.outbox.batches < 100 / 3, worker.outbox.batches  # ~ 200 ms / 50 ms, plus firsts and finals
-    assert await drained(redis, settings, MODEL) == (0, 0)

@@ -72,7 +72,7 @@ class Worker(AsyncLifecycle):
         self.keys = Keys(settings.key_prefix)
         self.streams = self.keys.queues(model)
         self.capacity = settings.max_inflight
-        self.outbox = Outbox(redis, settings.stream_interval_ms / 1000)
+        self.outbox = Outbox(redis)
         self.writer = RequestWriter(self.outbox, self.keys, settings, self.name, model)
         self.claims = Claims(redis, settings, self.streams, self.name)
         self._read_script = redis.register_script(scripts.READ_LANES)

@@ -4,13 +4,6 @@ Request tasks add commands and token events without waiting; a single flusher ta
 loop turn, gathers everything the step produced and sends it as one MULTI/EXEC pipeline, with the events
 for each reply channel packed into a single PUBLISH. Callers that must know their write landed (the final
 result + ack) await the future `add` returns. Batches are sent one at a time, in order.
-
-With a stream interval (settings.stream_interval_ms), the token events of requests in the middle of their
-generation are held back and sent at most once per interval, several steps in one message: at high
-concurrency this divides the pub/sub messages, and the client wake-ups, by the number of steps per
-interval. What a waiter is blocked on never waits: a request's first token (time to first token), its
-final event and every command go out at once, each together with the earlier events of its request, so
-per-request order holds.
 """
 
 from __future__ import annotations
@@ -34,16 +27,12 @@ Command = tuple[Any, ...]
 
 
 class Outbox:
-    def __init__(self, redis: Redis, stream_interval_s: float = 0.0) -> None:
+    def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        self.interval = stream_interval_s
         self._commands: list[Command] = []
         self._events: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self._waiters: list[asyncio.Future[None]] = []
-        self._urgent: set[str] = set()  # request ids whose events must go out now (first token or final)
         self._wake = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_full = 0.0  # loop time of the last send that included every held event
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # how many transactions were sent (for stats and tests)
 
@@ -65,8 +54,6 @@ class Outbox:
 
     def publish(self, channel: str, event: dict[str, Any]) -> None:
         self._events[channel].append(event)
-        if event["seq"] == 0:
-            self._urgent.add(event["id"])
         self._wake.set()
 
     def add(self, *commands: Command, events: tuple[tuple[str, dict[str, Any]], ...] = ()) -> asyncio.Future[None]:
@@ -74,7 +61,6 @@ class Outbox:
         self._commands.extend(commands)
         for channel, event in events:
             self._events[channel].append(event)
-            self._urgent.add(event["id"])
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._wake.set()
@@ -82,55 +68,19 @@ class Outbox:
 
     async def flush(self) -> None:
         if self._commands or self._events:
-            self._last_full = 0.0  # due now: send every held event too
             await self.add()
 
-    def _wake_later(self, delay: float) -> None:
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._wake.set()
-
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(0)  # let every request task of this engine step add its output first
-            now = loop.time()
-            full = now >= self._last_full + self.interval
-            if not full and not self._commands and not self._urgent:
-                self._wake_later(self._last_full + self.interval - now)  # only held token events: wait
-                continue
-            if full:
-                self._last_full = now
-            commands, events, waiters = self._take(full)
+            commands, events, waiters = self._commands, self._events, self._waiters
+            self._commands, self._events, self._waiters = [], defaultdict(list), []
             await self._send(commands, events)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
-
-    def _take(self, full: bool) -> tuple[list[Command], dict[str, list[dict[str, Any]]], list[asyncio.Future[None]]]:
-        """What to send now: everything when the interval is up, else the commands and the urgent requests'
-        events (all of each such request's held events, in order), keeping the rest for later."""
-        commands, waiters = self._commands, self._waiters
-        self._commands, self._waiters = [], []
-        if full:
-            events, self._events = self._events, defaultdict(list)
-        else:
-            urgent, events, held = self._urgent, {}, defaultdict(list)
-            for channel, batch in self._events.items():
-                now = [e for e in batch if e["id"] in urgent]
-                if now:
-                    events[channel] = now
-                later = [e for e in batch if e["id"] not in urgent] if now else batch
-                if later:
-                    held[channel] = later
-            self._events = held
-        self._urgent = set()
-        return commands, events, waiters
 
     async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> None:
         backoff = 0.05
