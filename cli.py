@@ -87,6 +87,10 @@ def submit(
     ttl: Annotated[
         float | None, typer.Option(help="seconds the request may wait and run; then it ends `expired`")
     ] = None,
+    tenant: Annotated[str | None, typer.Option(help="who the request is for (per-tenant caps apply)")] = None,
+    wait: Annotated[
+        float | None, typer.Option(help="if the queue is full, keep trying this many seconds (exit 3 after)")
+    ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="send PROMPT as-is, without the chat template")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print the answer only when it is complete")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the final result as one JSON object")] = False,
@@ -118,6 +122,9 @@ def submit(
         "stop": stop or [],
         "priority": priority,
         "ttl": ttl,
+        "tenant": tenant,
+        "wait": wait is not None,
+        "wait_timeout": wait,
     }
     result = _run(submit_and_print(settings, request, stream=not no_stream and not as_json, timeout=timeout))
     if as_json:
@@ -155,6 +162,22 @@ def cancel(
     from producer.console import cancel_request
 
     typer.echo(_run(cancel_request(_settings(redis_url=redis_url), request_id)))
+
+
+@app.command()
+def status(
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="only this model (repeatable)")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh every --interval seconds until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes with --watch")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object (per refresh with --watch)")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Queues and workers per model and lane: length, lag (unread), pending (being run), oldest pending age,
+    consumers and their idle time, dead letters, live workers with in-flight/slots/capacity and tokens/s,
+    and the recent completion rate. What an operator or an autoscaler watches."""
+    from producer.console import show_status
+
+    _run(show_status(_settings(redis_url=redis_url), model or None, watch=watch, interval=interval, as_json=as_json))
 
 
 # ---- dead letters -----------------------------------------------------------------------------------

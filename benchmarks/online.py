@@ -103,7 +103,6 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times; report the median")
     args = p.parse_args()
     args.tag = 0
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     model_path = str(resolve_model(args.model, load_settings().data_dir))
     texts = prompts(args.requests + args.warmup, args.prompt_len)
 

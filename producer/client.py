@@ -15,13 +15,13 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.admission import EXISTS, REFUSED, Admitter
+from producer import stats
+from producer.admission import EXISTS, Admitter
 from producer.dlq import DeadLetters
 from producer.replies import DEADLINE, TICK, ReplyListener, Signal
 from shared.connection import connect
 from shared.errors import (
     InvalidRequest,
-    QueueFull,
     RedisUnavailable,
     RequestFailed,
     RequestNotFound,
@@ -251,12 +251,17 @@ class InferenceClient(AsyncLifecycle):
         model: str | None = None,
         request_id: str | None = None,
         stream: bool = True,
+        wait: bool = False,
+        wait_timeout: float | None = None,
         **params: Any,
     ) -> RequestHandle:
         """Validate and enqueue one request. Raises InvalidRequest (nothing enqueued) or QueueFull.
 
-        `params`: max_tokens, temperature, top_p, top_k, stop, seed, priority, deadline or ttl, reply_stream.
-        A `request_id` that was submitted before is not enqueued again: the handle follows the first one."""
+        `params`: max_tokens, temperature, top_p, top_k, stop, seed, priority ("high", "normal", "low"),
+        tenant, deadline or ttl, reply_stream. A `request_id` that was submitted before is not enqueued
+        again: the handle follows the first one. With `wait=True` a full queue is retried (jittered, paced
+        by the drain rate) for up to `wait_timeout` seconds (default: settings.request_timeout_s) before
+        QueueFull is raised."""
         request = self.build_request(
             prompt=prompt,
             messages=messages,
@@ -269,7 +274,8 @@ class InferenceClient(AsyncLifecycle):
         await self.start()
         queue = self._replies.register(request.id)  # before the add: no event can be missed
         try:
-            admission = await self._admitter.admit(request)
+            limit = self.settings.request_timeout_s if wait_timeout is None else wait_timeout
+            admission = await self._admitter.enqueue(request, wait=wait, wait_s=limit)
         except _OUTAGE as exc:
             self._replies.unregister(request.id)
             raise RedisUnavailable(
@@ -279,9 +285,6 @@ class InferenceClient(AsyncLifecycle):
         except BaseException:
             self._replies.unregister(request.id)
             raise
-        if admission.code == REFUSED:
-            self._replies.unregister(request.id)
-            raise QueueFull(request.model, admission.queue_len, admission.lag, retry_after_s=1.0)
         handle = RequestHandle(self, request, queue)
         if admission.code == EXISTS:
             handle.gap = True  # an earlier submit owns this id: its events went elsewhere; use the store
@@ -311,6 +314,10 @@ class InferenceClient(AsyncLifecycle):
     def dead_letters(self, model: str | None = None) -> DeadLetters:
         """The model's dead-letter stream: list, show, retry, purge (producer.dlq)."""
         return DeadLetters(self.redis, self.keys, self._admitter, model or self.settings.model)
+
+    async def stats(self, models: list[str] | None = None) -> dict[str, Any]:
+        """Queue and worker numbers per model and lane: what `inferq status` shows (producer.stats.collect)."""
+        return await stats.collect(self.redis, self.keys, models)
 
     async def get(self, request_id: str) -> Result:
         """The stored result of any request (queued, running or finished)."""

@@ -1,13 +1,17 @@
-"""Terminal presentation for `inferq submit` / `inferq result`: text to stdout as it arrives, stats to stderr."""
+"""Terminal presentation for the CLI: `submit` (text to stdout as it arrives, stats to stderr), `result`,
+`cancel`, `status` and the dead-letter commands."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from producer.client import InferenceClient
 from producer.dlq import DeadLetters
+from producer.status_view import render_status
 from shared.schemas import Result
 from shared.settings import Settings
 
@@ -64,3 +68,21 @@ async def with_dead_letters(settings: Settings, model: str | None, action: Calla
     """Run one DLQ operation (`inferq dlq ...`) with a client that lives just as long."""
     async with InferenceClient(settings) as client:
         return await action(client.dead_letters(model))
+
+
+async def show_status(
+    settings: Settings, models: list[str] | None, *, watch: bool, interval: float, as_json: bool
+) -> None:
+    """`inferq status`: print the report once, or again every `interval` seconds until interrupted."""
+    async with InferenceClient(settings) as client:
+        while True:
+            report = await client.stats(models)
+            if as_json:
+                print(json.dumps(report), flush=True)
+            else:
+                if watch:
+                    print("\x1b[2J\x1b[H", end="")  # clear the screen between refreshes
+                print(render_status(report), flush=True)
+            if not watch:
+                return
+            await asyncio.sleep(interval)

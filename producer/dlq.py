@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from producer.admission import REFUSED, Admitter
+from producer.admission import REFUSED, TENANT_FULL, Admitter
 from shared.codec import unpack
 from shared.errors import BadPayload, InvalidRequest, QueueFull, RequestNotFound
 from shared.keys import Keys
@@ -102,8 +102,9 @@ class DeadLetters:
                 f"({letter.error}). Fix the producer that wrote it; `inferq dlq purge` drops it"
             )
         admission = await self._admitter.admit(request, replacing_dead_letter=dead_letter_id)
-        if admission.code == REFUSED:
-            raise QueueFull(request.model, admission.queue_len, admission.lag, retry_after_s=1.0)
+        if admission.code in (REFUSED, TENANT_FULL):
+            retry_after, note = await self._admitter.retry_after(request, admission)
+            raise QueueFull(request.model, admission.queue_len, admission.lag, retry_after, note=note)
         return request.id
 
     async def purge(self) -> int:

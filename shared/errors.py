@@ -20,17 +20,23 @@ class InvalidRequest(InferqError, ValueError):
 
 
 class QueueFull(InferqError):
-    """Admission refused: the model's queue is at its cap. Retry after `retry_after_s`, or submit with wait."""
+    """Admission refused: the model's lane is at its cap (or its lag cap), or the tenant is at its cap.
+    Retry after `retry_after_s` (estimated from the workers' recent drain rate), or submit with wait=True."""
 
-    def __init__(self, model: str, queue_len: int, lag: int, retry_after_s: float) -> None:
+    def __init__(
+        self, model: str, queue_len: int, lag: int, retry_after_s: float, *, tenant: str | None = None, note: str = ""
+    ) -> None:
         self.model = model
         self.queue_len = queue_len
         self.lag = lag
         self.retry_after_s = retry_after_s
-        super().__init__(
-            f"queue for model {model!r} is full ({queue_len} queued, lag {lag}); "
-            f"retry in ~{retry_after_s:.1f}s, or start more workers"
+        self.tenant = tenant
+        what = (
+            f"tenant {tenant!r} is at its cap of unfinished requests for model {model!r}"
+            if tenant
+            else f"queue for model {model!r} is full ({queue_len} queued, lag {lag})"
         )
+        super().__init__(f"{what}; retry in ~{retry_after_s:.1f}s, submit with wait, or start more workers{note}")
 
 
 class RequestTimeout(InferqError, TimeoutError):

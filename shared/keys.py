@@ -41,3 +41,18 @@ class Keys:
 
     def done(self, job: str) -> str:
         return f"{self.prefix}:done:{job}"
+
+    def tenants(self, model: str) -> str:
+        """Hash tenant -> that tenant's unfinished requests for the model (the per-tenant cap)."""
+        return f"{self.prefix}:tenants:{model}"
+
+    def queues_pattern(self) -> str:
+        return f"{self.prefix}:q:*"
+
+    def parse_queue(self, key: str) -> tuple[str, str] | None:
+        """(model, lane) of a lane stream's key, or None if it is not one of ours."""
+        head = f"{self.prefix}:q:"
+        if not key.startswith(head):
+            return None
+        model, _, lane = key[len(head) :].rpartition(":")
+        return (model, lane) if model and lane in LANES else None

@@ -47,6 +47,7 @@ class GenerationRequest(BaseModel):
     reply_channel: str | None = None  # the submitting client's pub/sub channel (shared.keys.Keys.tokens)
     reply_stream: str | None = None  # a durable stream that receives the final record (bulk jobs)
     priority: Lane = "normal"
+    tenant: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:@\-]+$")
     created_at: float = 0.0
     deadline: float | None = None  # unix time after which the request is not started
 

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.keys import LANES
 
 
 def _default_data_dir() -> Path:
@@ -32,7 +33,7 @@ class Settings(BaseSettings):
     model: str = Field("smollm2", min_length=1, description="tiny, smollm2, a local path or a hub id")
     max_model_len: int = Field(2048, ge=16)
     dtype: str = "auto"
-    kv_cache_gib: float = Field(2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU, in GiB (fractions allowed)")
 
     # Worker.
     max_inflight: int = Field(256, ge=1, description="requests one worker runs at once")
@@ -42,11 +43,31 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)
 
     # Admission and results.
-    max_queue_len: int = Field(100_000, ge=1, description="refuse new work at this many queued entries")
-    max_lag: int = Field(0, ge=0, description="refuse new work when this many are unread (0: off)")
+    max_queue_len: int = Field(100_000, ge=1, description="refuse new work at this many entries in a lane")
+    lane_caps: dict[str, int] = Field(
+        default_factory=dict, description='per-lane overrides of max_queue_len, e.g. {"low": 1000} (JSON in env)'
+    )
+    max_lag: int = Field(0, ge=0, description="refuse new work when this many are unread in a lane (0: off)")
+    tenant_cap: int = Field(0, ge=0, description="most unfinished requests one tenant may have per model (0: off)")
+    lane_min_share: float = Field(
+        0.1, ge=0, le=0.5, description="share of starts each lower lane gets while it has work (anti-starvation)"
+    )
     max_tokens_limit: int = Field(32_768, ge=1, description="largest max_tokens a request may ask for")
     result_ttl_s: int = Field(86_400, ge=1, description="how long stored results live")
     request_timeout_s: float = Field(600.0, gt=0, description="default wait for a result in the client")
+
+    @field_validator("lane_caps")
+    @classmethod
+    def _check_lanes(cls, value: dict[str, int]) -> dict[str, int]:
+        for lane, cap in value.items():
+            if lane not in LANES:
+                raise ValueError(f"lane_caps: unknown lane {lane!r}; use {', '.join(LANES)}")
+            if cap < 1:
+                raise ValueError(f"lane_caps: the cap of lane {lane!r} must be at least 1")
+        return value
+
+    def lane_cap(self, lane: str) -> int:
+        return self.lane_caps.get(lane, self.max_queue_len)
 
     @field_validator("redis_url")
     @classmethod

@@ -82,7 +82,7 @@ class WorkerProcess:
             "INFERQ_KEY_PREFIX": settings.key_prefix,
             "INFERQ_DATA_DIR": str(settings.data_dir),
             "INFERQ_HEARTBEAT_S": "0.5",
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "INFERQ_KV_CACHE_GIB": "1",
             **(env or {}),
         }
         self.settings = settings

@@ -32,6 +32,8 @@ from shared.subscription import Subscription
 from worker import scripts
 from worker.claims import Claims, Entry, pairs, text
 from worker.engine import Engine, RequestRejected
+from worker.flow import SlotControl
+from worker.lanes import LaneShares
 from worker.outbox import Outbox
 from worker.requests import Generation, RequestWriter
 
@@ -72,9 +74,11 @@ class Worker(AsyncLifecycle):
         self.keys = Keys(settings.key_prefix)
         self.streams = self.keys.queues(model)
         self.capacity = settings.max_inflight
+        self.flow = SlotControl(self.capacity)
         self.outbox = Outbox(redis)
         self.writer = RequestWriter(self.outbox, self.keys, settings, self.name, model)
         self.claims = Claims(redis, settings, self.streams, self.name)
+        self.lanes = LaneShares(settings.lane_min_share)
         self._read_script = redis.register_script(scripts.READ_LANES)
         self._start_script = BatchedScript(redis, scripts.START, "start")
         self._cancels = Subscription(redis, self.keys.cancel(), self._on_cancel)
@@ -154,7 +158,7 @@ class Worker(AsyncLifecycle):
         """Read and dispatch until stop_reading() (or a dead engine). Survives Redis outages."""
         backoff = 0.05
         while not self._stopping.is_set():
-            free = self.capacity - len(self._jobs)
+            free = self.flow.slots - len(self._jobs)
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -177,7 +181,12 @@ class Worker(AsyncLifecycle):
             if taken:
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
                 return taken
-        found = await self._read_script(keys=self.streams, args=[GROUP, self.name, free])
+        reserved = self.lanes.reservations(free)
+        found = await self._read_script(keys=self.streams, args=[GROUP, self.name, free, *reserved])
+        got = [0] * len(self.streams)
+        for i, _, _ in found:
+            got[int(i) - 1] += 1
+        self.lanes.record(reserved, got)
         if found:
             return [(self.streams[int(i) - 1], text(eid), pairs(f), 1) for i, eid, f in found]
         # Nothing queued: block until something arrives. Redis answers a blocked multi-stream read with
@@ -300,7 +309,7 @@ class Worker(AsyncLifecycle):
     # ---- heartbeat, claims, cancels ----------------------------------------------------------------
     async def _maintain(self) -> None:
         """Renew claims several times per claim window; beat, poll cancels and reap once per heartbeat."""
-        last_tokens, last_beat = self.tokens_out, time.monotonic()
+        last_tokens, last_completed, last_beat = self.tokens_out, self.completed, time.monotonic()
         while True:
             await asyncio.sleep(self.claims.renew_interval_s)
             try:
@@ -309,9 +318,13 @@ class Worker(AsyncLifecycle):
                 now = time.monotonic()
                 if now - last_beat < self.settings.heartbeat_s:
                     continue
-                rate = (self.tokens_out - last_tokens) / max(now - last_beat, 1e-6)
-                last_tokens, last_beat = self.tokens_out, now
-                await self._beat(rate)
+                span = max(now - last_beat, 1e-6)
+                rates = ((self.tokens_out - last_tokens) / span, (self.completed - last_completed) / span)
+                last_tokens, last_completed, last_beat = self.tokens_out, self.completed, now
+                if self.flow.update(self.engine.load(), len(self._jobs)):
+                    log.info("engine load: now taking up to %d requests (of %d)", self.flow.slots, self.capacity)
+                    self._slot_free.set()
+                await self._beat(*rates)
                 await self._poll_cancels()
                 for name in await self.claims.reap():
                     log.info("removed dead consumer %s from the group", name)
@@ -344,12 +357,13 @@ class Worker(AsyncLifecycle):
             if mark == b"1":
                 self.interrupt(request_id, "cancelled")
 
-    async def _beat(self, tokens_per_s: float = 0.0) -> None:
+    async def _beat(self, tokens_per_s: float = 0.0, completions_per_s: float = 0.0) -> None:
         key = self.keys.worker(self.name)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={
-                "model": self.model, "engine": self.engine.name, "capacity": self.capacity,
-                "inflight": len(self._jobs), "tokens_per_s": f"{tokens_per_s:.1f}", "completed": self.completed,
+                "name": self.name, "model": self.model, "engine": self.engine.name, "capacity": self.capacity,
+                "slots": self.flow.slots, "inflight": len(self._jobs), "tokens_per_s": f"{tokens_per_s:.1f}",
+                "completions_per_s": f"{completions_per_s:.2f}", "completed": self.completed,
                 "last_seen": repr(time.time()), "pid": os.getpid(), "host": socket.gethostname(),
             })  # fmt: skip
             pipe.expire(key, max(3, int(self.settings.heartbeat_s * 3)))

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from shared.errors import InferqError
 from shared.schemas import GenerationRequest
+from worker.flow import EngineLoad
 
 
 @dataclass(slots=True)
@@ -38,3 +39,7 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    def load(self) -> EngineLoad | None:
+        """The engine's latest KV-cache use and preemption count, or None if it does not report them."""
+        ...

@@ -1,7 +1,8 @@
 -- End a request: store its final state once, then acknowledge and delete its entry (DESIGN.md "Delivery").
--- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] (optional) the request's reply stream.
+-- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] the model's tenant counters,
+-- KEYS[4] (optional) the request's reply stream.
 -- ARGV: group, entry_id, result_ttl_s, durable record (msgpack, for the reply stream), worker name,
---       then field, value, ... of the final state.
+--       tenant ('' for none), then field, value, ... of the final state.
 -- The write is idempotent: if another delivery of the same request already stored a final state, that one
 -- stands (a redelivered request never yields two different results) and the extra run is only counted in
 -- `duplicates`. A request cancelled while queued has a final state but no run (no `ended_by`): its one
@@ -15,17 +16,22 @@ if final and redis.call('HEXISTS', KEYS[1], 'ended_by') == 1 then
 else
   if not final then
     local fields = {}
-    for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+    for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
     redis.call('HSET', KEYS[1], unpack(fields))
     redis.call('HDEL', KEYS[1], 'cancel')
     wrote = 1
   end
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
-  if KEYS[3] then
-    redis.call('XADD', KEYS[3], '*', 'm', ARGV[4])
+  if KEYS[4] then
+    redis.call('XADD', KEYS[4], '*', 'm', ARGV[4])
   end
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+-- The tenant's count goes down once per entry: when this call is the one that acknowledges it.
+if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 1 and ARGV[6] ~= '' then
+  if redis.call('HINCRBY', KEYS[3], ARGV[6], -1) <= 0 then
+    redis.call('HDEL', KEYS[3], ARGV[6])
+  end
+end
 redis.call('XDEL', KEYS[2], ARGV[2])
 return wrote

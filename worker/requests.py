@@ -83,13 +83,13 @@ class RequestWriter:
             record["first_token_at"] = repr(gen.first_token_at)
         if error:
             record["error"] = error
-        keys = [self.keys.result(request.id), stream]
+        keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model)]
         if request.reply_stream:
             keys.append(request.reply_stream)
         durable = pack({"v": SCHEMA_VERSION, "id": request.id, **record})
         finish: Command = (
             "EVAL", scripts.FINISH, len(keys), *keys,
-            GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name,
+            GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "",
             *(x for kv in record.items() for x in (kv[0], str(kv[1]))),
         )  # fmt: skip
         streaming = request.stream and request.reply_channel

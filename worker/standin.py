@@ -27,6 +27,9 @@ class StandInEngine:
     async def stop(self) -> None:
         return None
 
+    def load(self) -> None:
+        return None  # no KV cache: the stand-in never runs out of room
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if request.prompt == "fail":
             raise RequestRejected("stand-in engine refuses the prompt 'fail'")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +10,8 @@ from shared.errors import EngineError
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
 from worker.engine import Delta, RequestRejected
+from worker.flow import EngineLoad
+from worker.vllm_load import LoadState, stat_loggers
 
 log = logging.getLogger("inferq.engine")
 
@@ -24,12 +25,16 @@ class VllmEngine:
         self.settings = settings
         self._llm: Any = None
         self._tokenizer: Any = None
+        self._load = LoadState()
 
     async def start(self) -> None:
-        # The CPU build sizes its KV cache from this variable; it must be set before the engine starts.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.settings.kv_cache_gib))))
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        # On CPU the KV cache is a fixed size (a GPU sizes it from free memory). vLLM's VLLM_CPU_KVCACHE_SPACE
+        # (whole GiB), if set, still overrides this.
+        kv_bytes = int(self.settings.kv_cache_gib * 2**30) if current_platform.is_cpu() else None
 
         args = AsyncEngineArgs(
             model=self.model_path,
@@ -37,9 +42,10 @@ class VllmEngine:
             max_model_len=self.settings.max_model_len,
             max_num_seqs=max(self.settings.max_inflight, 1),
             enforce_eager=True,
+            kv_cache_memory_bytes=kv_bytes,
             disable_log_stats=True,
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers(self._load))
         self._tokenizer = self._llm.get_tokenizer()
 
     def _dtype(self) -> str:
@@ -51,6 +57,9 @@ class VllmEngine:
         from vllm.platforms import current_platform
 
         return "float32" if current_platform.is_cpu() else "auto"
+
+    def load(self) -> EngineLoad | None:
+        return self._load.snapshot()
 
     async def stop(self) -> None:
         if self._llm is not None:

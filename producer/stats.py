@@ -1,0 +1,99 @@
+"""What operators and autoscalers watch (`inferq status`, `client.stats()`), and the drain rate behind
+QueueFull's retry-after hint. Read-only: a handful of commands per model, nothing per request."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.keys import GROUP, LANES, Keys
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def workers(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
+    """Every live worker's last heartbeat (keys expire a few beats after a worker stops beating)."""
+    names = [_text(k) async for k in redis.scan_iter(match=keys.workers_pattern(), count=500)]
+    if not names:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(name)
+        beats = await pipe.execute()
+    now = time.time()
+    out = []
+    for key, beat in zip(names, beats, strict=True):
+        if not beat:
+            continue
+        h = {_text(k): _text(v) for k, v in beat.items()}
+        out.append({
+            "name": h.get("name", key),
+            "model": h.get("model", ""),
+            "engine": h.get("engine", ""),
+            "host": h.get("host", ""),
+            "capacity": int(h.get("capacity", 0)),
+            "slots": int(h.get("slots", h.get("capacity", 0))),
+            "inflight": int(h.get("inflight", 0)),
+            "tokens_per_s": float(h.get("tokens_per_s", 0)),
+            "completions_per_s": float(h.get("completions_per_s", 0)),
+            "completed": int(h.get("completed", 0)),
+            "last_seen_s": round(now - float(h.get("last_seen", now)), 1),
+        })  # fmt: skip
+    return sorted(out, key=lambda w: (w["model"], w["name"]))
+
+
+async def drain_rate(redis: Redis, keys: Keys, model: str) -> float:
+    """Requests per second the model's live workers finished recently (sum of their heartbeats)."""
+    return sum(w["completions_per_s"] for w in await workers(redis, keys) if w["model"] == model)
+
+
+async def lane_stats(redis: Redis, stream: str) -> dict[str, Any]:
+    """Length, lag, pending, oldest pending age and consumers of one lane stream."""
+    length = int(await redis.xlen(stream))
+    out: dict[str, Any] = {"length": length, "lag": 0, "pending": 0, "oldest_pending_s": None, "consumers": []}
+    if not await redis.exists(stream):
+        return out
+    for group in await redis.xinfo_groups(stream):
+        if _text(group["name"]) != GROUP:
+            continue
+        pending = int(group["pending"])
+        lag = group.get("lag")
+        out["pending"] = pending
+        out["lag"] = int(lag) if lag is not None else max(length - pending, 0)
+        if pending:
+            summary = await redis.xpending(stream, GROUP)
+            oldest_ms = int(_text(summary["min"]).split("-")[0])  # an entry id starts with its add time
+            out["oldest_pending_s"] = round(time.time() - oldest_ms / 1000, 1)
+        out["consumers"] = [
+            {"name": _text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+            for c in await redis.xinfo_consumers(stream, GROUP)
+        ]
+    return out
+
+
+async def models(redis: Redis, keys: Keys) -> list[str]:
+    """Models with a queue stream or a live worker."""
+    found = {parsed[0] async for k in redis.scan_iter(match=keys.queues_pattern(), count=500)
+             if (parsed := keys.parse_queue(_text(k)))}  # fmt: skip
+    return sorted(found | {w["model"] for w in await workers(redis, keys) if w["model"]})
+
+
+async def collect(redis: Redis, keys: Keys, only: list[str] | None = None) -> dict[str, Any]:
+    """Per model: each lane's numbers, DLQ size, tenants' unfinished counts, live workers, completion rate."""
+    live = await workers(redis, keys)
+    report: dict[str, Any] = {"time": time.time(), "models": {}}
+    for model in only or await models(redis, keys):
+        mine = [w for w in live if w["model"] == model]
+        report["models"][model] = {
+            "lanes": {lane: await lane_stats(redis, keys.queue(model, lane)) for lane in LANES},
+            "dlq": int(await redis.xlen(keys.dlq(model))),
+            "tenants": {_text(k): int(v) for k, v in (await redis.hgetall(keys.tenants(model))).items()},
+            "workers": mine,
+            "completions_per_s": round(sum(w["completions_per_s"] for w in mine), 2),
+            "tokens_per_s": round(sum(w["tokens_per_s"] for w in mine), 1),
+        }
+    return report

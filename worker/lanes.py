@@ -1,0 +1,41 @@
+"""Priority lanes with a floor (DESIGN.md "Admission / backpressure", issue: priority lanes).
+
+Free slots are filled from the high lane first, then normal, then low; but while a lower lane has work it
+is owed at least `lane_min_share` of the starts, so a flood of high-priority work slows it down without
+starving it. The debt is counted only while the lane has work: a lane found empty owes and is owed nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from shared.keys import LANES
+
+
+class LaneShares:
+    def __init__(self, min_share: float) -> None:
+        self.min_share = min_share
+        self.starts = [0.0] * len(LANES)  # entries started per lane (high, normal, low)
+        self.total = 0.0
+
+    def reservations(self, free: int) -> list[int]:
+        """How many of `free` slots to offer each lane first (the highest lane is never owed anything)."""
+        reserved = [0] * len(LANES)
+        if self.min_share <= 0:
+            return reserved
+        left = free
+        floor = self.min_share * (self.total + free)
+        for i in range(len(LANES) - 1, 0, -1):  # the lowest lane first: it is the one most at risk
+            owed = math.ceil(floor - self.starts[i] - 1e-9)
+            reserved[i] = max(0, min(owed, left))
+            left -= reserved[i]
+        return reserved
+
+    def record(self, reserved: list[int], got: list[int]) -> None:
+        """Count what a read started; forgive the debt of a lane that had less work than it was offered."""
+        for i, n in enumerate(got):
+            self.starts[i] += n
+            self.total += n
+        for i, offered in enumerate(reserved):
+            if offered and got[i] < offered:
+                self.starts[i] = max(self.starts[i], self.min_share * self.total)
