@@ -1,6 +1,7 @@
 """Atomic admission (DESIGN.md "Admission / backpressure"): cap check, XADD and the queued result in one step.
 
-Every submit runs `admit.lua`; concurrent submits go out together (shared.batching). A dead letter that is
+Every submit runs through `admit.lua`; the submits of one event-loop turn go out together, one script call
+per lane (shared.batching). A dead letter that is
 retried goes through the same script, so a retry respects the cap like any new request. A refusal carries
 a retry-after estimated from the model's drain rate (its workers' heartbeats); a waiting producer retries
 with jittered backoff until admitted or out of time.
@@ -13,11 +14,12 @@ import random
 import time
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from redis.asyncio import Redis
 
 from producer import stats
-from shared.batching import BatchedScript
+from shared.batching import Batcher, ScriptRunner
 from shared.codec import pack
 from shared.errors import QueueFull
 from shared.keys import GROUP, Keys
@@ -38,17 +40,78 @@ class Admission:
     tenant_count: int  # the tenant's unfinished requests (after this one, if admitted)
 
 
+def _admission(reply: list[Any]) -> Admission:
+    code, queue_len, lag, entry_id, tenant_count = reply
+    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return Admission(int(code), int(queue_len), int(lag), entry, int(tenant_count))
+
+
 _RATE_TTL_S = 1.0  # how long a measured drain rate is reused: refusals under a flood must stay cheap
 _MIN_RETRY_S, _MAX_RETRY_S, _NO_WORKER_RETRY_S = 0.05, 30.0, 2.0
+_MAX_PER_CALL = 256
 
 
-class Admitter:
+class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
+    """Submits of one loop turn are grouped by lane: one admit.lua call per lane admits the lot in order."""
+
     def __init__(self, redis: Redis, settings: Settings) -> None:
+        super().__init__("admit")
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self._script = BatchedScript(redis, ADMIT_LUA, "admit")
+        self._script = ScriptRunner(redis, ADMIT_LUA)
         self._rates: dict[str, tuple[float, float]] = {}  # model -> (measured at, requests/s)
+
+    async def admit(self, request: GenerationRequest, *, replacing_dead_letter: str | None = None) -> Admission:
+        """Enqueue `request` unless its lane (or its tenant) is at the cap. With `replacing_dead_letter` (a DLQ
+        entry id) the request's failed result is replaced and that dead letter removed in the same step."""
+        return _admission(await self.call((request, replacing_dead_letter)))
+
+    async def admit_many(self, requests: list[GenerationRequest]) -> list[Admission]:
+        """Admit many requests at once, in order (a bulk caller's path: no task or future per request).
+        Connection errors are raised; per-request outcomes are in the returned list."""
+        replies = await self.send([(request, None) for request in requests])
+        out = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            out.append(_admission(reply))
+        return out
+
+    async def send(self, items: list[tuple[GenerationRequest, str | None]]) -> list[Any]:
+        by_lane: dict[tuple[str, ...], list[int]] = {}  # (lane, tenant) -> positions in `items`
+        for i, (request, dead_letter) in enumerate(items):
+            group = (request.model, request.priority, request.tenant or "")
+            by_lane.setdefault(group if dead_letter is None else ("retry", str(i)), []).append(i)
+        # At most _MAX_PER_CALL per script call: one call blocks the server while it runs.
+        groups = [p[at : at + _MAX_PER_CALL] for p in by_lane.values() for at in range(0, len(p), _MAX_PER_CALL)]
+        replies = await self._script.run_all([self._call([items[i] for i in positions]) for positions in groups])
+        results: list[Any] = [None] * len(items)
+        for positions, reply in zip(groups, replies, strict=True):
+            for n, i in enumerate(positions):
+                results[i] = reply if isinstance(reply, Exception) else reply[n]
+        return results
+
+    def _call(self, batch: list[tuple[GenerationRequest, str | None]]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of one admit.lua call (see the script) for requests of one lane and tenant."""
+        first, dead_letter = batch[0]
+        keys = [self.keys.queue(first.model, first.priority), self.keys.tenants(first.model)]
+        keys += [self.keys.result(request.id) for request, _ in batch]
+        args: list[Any] = [
+            self.settings.lane_cap(first.priority),
+            self.settings.max_lag,
+            GROUP,
+            first.model,
+            self.settings.tenant_cap,
+            len(batch),
+            repr(time.time()),
+            first.tenant or "",
+        ]
+        args += [pack(request.payload()) for request, _ in batch]
+        if dead_letter is not None:
+            keys.append(self.keys.dlq(first.model))
+            args.append(dead_letter)
+        return keys, args
 
     async def enqueue(self, request: GenerationRequest, *, wait: bool = False, wait_s: float = 0.0) -> Admission:
         """Admit `request`; on refusal raise QueueFull, or with `wait` retry (jittered, paced by the drain
@@ -81,35 +144,3 @@ class Admitter:
         else:
             excess = max(admission.queue_len - self.settings.lane_cap(request.priority) + 1, 1)
         return min(max(excess / rate, _MIN_RETRY_S), _MAX_RETRY_S), ""
-
-    def start(self) -> None:
-        self._script.start()
-
-    async def stop(self) -> None:
-        await self._script.stop()
-
-    async def admit(self, request: GenerationRequest, *, replacing_dead_letter: str | None = None) -> Admission:
-        """Enqueue `request` unless its lane is at the cap. With `replacing_dead_letter` (a DLQ entry id),
-        the request's failed result is replaced and that dead letter removed in the same atomic step."""
-        keys = [
-            self.keys.queue(request.model, request.priority),
-            self.keys.result(request.id),
-            self.keys.tenants(request.model),
-        ]
-        args: list[object] = [
-            self.settings.lane_cap(request.priority),
-            self.settings.max_lag,
-            GROUP,
-            pack(request.payload()),
-            request.model,
-            repr(request.created_at),
-            self.settings.result_ttl_s,
-            request.tenant or "",
-            self.settings.tenant_cap,
-        ]
-        if replacing_dead_letter is not None:
-            keys.append(self.keys.dlq(request.model))
-            args.append(replacing_dead_letter)
-        code, queue_len, lag, entry_id, tenant_count = await self._script(keys, args)
-        entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        return Admission(int(code), int(queue_len), int(lag), entry, int(tenant_count))

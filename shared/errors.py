@@ -34,7 +34,7 @@ class QueueFull(InferqError):
         what = (
             f"tenant {tenant!r} is at its cap of unfinished requests for model {model!r}"
             if tenant
-            else f"queue for model {model!r} is full ({queue_len} queued, lag {lag})"
+            else f"queue for model {model!r} is full ({queue_len} queued{f', {lag} unread' if lag else ''})"
         )
         super().__init__(f"{what}; retry in ~{retry_after_s:.1f}s, submit with wait, or start more workers{note}")
 

@@ -187,3 +187,14 @@ def test_slot_control_backs_off_on_pressure_and_recovers() -> None:
     for _ in range(10):
         flow.update(EngineLoad(kv_cache_usage=0.3, preemptions=3, running=30, waiting=0), 30)
     assert flow.slots == 64  # room again: raised back step by step, never past the capacity
+
+
+async def test_lag_cap_refuses_when_too_much_is_unread(settings: Settings, redis: Redis) -> None:
+    cfg = settings.merged(max_lag=3)
+    async with InferenceClient(cfg) as client:
+        for i in range(3):
+            await client.submit(prompt=f"unread {i}", model=MODEL, max_tokens=1)
+        with pytest.raises(QueueFull) as refused:
+            await client.submit(prompt="one too many", model=MODEL, max_tokens=1)
+    assert (refused.value.queue_len, refused.value.lag) == (3, 3) and "3 unread" in str(refused.value)
+    assert await redis.xlen(Keys(settings.key_prefix).queue(MODEL)) == 3

@@ -160,3 +160,35 @@ async def test_engine_core_death_stops_the_worker_and_leaves_work_pending(
     pending = {c["name"]: c["pending"] for c in await redis.xinfo_consumers(stream, GROUP)}
     assert pending == {b"w0": 4}  # nothing acknowledged: another worker will take them over
     assert {(await client.get(h.id)).status for h in handles} == {"running"}
+
+
+async def test_worker_holds_fewer_requests_under_kv_cache_pressure_and_recovers(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    # A 2 MiB KV cache holds ~1,000 tokens of the tiny model: 24 requests of ~300 tokens cannot all fit.
+    worker = start_worker(
+        "--model", "tiny", "--max-inflight", "24", "--max-model-len", "512",
+        env={"INFERQ_KV_CACHE_GIB": "0.002", "INFERQ_HEARTBEAT_S": "0.3"},
+    )  # fmt: skip
+    beat = Keys(settings.key_prefix).worker("w0")
+    handles = [
+        await client.submit(prompt=f"Pressure {i}", model="tiny", max_tokens=300, temperature=0, stream=False)
+        for i in range(24)
+    ]
+
+    async def slots() -> int:
+        return int(await redis.hget(beat, "slots") or 0)
+
+    async def lowered() -> bool:
+        return 0 < await slots() < 24
+
+    await wait_until(lowered, 180, "the worker to take fewer requests under KV-cache pressure")
+    results = [await h.result(timeout=300) for h in handles]
+    assert all(r.status == "done" and r.usage.completion_tokens == 300 for r in results)
+
+    async def recovered() -> bool:
+        return await slots() == 24
+
+    await wait_until(recovered, 60, "the slot count to come back once the cache has room")
+    assert "engine load: now taking up to" in worker.log()
+    assert await drained(redis, settings, "tiny") == (0, 0)
