@@ -198,3 +198,21 @@ async def test_lag_cap_refuses_when_too_much_is_unread(settings: Settings, redis
             await client.submit(prompt="one too many", model=MODEL, max_tokens=1)
     assert (refused.value.queue_len, refused.value.lag) == (3, 3) and "3 unread" in str(refused.value)
     assert await redis.xlen(Keys(settings.key_prefix).queue(MODEL)) == 3
+
+
+async def test_each_lane_has_its_own_cap(settings: Settings, redis: Redis) -> None:
+    cfg = settings.merged(lane_caps={"low": 2})
+    async with InferenceClient(cfg) as client:
+        for i in range(2):
+            await client.submit(prompt=f"low {i}", model=MODEL, max_tokens=1, priority="low")
+        with pytest.raises(QueueFull):
+            await client.submit(prompt="low 2", model=MODEL, max_tokens=1, priority="low")
+        for i in range(3):  # the normal lane keeps max_queue_len
+            await client.submit(prompt=f"normal {i}", model=MODEL, max_tokens=1)
+    keys = Keys(settings.key_prefix)
+    assert (await redis.xlen(keys.queue(MODEL, "low")), await redis.xlen(keys.queue(MODEL))) == (2, 3)
+
+
+def test_lane_caps_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="unknown lane 'urgent'"):
+        Settings(lane_caps={"urgent": 5})

@@ -59,6 +59,8 @@ async def test_exit_codes(settings: Settings, start_worker) -> None:
 
     full = await inferq(settings, "submit", "-m", "unserved", "-p", "x", "--timeout", "0.1", INFERQ_MAX_QUEUE_LEN="1")
     assert full.returncode == 3 and "is full" in full.stderr
+    waited = await inferq(settings, "submit", "-m", "unserved", "-p", "x", "--wait", "0.3", INFERQ_MAX_QUEUE_LEN="1")
+    assert waited.returncode == 3 and "is full" in waited.stderr and "is one running?" in waited.stderr
 
     start_worker("--engine", "standin", "--model", MODEL)
     failed = await inferq(settings, "submit", "-m", MODEL, "-p", "fail", "--raw")
