@@ -7,7 +7,8 @@
 --       queued_at, tenant ('' for none; one per call), then the n payloads, then [DLQ entry id].
 -- Returns per request {code, queue_len, lag, entry_id, tenant_count}:
 --   code 1 admitted, 0 refused (lane at its cap or lag cap), 3 refused (the tenant is at its cap),
---   2 the id exists already (idempotent: nothing added).
+--   2 the id exists already (idempotent: nothing added); for a retry: the letter is gone or the request has
+--   a result other than `failed` (it was retried already, or finished after all).
 -- A retry replaces the failed result and removes the dead letter in the same step. The tenant counter
 -- goes up here and down when a worker acknowledges the entry (worker/finish.lua).
 local stream, tenants = KEYS[1], KEYS[2]
@@ -36,7 +37,14 @@ end
 local out = {}
 for i = 1, n do
   local result = KEYS[2 + i]
-  if not dlq and redis.call('EXISTS', result) == 1 then
+  local exists
+  if dlq then  -- a retry: only of a letter still there, for a request whose stored result is `failed`
+    local stored = redis.call('HGET', result, 'status')
+    exists = (stored and stored ~= 'failed') or #redis.call('XRANGE', dlq, ARGV[9 + n], ARGV[9 + n]) == 0
+  else
+    exists = redis.call('EXISTS', result) == 1
+  end
+  if exists then
     out[i] = {2, qlen, lag, '', 0}
   elseif qlen >= max_len or (max_lag > 0 and lag >= max_lag) then
     out[i] = {0, qlen, lag, '', 0}

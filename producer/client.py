@@ -81,7 +81,7 @@ class RequestHandle:
         finally:
             timer.cancel()
             if self._final.is_set():
-                self.client._replies.unregister(self.id)  # nothing more will come for this id
+                self.client._replies.unregister(self.id, self._queue)  # nothing more will come for this id
 
     async def result(self, timeout: float | None = None) -> Result:
         """Wait for the request to end and return its stored result.
@@ -94,7 +94,7 @@ class RequestHandle:
             if self._final.is_set() or self.gap:
                 stored = await self._stored_if_final()
                 if stored is not None:
-                    self.client._replies.unregister(self.id)
+                    self.client._replies.unregister(self.id, self._queue)
                     return stored
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -277,13 +277,13 @@ class InferenceClient(AsyncLifecycle):
             limit = self.settings.request_timeout_s if wait_timeout is None else wait_timeout
             admission = await self._admitter.enqueue(request, wait=wait, wait_s=limit)
         except _OUTAGE as exc:
-            self._replies.unregister(request.id)
+            self._replies.unregister(request.id, queue)
             raise RedisUnavailable(
                 f"Redis did not answer the submit ({exc}); request {request.id} may or may not be queued. "
                 f"Submit again with request_id={request.id!r}: an id that is queued already is not added twice"
             ) from exc
         except BaseException:
-            self._replies.unregister(request.id)
+            self._replies.unregister(request.id, queue)
             raise
         handle = RequestHandle(self, request, queue)
         if admission.code == EXISTS:

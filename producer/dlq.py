@@ -13,7 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from producer.admission import REFUSED, TENANT_FULL, Admitter
+from producer.admission import EXISTS, REFUSED, TENANT_FULL, Admitter
 from shared.codec import unpack
 from shared.errors import BadPayload, InvalidRequest, QueueFull, RequestNotFound
 from shared.keys import Keys
@@ -102,6 +102,11 @@ class DeadLetters:
                 f"({letter.error}). Fix the producer that wrote it; `inferq dlq purge` drops it"
             )
         admission = await self._admitter.admit(request, replacing_dead_letter=dead_letter_id)
+        if admission.code == EXISTS:
+            raise InvalidRequest(
+                f"dead letter {dead_letter_id} was not retried: it was retried already, or request {request.id} "
+                "has a result other than `failed` now (`inferq result` shows it)"
+            )
         if admission.code in (REFUSED, TENANT_FULL):
             retry_after, note = await self._admitter.retry_after(request, admission)
             raise QueueFull(request.model, admission.queue_len, admission.lag, retry_after, note=note)

@@ -46,7 +46,8 @@ TICK_S = 0.5
 class ReplyListener:
     def __init__(self, redis: Redis, channel: str) -> None:
         self.channel = channel
-        self._routes: dict[str, asyncio.Queue[Item]] = {}
+        # request id -> the queues of its handles (one per submit; the same id submitted twice gets both)
+        self._routes: dict[str, list[asyncio.Queue[Item]]] = {}
         self._subscription = Subscription(redis, channel, self._route, self._announce_gap)
         self._ticker: asyncio.Task[None] | None = None
 
@@ -65,16 +66,21 @@ class ReplyListener:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            for queue in self._routes.values():
-                queue.put_nowait(TICK)
+            for queues in self._routes.values():
+                for queue in queues:
+                    queue.put_nowait(TICK)
 
     def register(self, request_id: str) -> asyncio.Queue[Item]:
         queue: asyncio.Queue[Item] = asyncio.Queue()
-        self._routes[request_id] = queue
+        self._routes.setdefault(request_id, []).append(queue)
         return queue
 
-    def unregister(self, request_id: str) -> None:
-        self._routes.pop(request_id, None)
+    def unregister(self, request_id: str, queue: asyncio.Queue[Item]) -> None:
+        queues = self._routes.get(request_id, [])
+        if queue in queues:
+            queues.remove(queue)
+        if not queues:
+            self._routes.pop(request_id, None)
 
     def _route(self, data: bytes) -> None:
         try:
@@ -85,10 +91,10 @@ class ReplyListener:
             self._announce_gap()
             return
         for event in events:
-            queue = self._routes.get(event.id)
-            if queue is not None:
+            for queue in self._routes.get(event.id, ()):
                 queue.put_nowait(event)
 
     def _announce_gap(self) -> None:
-        for queue in self._routes.values():
-            queue.put_nowait(GAP)
+        for queues in self._routes.values():
+            for queue in queues:
+                queue.put_nowait(GAP)

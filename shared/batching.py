@@ -65,6 +65,10 @@ class Batcher(Generic[C]):
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
+            except asyncio.CancelledError:  # stopped mid-send: its callers must not wait forever
+                for _, fut in calls:
+                    fut.cancel()
+                raise
             for (_, fut), result in zip(calls, results, strict=True):
                 if fut.done():
                     continue

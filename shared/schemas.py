@@ -6,6 +6,7 @@ Every queue entry carries `v`, the schema version, so a worker can refuse what i
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -148,6 +149,28 @@ class Result(BaseModel):
             worker=h.get("worker") or None,
             attempts=int(h.get("attempts", 0)),
         )
+
+
+_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
+
+
+def salvage(data: Any, model: str, key_prefix: str) -> GenerationRequest | None:
+    """For a queue entry that failed validation: the request as far as its id and reply targets can be
+    trusted, so its result can still end `failed`, its tenant be released and a waiting client or bulk
+    collector be told. None if not even the id is usable. Reply targets outside the key prefix are dropped."""
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str) or not _ID.match(data["id"]):
+        return None
+
+    def ours(name: str) -> str | None:
+        value = data.get(name)
+        return value if isinstance(value, str) and value.startswith(f"{key_prefix}:") else None
+
+    tenant = data.get("tenant")
+    return GenerationRequest.model_construct(
+        id=data["id"], model=model, prompt="", stream=data.get("stream") is not False,
+        reply_channel=ours("reply_channel"), reply_stream=ours("reply_stream"),
+        tenant=tenant if isinstance(tenant, str) and tenant else None,
+    )  # fmt: skip
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import pytest
 from redis.asyncio import Redis
 
 from producer import InferenceClient
-from shared.codec import unpack
+from shared.codec import pack, unpack
+from shared.errors import RequestNotFound
 from shared.keys import GROUP, Keys
 from shared.settings import Settings
 from tests.conftest import drained, wait_until
@@ -70,6 +72,8 @@ async def test_entry_delivered_more_than_max_deliveries_is_dead_lettered_then_re
     # Retry: the original payload again, same id; the failed result is replaced and the letter removed.
     assert await letters.retry(letter.id) == handle.id
     assert await letters.size() == 0
+    with pytest.raises(RequestNotFound, match="no dead letter"):  # a second retry of the same letter
+        await letters.retry(letter.id)
 
     async def done() -> bool:
         return (await client.get(handle.id)).status == "done"
@@ -221,4 +225,22 @@ async def test_reply_stream_gets_one_record_per_request_even_when_taken_over(
     assert {r.status for r in results} == {"done"}
     ids = [unpack(fields[b"m"])["id"] for _, fields in await redis.xrange(done)]
     assert sorted(ids) == sorted(h.id for h in handles)
+    assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+async def test_same_entry_id_in_two_lanes_runs_both(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    keys = Keys(settings.key_prefix)
+    for lane in ("high", "normal"):  # ids are unique per stream only: two lanes can hand out the same one
+        stream = keys.queue(MODEL, lane)
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        payload = {"v": 1, "id": f"twin-{lane}", "model": MODEL, "prompt": "twin", "max_tokens": 2}
+        await redis.xadd(stream, {"m": pack(payload)}, id="1000-1")
+    start_worker(*standin("--max-inflight", "4"))
+
+    async def both_done() -> bool:
+        return {(await client.get(f"twin-{lane}")).status for lane in ("high", "normal")} == {"done"}
+
+    await wait_until(both_done, 30, "both twins to finish")
     assert await drained(redis, settings, MODEL) == (0, 0)

@@ -87,7 +87,11 @@ async def test_poison_entries_fail_with_reason_and_worker_keeps_serving(
     assert refused.status == "failed" and "stand-in engine refuses" in (refused.error or "")
     raised = await client.get("engine-raises")
     assert raised.status == "failed" and "engine error: RuntimeError: stand-in engine crashed" in (raised.error or "")
-    # The ids inside undecodable entries cannot be trusted, so only the DLQ records those.
+    # An entry that decodes but fails validation still has a usable id: its result ends `failed` too.
+    wrong = await client.get("wrong-version")
+    assert wrong.status == "failed" and "unsupported schema version 9" in (wrong.error or "")
+    assert (await client.get("no-prompt")).status == "failed"
+    # Undecodable bytes have no id to trust, so only the DLQ records those.
     dlq = await redis.xrange(keys.dlq(MODEL))
     reasons = [fields[b"error"].decode() for _, fields in dlq]
     assert len(reasons) == 6

@@ -54,15 +54,15 @@ class Claims:
         self._next_takeover = time.monotonic() + wait_s
         return [(self.streams[int(i) - 1], text(eid), pairs(f), int(n)) for i, eid, f, n in found]
 
-    async def renew(self, owned: dict[str, list[str]]) -> list[str]:
-        """Reset the idle time of the entries we run; returns the ids another worker took over meanwhile."""
+    async def renew(self, owned: dict[str, list[str]]) -> list[tuple[str, str]]:
+        """Reset the idle time of the entries we run; returns (stream, id) of those another worker took over."""
         if not owned:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in owned.items():
                 await self._renew(keys=[stream], args=[GROUP, self.consumer, *ids], client=pipe)
             replies = await pipe.execute()
-        return [text(entry_id) for lost in replies for entry_id in lost]
+        return [(stream, text(eid)) for stream, lost in zip(owned, replies, strict=True) for eid in lost]
 
     async def reap(self) -> list[str]:
         """Remove consumers that own nothing, were idle a whole claim window and have no heartbeat."""

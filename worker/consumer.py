@@ -26,7 +26,7 @@ from shared.codec import unpack
 from shared.errors import BadPayload, EngineError
 from shared.keys import GROUP, Keys
 from shared.lifecycle import AsyncLifecycle
-from shared.schemas import GenerationRequest
+from shared.schemas import GenerationRequest, salvage
 from shared.settings import Settings
 from shared.subscription import Subscription
 from worker import scripts
@@ -82,7 +82,8 @@ class Worker(AsyncLifecycle):
         self._read_script = redis.register_script(scripts.READ_LANES)
         self._start_script = BatchedScript(redis, scripts.START, "start")
         self._cancels = Subscription(redis, self.keys.cancel(), self._on_cancel)
-        self._jobs: dict[str, Job] = {}  # entry id -> job
+        # (lane stream, entry id) -> job: ids are unique per stream only (two lanes can hand out the same id)
+        self._jobs: dict[tuple[str, str], Job] = {}
         self._by_request: dict[str, Job] = {}  # request id -> job, for cancel and deadline
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
@@ -182,30 +183,27 @@ class Worker(AsyncLifecycle):
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
                 return taken
         reserved = self.lanes.reservations(free)
-        found = await self._read_script(keys=self.streams, args=[GROUP, self.name, free, *reserved])
+        found, tails = await self._read_script(keys=self.streams, args=[GROUP, self.name, free, *reserved])
         got = [0] * len(self.streams)
         for i, _, _ in found:
             got[int(i) - 1] += 1
         self.lanes.record(reserved, got)
-        if found:
-            return [(self.streams[int(i) - 1], text(eid), pairs(f), 1) for i, eid, f in found]
-        # Nothing queued: block until something arrives. Redis answers a blocked multi-stream read with
-        # the one stream that received data, so this still takes no more than `free` entries.
-        reply = await self.redis.xreadgroup(
-            GROUP, self.name, dict.fromkeys(self.streams, ">"), count=free, block=_BLOCK_MS
-        )
-        return [(text(s), text(eid), f, 1) for s, entries in reply or [] for eid, f in entries]
+        if not found:
+            # Nothing new: wait until any lane gets an entry newer than its tail. XREAD takes nothing, so
+            # the next pass reads through the script again, within the free slots and the lane floors.
+            await self.redis.xread(dict(zip(self.streams, map(text, tails), strict=True)), count=1, block=_BLOCK_MS)
+        return [(self.streams[int(i) - 1], text(eid), pairs(f), 1) for i, eid, f in found]
 
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
-        if entry_id in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
+        if (stream, entry_id) in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
             return
         job = Job(stream, entry_id)
         job.task = asyncio.create_task(self._process(job, fields, deliveries), name=f"inferq-{entry_id}")
-        self._jobs[entry_id] = job
+        self._jobs[(stream, entry_id)] = job
         job.task.add_done_callback(lambda _t: self._release(job))
 
     def _release(self, job: Job) -> None:
-        self._jobs.pop(job.entry_id, None)
+        self._jobs.pop((job.stream, job.entry_id), None)
         if job.request is not None and self._by_request.get(job.request.id) is job:
             del self._by_request[job.request.id]
         self._slot_free.set()
@@ -213,13 +211,16 @@ class Worker(AsyncLifecycle):
     # ---- one request -----------------------------------------------------------------------------
     async def _process(self, job: Job, fields: dict[bytes, bytes], deliveries: int) -> None:
         raw = fields.get(b"m")
+        data: object = None
         try:
             if raw is None:
                 raise BadPayload("queue entry has no 'm' field")
-            request = GenerationRequest.from_payload(unpack(raw))
+            data = unpack(raw)
+            request = GenerationRequest.from_payload(data)
         except BadPayload as exc:
             log.warning("entry %s on %s is poison: %s", job.entry_id, job.stream, exc)
-            await self.writer.dead_letter(job.stream, job.entry_id, fields, str(exc), deliveries, None)
+            salvaged = salvage(data, self.model, self.settings.key_prefix)
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, str(exc), deliveries, salvaged)
             return
         job.request = request
         self._by_request[request.id] = job
@@ -237,8 +238,8 @@ class Worker(AsyncLifecycle):
             if job.stop_reason is None:
                 raise  # shutdown or a lost claim: leave the entry pending, write nothing
             task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            if task is not None and task.uncancel() > 0:
+                raise  # a shutdown cancel came on top of the interrupt: it wins
             log.info("request %s %s after %d tokens", request.id, job.stop_reason, job.gen.completion_tokens)
             await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, job.gen)
         except EngineError as exc:
@@ -313,8 +314,8 @@ class Worker(AsyncLifecycle):
         while True:
             await asyncio.sleep(self.claims.renew_interval_s)
             try:
-                for entry_id in await self.claims.renew(self._owned()):
-                    self._lose(entry_id)
+                for stream, entry_id in await self.claims.renew(self._owned()):
+                    self._lose(stream, entry_id)
                 now = time.monotonic()
                 if now - last_beat < self.settings.heartbeat_s:
                     continue
@@ -337,9 +338,9 @@ class Worker(AsyncLifecycle):
             owned.setdefault(job.stream, []).append(job.entry_id)
         return owned
 
-    def _lose(self, entry_id: str) -> None:
+    def _lose(self, stream: str, entry_id: str) -> None:
         """Another worker took this entry over (we could not renew in time): stop running it, write nothing."""
-        job = self._jobs.get(entry_id)
+        job = self._jobs.get((stream, entry_id))
         if job is not None and job.task is not None and job.interruptible:
             log.warning("entry %s was taken over by another worker; dropping our run of it", entry_id)
             job.task.cancel()

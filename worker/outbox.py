@@ -16,6 +16,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.codec import pack
@@ -97,9 +98,11 @@ class Outbox:
                     if isinstance(result, Exception):  # a bug, not an outage: say so, don't retry forever
                         log.error("redis rejected %s: %s", command[0], result)
                 return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                # Final results must not be lost: retry until Redis is back (a repeated token event shows
-                # up as a seq gap at the client, which then reads the stored result).
-                log.warning("redis write failed (%s); retrying in %.2fs", exc, backoff)
+            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                # Final results must not be lost: retry until Redis is back, or takes writes again (a refused
+                # transaction, e.g. OOM or READONLY after a failover, wrote nothing). A repeated token event
+                # shows up as a seq gap at the client, which then reads the stored result.
+                level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
+                log.log(level, "redis write failed (%s); retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

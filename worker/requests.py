@@ -65,10 +65,11 @@ class RequestWriter:
         gen: Generation,
         *,
         error: str | None = None,
-        extra: tuple[Command, ...] = (),
+        dead_letter: tuple[Any, ...] = (),
     ) -> None:
         """Store the final state (unless an earlier delivery stored one: finish.lua), ack and delete the entry,
-        append to the reply stream, send the final event. Returns once Redis has it all."""
+        append to the reply stream (and with `dead_letter`, the DLQ entry's fields, to the DLQ), send the final
+        event. Returns once Redis has it all."""
         now = time.time()
         finish_reason = (gen.finish_reason or "stop") if status == "done" else ("error" if error else status)
         record: dict[str, Any] = {
@@ -83,14 +84,15 @@ class RequestWriter:
             record["first_token_at"] = repr(gen.first_token_at)
         if error:
             record["error"] = error
-        keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model)]
+        keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model), self.dlq]
         if request.reply_stream:
             keys.append(request.reply_stream)
         durable = pack({"v": SCHEMA_VERSION, "id": request.id, **record})
+        fields = [x for kv in record.items() for x in (kv[0], str(kv[1]))]
         finish: Command = (
             "EVAL", scripts.FINISH, len(keys), *keys,
             GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "",
-            *(x for kv in record.items() for x in (kv[0], str(kv[1]))),
+            request.id, len(fields), *fields, *dead_letter,
         )  # fmt: skip
         streaming = request.stream and request.reply_channel
         last = gen.last if streaming and status == "done" else None
@@ -105,7 +107,7 @@ class RequestWriter:
             "status": status,
         }
         events = ((request.reply_channel, event),) if request.reply_channel else ()
-        await self.outbox.add(*extra, finish, events=events)
+        await self.outbox.add(finish, events=events)
 
     async def dead_letter(
         self,
@@ -117,13 +119,14 @@ class RequestWriter:
         request: GenerationRequest | None,
     ) -> None:
         """Poison input, a request the engine refused, or one delivered too often: to the DLQ with the reason,
-        stored `failed`, acknowledged. An entry that cannot even be decoded has no result to store."""
-        dead: Command = (
-            "XADD", self.dlq, "*",
+        stored `failed`, acknowledged. An entry without even a usable id has no result to store."""
+        dead = (
             "payload", fields.get(b"m", b""), "error", error, "stream", stream, "entry_id", entry_id,
             "deliveries", deliveries, "failed_at", repr(time.time()), "worker", self.worker_name,
         )  # fmt: skip
         if request is None:
-            await self.outbox.add(dead, ("XACK", stream, GROUP, entry_id), ("XDEL", stream, entry_id))
+            await self.outbox.add(
+                ("XADD", self.dlq, "*", *dead), ("XACK", stream, GROUP, entry_id), ("XDEL", stream, entry_id)
+            )
             return
-        await self.end(stream, entry_id, request, "failed", Generation(), error=error, extra=(dead,))
+        await self.end(stream, entry_id, request, "failed", Generation(), error=error, dead_letter=dead)
