@@ -8,13 +8,13 @@ told it may have missed events (GAP) and falls back to its stored result (shared
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Final
 
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 
+from shared.aio import cancel_and_wait
 from shared.codec import unpack
 from shared.errors import BadPayload
 from shared.schemas import TokenEvent
@@ -57,11 +57,8 @@ class ReplyListener:
 
     async def stop(self) -> None:
         await self._subscription.stop()
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        await cancel_and_wait(self._ticker)
+        self._ticker = None
 
     async def _tick(self) -> None:
         while True:

@@ -8,12 +8,13 @@ instead of one each. `Batcher` does the collecting; a subclass says how a batch 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+
+from shared.aio import cancel_and_wait
 
 C = TypeVar("C")  # what one caller asks for
 
@@ -29,11 +30,8 @@ class Batcher(Generic[C]):
         self._task = asyncio.create_task(self._run(), name=f"inferq-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for _, fut in self._calls:
             fut.cancel()
         self._calls = []

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.aio import cancel_and_wait
+
 log = logging.getLogger("inferq")
 
 
@@ -42,11 +44,8 @@ class Subscription:
             self._task.result()  # re-raise why the first subscribe failed
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         backoff = 0.05

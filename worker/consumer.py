@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.aio import cancel_and_wait
 from shared.batching import BatchedScript
 from shared.codec import unpack
 from shared.errors import BadPayload, EngineError
@@ -110,10 +111,7 @@ class Worker(AsyncLifecycle):
         )
 
     async def close(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+        await cancel_and_wait(self._maintenance)
         await self._cancels.stop()
         await self._start_script.stop()
         # Bounded: with Redis gone, unwritten results are dropped, but their entries stay pending (unacked)

@@ -9,7 +9,6 @@ result + ack) await the future `add` returns. Batches are sent one at a time, in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from typing import Any
@@ -19,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.aio import cancel_and_wait
 from shared.codec import pack
 from shared.schemas import SCHEMA_VERSION
 
@@ -48,9 +48,7 @@ class Outbox:
             await asyncio.wait_for(self.flush(), timeout_s)
         except TimeoutError:
             log.error("could not write %d queued commands before stopping (redis down?)", len(self._commands))
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait(self._task)
         self._task = None
 
     def publish(self, channel: str, event: dict[str, Any]) -> None:
