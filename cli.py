@@ -9,9 +9,12 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from shared import aio
 from shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
@@ -29,6 +32,22 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 redis_app = typer.Typer(help="The embedded Redis-compatible server (used when INFERQ_REDIS_URL is not set).")
+
+
+class _DefaultRun(TyperGroup):
+    """`inferq bulk IN.jsonl -o OUT.jsonl` runs `inferq bulk run ...`: a first word that is not a subcommand
+    is the input file."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args.insert(0, "run")
+        return super().resolve_command(ctx, args)
+
+
+bulk_app = typer.Typer(
+    cls=_DefaultRun,
+    help="Offline jobs from JSONL files (simple lines or OpenAI Batch lines): `inferq bulk IN.jsonl -o OUT.jsonl`.",
+)
 dlq_app = typer.Typer(
     help="Dead letters: requests that failed for good (undecodable, refused by the engine, or delivered more "
     "than INFERQ_MAX_DELIVERIES times). Each keeps its original payload, the reason and the delivery count."
@@ -37,6 +56,7 @@ models_app = typer.Typer(help="Local models that need no model hub: tiny (tests)
 app.add_typer(redis_app, name="redis")
 app.add_typer(models_app, name="models")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(bulk_app, name="bulk")
 
 RedisUrl = Annotated[
     str | None, typer.Option("--redis-url", help="redis://, rediss:// or unix:// URL [env INFERQ_REDIS_URL]")
@@ -178,6 +198,36 @@ def status(
     from producer.console import show_status
 
     _run(show_status(_settings(redis_url=redis_url), model or None, watch=watch, interval=interval, as_json=as_json))
+
+
+# ---- bulk jobs -------------------------------------------------------------------------------------
+@bulk_app.command("run")
+def bulk_run(
+    input_path: Annotated[Path, typer.Argument(help="JSONL input: simple lines or OpenAI Batch lines")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL output; re-run the same to resume")],
+    model: Model = None,
+    strict: Annotated[bool, typer.Option(help="refuse the whole file if any line is bad (lists them)")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Run every line of INPUT through the queue and write one result line per input line to OUTPUT.
+
+    Simple lines: {"custom_id", "prompt" | "messages", "max_tokens", ...}. OpenAI Batch lines: {"custom_id",
+    "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}, answered in the
+    shape of `vllm run-batch`. A bad line gets an error record and the rest runs (--strict: nothing runs).
+    A full queue is waited out. Interrupted? Run the same command again: finished lines are not run again.
+    Workers for the model must be running (`inferq worker --model M`).
+    """
+    from producer.console import run_bulk
+
+    settings = _settings(redis_url=redis_url, model=model)
+    done = _run(run_bulk(settings, input_path, output, model=model, strict=strict))
+    typer.echo(
+        f"{done.total} lines: {done.done} done, {done.failed} failed, {done.invalid} invalid, "
+        f"{done.skipped} already in {output}",
+        err=True,
+    )
+    if done.failed or done.invalid:
+        raise typer.Exit(EXIT_FAILED)
 
 
 # ---- dead letters -----------------------------------------------------------------------------------

@@ -101,10 +101,8 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             self.settings.lane_cap(first.priority),
             self.settings.max_lag,
             GROUP,
-            first.model,
             self.settings.tenant_cap,
             len(batch),
-            repr(time.time()),
             first.tenant or "",
         ]
         args += [pack(request.payload()) for request, _ in batch]

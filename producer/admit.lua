@@ -3,8 +3,8 @@
 -- after the ones before it (one script call per batch: the Lua call overhead is paid once).
 -- KEYS[1] lane stream, KEYS[2] the model's tenant counters (hash tenant -> unfinished requests),
 -- KEYS[3 .. 2+n] the requests' result hashes, KEYS[3+n] (only to retry a dead letter, n = 1) the DLQ.
--- ARGV: max_queue_len (this lane), max_lag (0: off), group, model, tenant_cap (0: off), n,
---       queued_at, tenant ('' for none; one per call), then the n payloads, then [DLQ entry id].
+-- ARGV: max_queue_len (this lane), max_lag (0: off), group, tenant_cap (0: off), n,
+--       tenant ('' for none; one per call), then the n payloads, then [DLQ entry id].
 -- Returns per request {code, queue_len, lag, entry_id, tenant_count}:
 --   code 1 admitted, 0 refused (lane at its cap or lag cap), 3 refused (the tenant is at its cap),
 --   2 the id exists already (idempotent: nothing added); for a retry: the letter is gone or the request has
@@ -13,8 +13,7 @@
 -- goes up here and down when a worker acknowledges the entry (worker/finish.lua).
 local stream, tenants = KEYS[1], KEYS[2]
 local max_len, max_lag, group = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local model, tenant_cap, n = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local queued_at, tenant = ARGV[7], ARGV[8]
+local tenant_cap, n, tenant = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local dlq = KEYS[3 + n]
 
 local qlen = redis.call('XLEN', stream)
@@ -37,38 +36,44 @@ end
 local out = {}
 for i = 1, n do
   local result = KEYS[2 + i]
-  local exists
+  local code, owned, entry_id = nil, 0, ''
   if dlq then  -- a retry: only of a letter still there, for a request whose stored result is `failed`
     local stored = redis.call('HGET', result, 'status')
-    exists = (stored and stored ~= 'failed') or #redis.call('XRANGE', dlq, ARGV[9 + n], ARGV[9 + n]) == 0
-  else
-    exists = redis.call('EXISTS', result) == 1
+    if (stored and stored ~= 'failed') or #redis.call('XRANGE', dlq, ARGV[7 + n], ARGV[7 + n]) == 0 then
+      code = 2
+    end
   end
-  if exists then
-    out[i] = {2, qlen, lag, '', 0}
-  elseif qlen >= max_len or (max_lag > 0 and lag >= max_lag) then
-    out[i] = {0, qlen, lag, '', 0}
-  else
-    local owned = 0
-    if tenant ~= '' then owned = tonumber(redis.call('HGET', tenants, tenant) or '0') end
-    if tenant ~= '' and tenant_cap > 0 and owned >= tenant_cap then
-      out[i] = {3, qlen, lag, '', owned}
+  -- Refusals look up the id (an id that is queued already answers "exists", not "full").
+  if not code and (qlen >= max_len or (max_lag > 0 and lag >= max_lag)) then
+    code = (not dlq and redis.call('EXISTS', result) == 1) and 2 or 0
+  end
+  if not code and tenant ~= '' then
+    owned = tonumber(redis.call('HGET', tenants, tenant) or '0')
+    if tenant_cap > 0 and owned >= tenant_cap then
+      code = (not dlq and redis.call('EXISTS', result) == 1) and 2 or 3
+    end
+  end
+  if not code then
+    if dlq then
+      redis.call('DEL', result)
+      redis.call('XDEL', dlq, ARGV[7 + n])
+    end
+    -- The idempotency check and the queued state in one call: admission stays within 2x of a bare XADD.
+    -- start.lua records model and queued_at (from the entry id); no TTL yet: a queued result must
+    -- outlive any backlog, start.lua and finish.lua set it.
+    if redis.call('HSETNX', result, 'status', 'queued') == 0 then
+      code = 2
     else
       if tenant ~= '' then
         redis.call('HINCRBY', tenants, tenant, 1)
         owned = owned + 1
       end
-      if dlq then
-        redis.call('DEL', result)
-        redis.call('XDEL', dlq, ARGV[9 + n])
-      end
-      local entry_id = redis.call('XADD', stream, '*', 'm', ARGV[8 + i])
-      -- No TTL yet: a queued result must outlive any backlog; start.lua and finish.lua set it.
-      redis.call('HSET', result, 'status', 'queued', 'model', model, 'queued_at', queued_at)
+      entry_id = redis.call('XADD', stream, '*', 'm', ARGV[6 + i])
       qlen = qlen + 1
       if max_lag > 0 then lag = lag + 1 end
-      out[i] = {1, qlen, lag, entry_id, owned}
+      code = 1
     end
   end
+  out[i] = {code, qlen, lag, entry_id, owned}
 end
 return out

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import stats
-from producer.admission import EXISTS, Admitter
+from producer.admission import EXISTS, Admission, Admitter
 from producer.dlq import DeadLetters
 from producer.replies import DEADLINE, TICK, ReplyListener, Signal
 from shared.connection import connect
@@ -289,6 +289,12 @@ class InferenceClient(AsyncLifecycle):
         if admission.code == EXISTS:
             handle.gap = True  # an earlier submit owns this id: its events went elsewhere; use the store
         return handle
+
+    async def enqueue_many(self, requests: list[GenerationRequest]) -> list[Admission]:
+        """Admit many built requests at once (bulk callers: no reply route, no task per request). Each
+        outcome says admitted, already there (idempotent) or refused; refused ones are the caller's to retry."""
+        await self.start()
+        return await self._admitter.admit_many(requests)
 
     async def generate(self, **kwargs: Any) -> Result:
         """Submit and wait: the stored result of a request that ended `done`; RequestFailed otherwise."""

@@ -1,14 +1,17 @@
 """Terminal presentation for the CLI: `submit` (text to stdout as it arrives, stats to stderr), `result`,
-`cancel`, `status` and the dead-letter commands."""
+`cancel`, `status`, `bulk` and the dead-letter commands."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+from producer.bulk import BulkJob, BulkProgress
 from producer.client import InferenceClient
 from producer.dlq import DeadLetters
 from producer.status_view import render_status
@@ -86,3 +89,28 @@ async def show_status(
             if not watch:
                 return
             await asyncio.sleep(interval)
+
+
+async def run_bulk(
+    settings: Settings, input_path: Path, output_path: Path, *, model: str | None, strict: bool
+) -> BulkProgress:
+    """`inferq bulk`: run a JSONL file through the queue with a progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("bulk", total=None, detail="")
+
+        def show(p: BulkProgress) -> None:
+            rate = p.tokens / max(time.monotonic() - p.started, 1e-6)
+            detail = f"done {p.done} failed {p.failed} invalid {p.invalid} resumed {p.skipped}, {rate:.0f} tok/s"
+            bar.update(task, total=p.total or None, completed=p.finished, detail=detail)
+
+        async with InferenceClient(settings) as client:
+            job = BulkJob(client, input_path, output_path, model=model, strict=strict, on_progress=show)
+            bar.update(task, description=f"bulk {job.id}")
+            return await job.run()

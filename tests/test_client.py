@@ -53,7 +53,7 @@ async def test_admission_refuses_at_cap_and_keeps_what_it_took(settings: Setting
     assert await redis.xlen(stream) == 3  # nothing trimmed, nothing extra
     for h in handles:
         stored = await client_get(settings, h.id)
-        assert stored.status == "queued" and stored.timings.queued_at
+        assert stored.status == "queued"  # model and queued_at are recorded when it starts
 
 
 async def client_get(settings: Settings, request_id: str):  # type: ignore[no-untyped-def]

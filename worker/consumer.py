@@ -261,7 +261,7 @@ class Worker(AsyncLifecycle):
             await self.writer.end(job.stream, job.entry_id, request, "expired", job.gen)
             return
         job.interruptible = True
-        status = await self._mark_running(request)
+        status = await self._mark_running(request, job.entry_id)
         if status != "running":
             job.interruptible = False
             # Ended already (cancelled while queued): finish.lua keeps the stored state and only acknowledges.
@@ -278,10 +278,11 @@ class Worker(AsyncLifecycle):
             if timer is not None:
                 timer.cancel()
 
-    async def _mark_running(self, request: GenerationRequest) -> str:
+    async def _mark_running(self, request: GenerationRequest, entry_id: str) -> str:
         """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
         backoff = 0.05
-        args = [self.name, repr(time.time()), self.settings.result_ttl_s]
+        queued_at = int(entry_id.split("-")[0]) / 1000  # an entry id starts with the time it was added
+        args = [self.name, repr(time.time()), self.settings.result_ttl_s, request.model, repr(queued_at)]
         while True:
             try:
                 status, _ended = await self._start_script([self.keys.result(request.id)], args)

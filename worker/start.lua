@@ -1,5 +1,6 @@
 -- Mark a request running, unless it already ended or was cancelled while queued (DESIGN.md "Cancellation").
--- KEYS[1] the result hash. ARGV: worker name, started_at (unix seconds), result_ttl_s.
+-- KEYS[1] the result hash. ARGV: worker name, started_at (unix seconds), result_ttl_s, model, queued_at
+-- (unix seconds, from the entry id: the admission writes only the status, to stay cheap).
 -- Returns the status the worker must act on: 'running' (go), 'cancelled' (a cancel is pending: end it
 -- cancelled), or a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge).
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -9,7 +10,8 @@ end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
   return {'cancelled', 0}
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'model', ARGV[4],
+           'queued_at', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return {'running', 0}
