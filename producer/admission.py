@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from producer import stats
 from shared.batching import Batcher, ScriptRunner
-from shared.codec import pack
+from shared.codec import pack, text
 from shared.errors import QueueFull
 from shared.keys import GROUP, Keys
 from shared.schemas import GenerationRequest
@@ -42,8 +42,7 @@ class Admission:
 
 def _admission(reply: list[Any]) -> Admission:
     code, queue_len, lag, entry_id, tenant_count = reply
-    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    return Admission(int(code), int(queue_len), int(lag), entry, int(tenant_count))
+    return Admission(int(code), int(queue_len), int(lag), text(entry_id), int(tenant_count))
 
 
 _RATE_TTL_S = 1.0  # how long a measured drain rate is reused: refusals under a flood must stay cheap

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from producer.admission import ADMITTED, EXISTS
 from producer.bulk_format import BulkLine, LineError, error_record, output_record, parse_line
 from producer.client import InferenceClient
-from shared.codec import unpack
+from shared.codec import text, unpack
 from shared.errors import InvalidRequest
 from shared.schemas import GenerationRequest
 
@@ -79,9 +79,9 @@ def _duplicate(number: int, line: BulkLine | LineError, seen: dict[str, int]) ->
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, encoding="utf-8") as fh:
-        for number, text in enumerate(fh, 1):
-            if text.strip():
-                yield number, text
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                yield number, line
 
 
 class BulkJob:
@@ -139,8 +139,8 @@ class BulkJob:
     def _check_all(self) -> None:
         bad = []
         seen: dict[str, int] = {}
-        for number, text in _lines(self.input_path):
-            parsed = self._parse(number, text)
+        for number, raw in _lines(self.input_path):
+            parsed = self._parse(number, raw)
             if isinstance(parsed, LineError):
                 bad.append(parsed.message)
             elif parsed[0].custom_id in seen:
@@ -168,8 +168,8 @@ class BulkJob:
     async def _feed(self, written: set[str], collector: asyncio.Task[None]) -> None:
         seen: dict[str, int] = {}
         batch: list[tuple[BulkLine, GenerationRequest]] = []
-        for number, text in _lines(self.input_path):
-            parsed = self._parse(number, text)
+        for number, raw in _lines(self.input_path):
+            parsed = self._parse(number, raw)
             custom_id = parsed.custom_id if isinstance(parsed, LineError) else parsed[0].custom_id
             if custom_id in written:
                 self.progress.skipped += 1
@@ -217,7 +217,7 @@ class BulkJob:
             reply = await self.client.redis.xread({self.reply_stream: last}, count=512, block=1000)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
-                    last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    last = text(entry_id)
                     record = unpack(fields[b"m"])
                     if record["id"] in self._pending:
                         self._record(record["id"], record)

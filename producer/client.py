@@ -19,6 +19,7 @@ from producer import stats
 from producer.admission import EXISTS, Admission, Admitter
 from producer.dlq import DeadLetters
 from producer.replies import DEADLINE, TICK, ReplyListener, Signal
+from shared.codec import text
 from shared.connection import connect
 from shared.errors import (
     InvalidRequest,
@@ -312,7 +313,7 @@ class InferenceClient(AsyncLifecycle):
         status = await self._cancel_script(
             keys=[self.keys.result(request_id), self.keys.cancel()], args=[request_id, repr(time.time())]
         )
-        status = status.decode() if isinstance(status, bytes) else str(status)
+        status = text(status)
         if not status:
             raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
         return status

@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from producer.admission import EXISTS, REFUSED, TENANT_FULL, Admitter
-from shared.codec import unpack
+from shared.codec import text, unpack
 from shared.errors import BadPayload, InvalidRequest, QueueFull, RequestNotFound
 from shared.keys import Keys
 from shared.schemas import GenerationRequest
@@ -59,7 +59,7 @@ class DeadLetter:
             return fields.get(name.encode(), b"").decode(errors="replace")
 
         return cls(
-            id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+            id=text(entry_id),
             error=get("error"),
             deliveries=int(get("deliveries") or 0),
             stream=get("stream"),

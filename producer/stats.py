@@ -8,16 +8,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from shared.codec import text
 from shared.keys import GROUP, LANES, Keys
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def workers(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     """Every live worker's last heartbeat (keys expire a few beats after a worker stops beating)."""
-    names = [_text(k) async for k in redis.scan_iter(match=keys.workers_pattern(), count=500)]
+    names = [text(k) async for k in redis.scan_iter(match=keys.workers_pattern(), count=500)]
     if not names:
         return []
     async with redis.pipeline(transaction=False) as pipe:
@@ -29,7 +26,7 @@ async def workers(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
     for key, beat in zip(names, beats, strict=True):
         if not beat:
             continue
-        h = {_text(k): _text(v) for k, v in beat.items()}
+        h = {text(k): text(v) for k, v in beat.items()}
         out.append({
             "name": h.get("name", key),
             "model": h.get("model", ""),
@@ -58,7 +55,7 @@ async def lane_stats(redis: Redis, stream: str) -> dict[str, Any]:
     if not await redis.exists(stream):
         return out
     for group in await redis.xinfo_groups(stream):
-        if _text(group["name"]) != GROUP:
+        if text(group["name"]) != GROUP:
             continue
         pending = int(group["pending"])
         lag = group.get("lag")
@@ -66,10 +63,10 @@ async def lane_stats(redis: Redis, stream: str) -> dict[str, Any]:
         out["lag"] = int(lag) if lag is not None else max(length - pending, 0)
         if pending:
             summary = await redis.xpending(stream, GROUP)
-            oldest_ms = int(_text(summary["min"]).split("-")[0])  # an entry id starts with its add time
+            oldest_ms = int(text(summary["min"]).split("-")[0])  # an entry id starts with its add time
             out["oldest_pending_s"] = round(time.time() - oldest_ms / 1000, 1)
         out["consumers"] = [
-            {"name": _text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+            {"name": text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
             for c in await redis.xinfo_consumers(stream, GROUP)
         ]
     return out
@@ -78,7 +75,7 @@ async def lane_stats(redis: Redis, stream: str) -> dict[str, Any]:
 async def models(redis: Redis, keys: Keys) -> list[str]:
     """Models with a queue stream or a live worker."""
     found = {parsed[0] async for k in redis.scan_iter(match=keys.queues_pattern(), count=500)
-             if (parsed := keys.parse_queue(_text(k)))}  # fmt: skip
+             if (parsed := keys.parse_queue(text(k)))}  # fmt: skip
     return sorted(found | {w["model"] for w in await workers(redis, keys) if w["model"]})
 
 
@@ -91,7 +88,7 @@ async def collect(redis: Redis, keys: Keys, only: list[str] | None = None) -> di
         report["models"][model] = {
             "lanes": {lane: await lane_stats(redis, keys.queue(model, lane)) for lane in LANES},
             "dlq": int(await redis.xlen(keys.dlq(model))),
-            "tenants": {_text(k): int(v) for k, v in (await redis.hgetall(keys.tenants(model))).items()},
+            "tenants": {text(k): int(v) for k, v in (await redis.hgetall(keys.tenants(model))).items()},
             "workers": mine,
             "completions_per_s": round(sum(w["completions_per_s"] for w in mine), 2),
             "tokens_per_s": round(sum(w["tokens_per_s"] for w in mine), 1),

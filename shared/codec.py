@@ -19,3 +19,8 @@ def unpack(raw: bytes) -> Any:
         return msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise BadPayload(f"undecodable msgpack payload: {exc.__class__.__name__}: {exc}") from exc
+
+
+def text(value: Any) -> str:
+    """A Redis reply value as str (the client returns bytes; ids and names are ASCII/UTF-8)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -19,7 +19,7 @@ from producer.bulk import BulkJob
 from shared.errors import InvalidRequest
 from shared.keys import Keys
 from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, drained
+from tests.conftest import ROOT, WorkerProcess, drained, wait_until
 
 MODEL = "fake"
 
@@ -117,9 +117,8 @@ async def test_killed_job_resumes_without_running_anything_twice(
     async def some_written() -> bool:
         return out.exists() and len(out.read_text().splitlines()) >= 8
 
-    while not await some_written():
-        assert first.poll() is None, first.stderr.read()  # type: ignore[union-attr]
-        await asyncio.sleep(0.05)
+    await wait_until(some_written, 60, "the first run to write some results")
+    assert first.poll() is None, "the first run must still be going when it is killed"
     first.send_signal(signal.SIGKILL)
     first.wait()
     second = bulk_process(settings, str(path), "-o", str(out), "-m", MODEL)

@@ -12,16 +12,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from shared.codec import text
 from shared.keys import GROUP, Keys
 from shared.settings import Settings
 from worker import scripts
 
 # (lane stream, entry id, fields, deliveries so far including this one)
 Entry = tuple[str, str, dict[bytes, bytes], int]
-
-
-def text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def pairs(flat: list[Any]) -> dict[bytes, bytes]:

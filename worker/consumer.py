@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.aio import cancel_and_wait
 from shared.batching import BatchedScript
-from shared.codec import unpack
+from shared.codec import text, unpack
 from shared.errors import BadPayload, EngineError
 from shared.keys import GROUP, Keys
 from shared.lifecycle import AsyncLifecycle
@@ -31,7 +31,7 @@ from shared.schemas import GenerationRequest, salvage
 from shared.settings import Settings
 from shared.subscription import Subscription
 from worker import scripts
-from worker.claims import Claims, Entry, pairs, text
+from worker.claims import Claims, Entry, pairs
 from worker.engine import Engine, RequestRejected
 from worker.flow import SlotControl
 from worker.lanes import LaneShares
