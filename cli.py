@@ -207,6 +207,10 @@ def bulk_run(
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL output; re-run the same to resume")],
     model: Model = None,
     strict: Annotated[bool, typer.Option(help="refuse the whole file if any line is bad (lists them)")] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="start a worker for the job and stop it at the end (like vllm run-batch)")
+    ] = False,
+    engine: Annotated[str, typer.Option(help="with --local: vllm, or standin (a fixed-rate fake)")] = "vllm",
     redis_url: RedisUrl = None,
 ) -> None:
     """Run every line of INPUT through the queue and write one result line per input line to OUTPUT.
@@ -215,12 +219,17 @@ def bulk_run(
     "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}, answered in the
     shape of `vllm run-batch`. A bad line gets an error record and the rest runs (--strict: nothing runs).
     A full queue is waited out. Interrupted? Run the same command again: finished lines are not run again.
-    Workers for the model must be running (`inferq worker --model M`).
+    Workers for the model must be running (`inferq worker --model M`), or use --local: it starts one (and,
+    without INFERQ_REDIS_URL, the embedded Redis) for this job only.
     """
     from producer.console import run_bulk
 
+    if engine not in ("vllm", "standin"):
+        _die(f"unknown engine {engine!r}; use vllm or standin", EXIT_USAGE)
     settings = _settings(redis_url=redis_url, model=model)
-    done = _run(run_bulk(settings, input_path, output, model=model, strict=strict))
+    done = _run(
+        run_bulk(settings, input_path, output, model=model, strict=strict, local_engine=engine if local else None)
+    )
     typer.echo(
         f"{done.total} lines: {done.done} done, {done.failed} failed, {done.invalid} invalid, "
         f"{done.skipped} already in {output}",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 from producer.bulk import BulkJob, BulkProgress
 from producer.client import InferenceClient
 from producer.dlq import DeadLetters
+from producer.local import local_worker
 from producer.status_view import render_status
 from shared.schemas import Result
 from shared.settings import Settings
@@ -92,9 +94,16 @@ async def show_status(
 
 
 async def run_bulk(
-    settings: Settings, input_path: Path, output_path: Path, *, model: str | None, strict: bool
+    settings: Settings,
+    input_path: Path,
+    output_path: Path,
+    *,
+    model: str | None,
+    strict: bool,
+    local_engine: str | None = None,
 ) -> BulkProgress:
-    """`inferq bulk`: run a JSONL file through the queue with a progress bar on stderr."""
+    """`inferq bulk`: run a JSONL file through the queue with a progress bar on stderr. With `local_engine`,
+    a worker with that engine is started for the job and stopped after it."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -110,7 +119,12 @@ async def run_bulk(
             detail = f"done {p.done} failed {p.failed} invalid {p.invalid} resumed {p.skipped}, {rate:.0f} tok/s"
             bar.update(task, total=p.total or None, completed=p.finished, detail=detail)
 
-        async with InferenceClient(settings) as client:
+        async with InferenceClient(settings) as client, contextlib.AsyncExitStack() as stack:
             job = BulkJob(client, input_path, output_path, model=model, strict=strict, on_progress=show)
+            if local_engine:
+                bar.update(task, description="starting a local worker")
+                await stack.enter_async_context(
+                    local_worker(settings, client.redis, model=job.model, engine=local_engine)
+                )
             bar.update(task, description=f"bulk {job.id}")
             return await job.run()

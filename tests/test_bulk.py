@@ -148,3 +148,15 @@ async def test_openai_chat_lines_on_vllm(tiny_worker: WorkerProcess, tmp_path: P
         body = record["response"]["body"]  # type: ignore[index]
         assert body["model"] == "tiny" and body["usage"]["completion_tokens"] == 6  # type: ignore[index]
         assert body["choices"][0]["message"]["content"]  # type: ignore[index]
+
+
+async def test_local_mode_starts_and_stops_its_own_worker(settings: Settings, redis: Redis, tmp_path: Path) -> None:
+    path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(path, [{"custom_id": f"l{i}", "prompt": f"p{i}", "max_tokens": 2} for i in range(12)])
+    proc = bulk_process(settings, str(path), "-o", str(out), "-m", MODEL, "--local", "--engine", "standin")
+    _, err = await asyncio.to_thread(proc.communicate, timeout=180)
+    assert proc.returncode == 0, err.decode()
+    assert sorted(r["custom_id"] for r in read_lines(out)) == sorted(f"l{i}" for i in range(12))
+    keys = Keys(settings.key_prefix)
+    assert [k async for k in redis.scan_iter(match=keys.workers_pattern())] == []  # its worker is gone
+    assert await drained(redis, settings, MODEL) == (0, 0)
