@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -342,7 +343,12 @@ def worker(
     except InferqError as exc:
         _die(str(exc), EXIT_USAGE)
     code = _run(serve(settings, make_engine(engine, path, settings), model=settings.model, consumer=consumer))
-    raise typer.Exit(code)
+    # Everything is closed (Redis, engine). Tearing down torch and vLLM's modules at interpreter exit takes
+    # seconds and cleans nothing more, so leave at once: `bulk --local` and supervisors wait on this exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---- embedded redis ---------------------------------------------------------------------------------

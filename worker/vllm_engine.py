@@ -14,6 +14,7 @@ from worker.flow import EngineLoad
 from worker.vllm_load import LoadState, stat_loggers
 
 log = logging.getLogger("inferq.engine")
+_SHUTDOWN_GRACE_S = 1.0
 
 
 class VllmEngine:
@@ -63,7 +64,9 @@ class VllmEngine:
 
     async def stop(self) -> None:
         if self._llm is not None:
-            self._llm.shutdown()
+            # The worker stops the engine only once nothing runs in it (drained, or abandoned to others), so a
+            # short grace is enough; vLLM's default waits 5 s for an engine core that rarely exits by itself.
+            self._llm.shutdown(timeout=_SHUTDOWN_GRACE_S)
             self._llm = None
 
     def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
