@@ -12,15 +12,13 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import stats
 from producer.admission import EXISTS, Admission, Admitter
 from producer.dlq import DeadLetters
 from producer.replies import DEADLINE, TICK, ReplyListener, Signal
 from shared.codec import text
-from shared.connection import connect
+from shared.connection import OUTAGE, connect
 from shared.errors import (
     InvalidRequest,
     RedisUnavailable,
@@ -36,7 +34,6 @@ from shared.settings import Settings, load_settings
 # How often result() re-reads the stored result while waiting, in case a final event was lost.
 _RESULT_POLL_S = 2.0
 _CANCEL_LUA = resources.files("producer").joinpath("cancel.lua").read_text()
-_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class RequestHandle:
@@ -113,7 +110,7 @@ class RequestHandle:
         (waiting goes on: a worker's result write is retried until Redis is back)."""
         try:
             stored = await self.client.get(self.id)
-        except _OUTAGE:
+        except OUTAGE:
             return None
         return stored if stored.final else None
 
@@ -277,7 +274,7 @@ class InferenceClient(AsyncLifecycle):
         try:
             limit = self.settings.request_timeout_s if wait_timeout is None else wait_timeout
             admission = await self._admitter.enqueue(request, wait=wait, wait_s=limit)
-        except _OUTAGE as exc:
+        except OUTAGE as exc:
             self._replies.unregister(request.id, queue)
             raise RedisUnavailable(
                 f"Redis did not answer the submit ({exc}); request {request.id} may or may not be queued. "

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.embedded import EmbeddedServer
 from shared.settings import Settings
+
+# What a Redis outage looks like to a caller: retry with Backoff; anything else is a real error.
+OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Backoff:
+    """How long to wait before talking to Redis again: 50 ms, doubling, at most 2 s; reset on success."""
+
+    FIRST_S, MAX_S = 0.05, 2.0
+
+    def __init__(self) -> None:
+        self._delay = self.FIRST_S
+
+    def next(self) -> float:
+        """The wait before the next attempt (each call doubles the one after)."""
+        delay = self._delay
+        self._delay = min(delay * 2, self.MAX_S)
+        return delay
+
+    def reset(self) -> None:
+        self._delay = self.FIRST_S
 
 
 def embedded_server(settings: Settings) -> EmbeddedServer:

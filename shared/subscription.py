@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.aio import cancel_and_wait
+from shared.connection import Backoff
 
 log = logging.getLogger("inferq")
 
@@ -48,7 +49,7 @@ class Subscription:
         self._task = None
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -56,7 +57,7 @@ class Subscription:
                 if self._subscribed.is_set():
                     self.on_gap()  # reconnected: anything published meanwhile is gone
                 self._subscribed.set()
-                backoff = 0.05
+                backoff.reset()
                 while True:
                     msg = await pubsub.get_message(timeout=None)
                     if msg is not None and msg["type"] == "message":
@@ -64,10 +65,10 @@ class Subscription:
             except (RedisError, OSError) as exc:
                 if not self._subscribed.is_set():
                     raise
-                log.warning("channel %s lost (%s); resubscribing in %.2fs", self.channel, exc, backoff)
+                delay = backoff.next()
+                log.warning("channel %s lost (%s); resubscribing in %.2fs", self.channel, exc, delay)
                 self.on_gap()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()

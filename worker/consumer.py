@@ -17,13 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.aio import cancel_and_wait
 from shared.batching import BatchedScript
 from shared.codec import text, unpack
+from shared.connection import OUTAGE, Backoff
 from shared.errors import BadPayload, EngineError
 from shared.keys import GROUP, Keys
 from shared.lifecycle import AsyncLifecycle
@@ -41,7 +40,6 @@ from worker.requests import Generation, RequestWriter
 log = logging.getLogger("inferq.worker")
 
 _BLOCK_MS = 1000  # longest a blocked read delays noticing a stop request
-_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def default_consumer_name() -> str:
@@ -155,7 +153,7 @@ class Worker(AsyncLifecycle):
     # ---- reading ---------------------------------------------------------------------------------
     async def run(self) -> None:
         """Read and dispatch until stop_reading() (or a dead engine). Survives Redis outages."""
-        backoff = 0.05
+        backoff = Backoff()
         while not self._stopping.is_set():
             free = self.flow.slots - len(self._jobs)
             if free <= 0:
@@ -164,13 +162,13 @@ class Worker(AsyncLifecycle):
                 continue
             try:
                 entries = await self._read(free)
-            except _OUTAGE as exc:
-                log.warning("redis unreachable (%s); reading again in %.2fs", exc, backoff)
+            except OUTAGE as exc:
+                delay = backoff.next()
+                log.warning("redis unreachable (%s); reading again in %.2fs", exc, delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, 2.0)
+                    await asyncio.wait_for(self._stopping.wait(), delay)
                 continue
-            backoff = 0.05
+            backoff.reset()
             for entry in entries:
                 self._dispatch(*entry)
 
@@ -280,21 +278,19 @@ class Worker(AsyncLifecycle):
 
     async def _mark_running(self, request: GenerationRequest, entry_id: str) -> str:
         """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
-        backoff = 0.05
+        backoff = Backoff()
         queued_at = int(entry_id.split("-")[0]) / 1000  # an entry id starts with the time it was added
         args = [self.name, repr(time.time()), self.settings.result_ttl_s, request.model, repr(queued_at)]
         while True:
             try:
-                status, _ended = await self._start_script([self.keys.result(request.id)], args)
-                return text(status)
-            except _OUTAGE as exc:
-                log.warning("redis unreachable (%s) starting %s; retrying in %.2fs", exc, request.id, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                return text(await self._start_script([self.keys.result(request.id)], args))
+            except OUTAGE as exc:
+                delay = backoff.next()
+                log.warning("redis unreachable (%s) starting %s; retrying in %.2fs", exc, request.id, delay)
+                await asyncio.sleep(delay)
 
     async def _generate(self, job: Job, request: GenerationRequest) -> None:
         gen = job.gen
-        gen.started_at = time.time()
         channel = request.reply_channel if request.stream else None
         async for delta in self.engine.generate(request):
             if gen.add(delta):

@@ -14,12 +14,11 @@ from collections import defaultdict
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.aio import cancel_and_wait
 from shared.codec import pack
+from shared.connection import OUTAGE, Backoff
 from shared.schemas import SCHEMA_VERSION
 
 log = logging.getLogger("inferq.worker")
@@ -82,7 +81,7 @@ class Outbox:
                     waiter.set_result(None)
 
     async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
@@ -96,11 +95,11 @@ class Outbox:
                     if isinstance(result, Exception):  # a bug, not an outage: say so, don't retry forever
                         log.error("redis rejected %s: %s", command[0], result)
                 return
-            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+            except (*OUTAGE, ResponseError) as exc:
                 # Final results must not be lost: retry until Redis is back, or takes writes again (a refused
                 # transaction, e.g. OOM or READONLY after a failover, wrote nothing). A repeated token event
                 # shows up as a seq gap at the client, which then reads the stored result.
                 level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
-                log.log(level, "redis write failed (%s); retrying in %.2fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                delay = backoff.next()
+                log.log(level, "redis write failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)

@@ -21,7 +21,6 @@ class Generation:
     """What one run of a request produced so far: enough to end it `done`, or `cancelled`/`expired` with
     the partial text."""
 
-    started_at: float | None = None
     parts: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0

@@ -5,13 +5,13 @@
 -- cancelled), or a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge).
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired' then
-  return {status, 1}
+  return status
 end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then
-  return {'cancelled', 0}
+  return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'model', ARGV[4],
            'queued_at', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return {'running', 0}
+return 'running'
