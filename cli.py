@@ -228,16 +228,101 @@ def bulk_run(
     if engine not in ("vllm", "standin"):
         _die(f"unknown engine {engine!r}; use vllm or standin", EXIT_USAGE)
     settings = _settings(redis_url=redis_url, model=model)
-    done = _run(
+    job, resumed = _run(
         run_bulk(settings, input_path, output, model=model, strict=strict, local_engine=engine if local else None)
     )
+    again = f" ({resumed} were there from an earlier run)" if resumed else ""
     typer.echo(
-        f"{done.total} lines: {done.done} done, {done.failed} failed, {done.invalid} invalid, "
-        f"{done.skipped} already in {output}",
+        f"bulk job {job.id} {job.state}: {job.total} lines, {job.done} done, {job.failed} failed, "
+        f"{job.invalid} invalid; {job.accounted} lines in {output}{again}",
         err=True,
     )
-    if done.failed or done.invalid:
+    if job.failed or job.invalid:
         raise typer.Exit(EXIT_FAILED)
+
+
+@bulk_app.command("submit")
+def bulk_submit(
+    input_path: Annotated[Path, typer.Argument(help="JSONL input: simple lines or OpenAI Batch lines")],
+    model: Model = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Start a detached job: the input is copied into Redis and the worker fleet runs it (any `inferq worker`,
+    or `inferq bulk runner`). Prints the job id; follow it with `bulk status`, fetch it with `bulk download`.
+    The job goes on if the process running it dies: another runner takes it over."""
+    from producer.console import with_bulk_jobs
+
+    settings = _settings(redis_url=redis_url, model=model)
+    job = _run(with_bulk_jobs(settings, lambda jobs: jobs.submit(input_path, model=model)))
+    typer.echo(f"bulk job {job.id}: {job.total} lines staged for model {job.model}", err=True)
+    typer.echo(job.id)
+
+
+@bulk_app.command("status")
+def bulk_status(
+    job_id: Annotated[str, typer.Argument(help="the id printed by `bulk submit`")],
+    as_json: Annotated[bool, typer.Option("--json", help="the whole job record as JSON")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """A job's state (validating, in_progress, finalizing, completed, failed, cancelling, cancelled), its
+    counts, rate and ETA."""
+    from producer.console import describe_job, with_bulk_jobs
+
+    job = _run(with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.get(job_id)))
+    typer.echo(json.dumps(job.to_dict()) if as_json else describe_job(job))
+
+
+@bulk_app.command("list")
+def bulk_list(
+    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per job")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Bulk jobs, newest first (ended ones are kept INFERQ_BULK_TTL_S seconds)."""
+    from producer.console import describe_job, with_bulk_jobs
+
+    for job in _run(with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.list(limit))):
+        typer.echo(json.dumps(job.to_dict()) if as_json else describe_job(job))
+
+
+@bulk_app.command("cancel")
+def bulk_cancel(
+    job_id: Annotated[str, typer.Argument(help="the id printed by `bulk submit` (or an attached job's id)")],
+    redis_url: RedisUrl = None,
+) -> None:
+    """Stop a job: no more lines are queued, queued and running requests are cancelled; what finished is kept
+    (`bulk download`). Prints the state after the call (cancelling, then cancelled once all is accounted for)."""
+    from producer.console import with_bulk_jobs
+
+    typer.echo(_run(with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.cancel(job_id))))
+
+
+@bulk_app.command("download")
+def bulk_download(
+    job_id: Annotated[str, typer.Argument(help="the id printed by `bulk submit`")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL output; re-run to finish a partial one")],
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the job to end first")] = False,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Write a detached job's output: one line per input line, in the order they finished."""
+    from producer.console import with_bulk_jobs
+
+    job, lines = _run(
+        with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.download(job_id, output, wait=wait))
+    )
+    typer.echo(f"bulk job {job.id} {job.state}: {lines} lines in {output}", err=True)
+
+
+@bulk_app.command("runner")
+def bulk_runner_command(redis_url: RedisUrl = None) -> None:
+    """Run detached jobs only (no engine), until SIGTERM: for a fleet that keeps them off the GPU workers.
+    Every `inferq worker` runs them too, unless started with --no-bulk-jobs."""
+    from producer.bulk_jobs import bulk_runner
+    from worker.run import run_until_signalled
+
+    settings = _settings(redis_url=redis_url)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise typer.Exit(_run(run_until_signalled(lambda: bulk_runner(settings))))
 
 
 # ---- dead letters -----------------------------------------------------------------------------------
@@ -320,6 +405,9 @@ def worker(
     consumer: Annotated[str | None, typer.Option(help="consumer name in the group (default: host-pid-random)")] = None,
     engine: Annotated[str, typer.Option(help="vllm, or standin (a fixed-rate fake for queue tests)")] = "vllm",
     max_model_len: Annotated[int | None, typer.Option(help="context length [env INFERQ_MAX_MODEL_LEN]")] = None,
+    bulk_jobs: Annotated[
+        bool, typer.Option(help="also run steps of detached bulk jobs (`inferq bulk submit`), with no engine cost")
+    ] = True,
     redis_url: RedisUrl = None,
 ) -> None:
     """Run a worker: join group `workers` on the model's streams and serve requests until SIGTERM.
@@ -342,7 +430,16 @@ def worker(
         )
     except InferqError as exc:
         _die(str(exc), EXIT_USAGE)
-    code = _run(serve(settings, make_engine(engine, path, settings), model=settings.model, consumer=consumer))
+    alongside = None
+    if bulk_jobs:
+        from producer.bulk_jobs import bulk_runner
+
+        alongside = lambda: bulk_runner(settings, name=consumer)  # noqa: E731
+    code = _run(
+        serve(
+            settings, make_engine(engine, path, settings), model=settings.model, consumer=consumer, alongside=alongside
+        )
+    )
     # Everything is closed (Redis, engine). Tearing down torch and vLLM's modules at interpreter exit takes
     # seconds and cleans nothing more, so leave at once: `bulk --local` and supervisors wait on this exit.
     logging.shutdown()

@@ -11,12 +11,12 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from producer import stats
 from producer.admission import EXISTS, Admission, Admitter
 from producer.dlq import DeadLetters
 from producer.replies import DEADLINE, TICK, ReplyListener, Signal
+from shared.batching import ScriptRunner
 from shared.codec import text
 from shared.connection import OUTAGE, connect
 from shared.errors import (
@@ -163,7 +163,7 @@ class InferenceClient(AsyncLifecycle):
         self._own_redis = redis is None
         self._replies: ReplyListener
         self._admitter: Admitter
-        self._cancel_script: AsyncScript
+        self._cancel_runner: ScriptRunner
         self._started = False
 
     @classmethod
@@ -185,7 +185,7 @@ class InferenceClient(AsyncLifecycle):
             self._redis = await asyncio.to_thread(connect, self.settings)
         self._admitter = Admitter(self.redis, self.settings)
         self._admitter.start()
-        self._cancel_script = self.redis.register_script(_CANCEL_LUA)
+        self._cancel_runner = ScriptRunner(self.redis, _CANCEL_LUA)
         self._replies = ReplyListener(self.redis, self.channel)
         await self._replies.start()
         self._started = True
@@ -307,13 +307,21 @@ class InferenceClient(AsyncLifecycle):
         """Cancel a request: a queued one ends `cancelled` at once and is skipped when a worker reads it; a
         running one is aborted in the engine by its worker and ends `cancelled` with the text so far.
         Returns the status after the call (a request that had ended already keeps its final status)."""
-        status = await self._cancel_script(
-            keys=[self.keys.result(request_id), self.keys.cancel()], args=[request_id, repr(time.time())]
-        )
-        status = text(status)
+        (status,) = await self.cancel_many([request_id])
         if not status:
             raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
         return status
+
+    async def cancel_many(self, request_ids: list[str]) -> list[str]:
+        """Cancel many requests in one round trip; the status after the call for each ('' where there is no
+        such request: never submitted, or its result expired)."""
+        await self.start()
+        calls = [([self.keys.result(r), self.keys.cancel()], [r, repr(time.time())]) for r in request_ids]
+        statuses = await self._cancel_runner.run_all(calls)
+        for status in statuses:
+            if isinstance(status, Exception):
+                raise status
+        return [text(status) for status in statuses]
 
     def dead_letters(self, model: str | None = None) -> DeadLetters:
         """The model's dead-letter stream: list, show, retry, purge (producer.dlq)."""

@@ -12,7 +12,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from producer.bulk import BulkJob, BulkProgress
+from producer.bulk import BulkJob
+from producer.bulk_jobs import BulkJobs
+from producer.bulk_state import JobRecord
 from producer.client import InferenceClient
 from producer.dlq import DeadLetters
 from producer.local import local_worker
@@ -101,9 +103,10 @@ async def run_bulk(
     model: str | None,
     strict: bool,
     local_engine: str | None = None,
-) -> BulkProgress:
+) -> tuple[JobRecord, int]:
     """`inferq bulk`: run a JSONL file through the queue with a progress bar on stderr. With `local_engine`,
-    a worker with that engine is started for the job and stopped after it."""
+    a worker with that engine is started for the job and stopped after it. Returns the job and how many
+    output lines an earlier run had written."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -113,11 +116,16 @@ async def run_bulk(
     )  # fmt: skip
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("bulk", total=None, detail="")
+        started = time.monotonic()
+        tokens_at_start: int | None = None
 
-        def show(p: BulkProgress) -> None:
-            rate = p.tokens / max(time.monotonic() - p.started, 1e-6)
-            detail = f"done {p.done} failed {p.failed} invalid {p.invalid} resumed {p.skipped}, {rate:.0f} tok/s"
-            bar.update(task, total=p.total or None, completed=p.finished, detail=detail)
+        def show(job: JobRecord) -> None:
+            nonlocal tokens_at_start
+            if tokens_at_start is None:
+                tokens_at_start = job.tokens
+            rate = (job.tokens - tokens_at_start) / max(time.monotonic() - started, 1e-6)
+            detail = f"done {job.done} failed {job.failed} invalid {job.invalid}, {rate:.0f} tok/s"
+            bar.update(task, total=job.total or None, completed=job.accounted, detail=detail)
 
         async with InferenceClient(settings) as client, contextlib.AsyncExitStack() as stack:
             job = BulkJob(client, input_path, output_path, model=model, strict=strict, on_progress=show)
@@ -127,4 +135,25 @@ async def run_bulk(
                     local_worker(settings, client.redis, model=job.model, engine=local_engine)
                 )
             bar.update(task, description=f"bulk {job.id}")
-            return await job.run()
+            return await job.run(), job.resumed
+
+
+async def with_bulk_jobs(settings: Settings, action: Callable[[BulkJobs], Awaitable[T]]) -> T:
+    """Run one detached-job operation (`inferq bulk submit|status|list|cancel|download`)."""
+    async with InferenceClient(settings) as client:
+        return await action(BulkJobs(client))
+
+
+def describe_job(job: JobRecord) -> str:
+    """One line per job for people: state, counts, rate, ETA."""
+    parts = [f"{job.id}  {job.state:<11}", f"{job.accounted}/{job.total} lines"]
+    parts.append(f"done {job.done} failed {job.failed} invalid {job.invalid}")
+    if job.started_at:
+        parts.append(f"{job.rate():.1f} lines/s")
+    eta = job.eta_s()
+    if eta is not None:
+        parts.append(f"ETA {eta:.0f}s")
+    parts.append(f"model {job.model}, {job.mode}")
+    if job.error:
+        parts.append(f"error: {job.error}")
+    return ", ".join(parts)

@@ -42,6 +42,33 @@ class Keys:
     def done(self, job: str) -> str:
         return f"{self.prefix}:done:{job}"
 
+    def bulk(self, job: str) -> str:
+        """Hash: one bulk job's record (state, counts, where its feed and tally stand)."""
+        return f"{self.prefix}:bulk:{job}"
+
+    def bulk_ids(self, job: str) -> str:
+        """Hash custom_id digest -> first line number: duplicate detection without holding ids in memory."""
+        return f"{self.prefix}:bulk:{job}:ids"
+
+    def bulk_input(self, job: str) -> str:
+        """Hash chunk number -> input lines: a detached job's staged input, readable by any runner."""
+        return f"{self.prefix}:bulk:{job}:input"
+
+    def bulk_lease(self, job: str) -> str:
+        """String with a TTL: the runner that feeds and tallies the job now (one at a time)."""
+        return f"{self.prefix}:bulk:{job}:lease"
+
+    def bulk_jobs(self) -> str:
+        """Sorted set job -> creation time: `inferq bulk list`."""
+        return f"{self.prefix}:bulks"
+
+    def arq_queue(self) -> str:
+        """arq's queue of bulk-job steps (arq keeps its own job keys under `arq:`; our job ids carry the prefix)."""
+        return f"{self.prefix}:arq"
+
+    def arq_step(self, job: str, step: int) -> str:
+        return f"{self.prefix}:bulk:{job}:step:{step}"
+
     def tenants(self, model: str) -> str:
         """Hash tenant -> that tenant's unfinished requests for the model (the per-tenant cap)."""
         return f"{self.prefix}:tenants:{model}"

@@ -47,6 +47,7 @@ class GenerationRequest(BaseModel):
     stream: bool = True  # publish token events; bulk requests say False and get only the final record
     reply_channel: str | None = None  # the submitting client's pub/sub channel (shared.keys.Keys.tokens)
     reply_stream: str | None = None  # a durable stream that receives the final record (bulk jobs)
+    tag: str | None = Field(None, max_length=4096)  # opaque to the worker; echoed in the reply-stream record
     priority: Lane = "normal"
     tenant: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:@\-]+$")
     created_at: float = 0.0

@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(86_400, ge=1, description="how long stored results live")
     request_timeout_s: float = Field(600.0, gt=0, description="default wait for a result in the client")
 
+    # Bulk jobs.
+    bulk_window: int = Field(4096, ge=1, description="most requests of one bulk job outstanding at once")
+    bulk_slice_s: float = Field(
+        30.0,
+        gt=0,
+        description="a detached job runs in arq steps of this long; a dead runner's step is retried "
+        "elsewhere within about twice this",
+    )
+    bulk_ttl_s: int = Field(7 * 86_400, ge=60, description="how long a finished job's record and output are kept")
+
     @field_validator("lane_caps")
     @classmethod
     def _check_lanes(cls, value: dict[str, int]) -> dict[str, int]:

@@ -74,8 +74,16 @@ class WorkerProcess:
     """A `cli.py worker` subprocess; `wait_ready()` returns once its heartbeat key exists."""
 
     def __init__(
-        self, settings: Settings, *args: str, name: str, log_path: Path, env: dict[str, str] | None = None
+        self,
+        settings: Settings,
+        *args: str,
+        name: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        command: tuple[str, ...] = ("worker", "--consumer"),
     ) -> None:
+        """`cli.py worker --consumer NAME ARGS...`; with `command` ("bulk", "runner") for instance, `cli.py
+        bulk runner ARGS...` (no consumer name: only a worker has one)."""
         env = {
             **os.environ,
             "INFERQ_REDIS_URL": settings.redis_url or "",
@@ -90,7 +98,7 @@ class WorkerProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), "worker", "--consumer", name, *args],
+            [sys.executable, str(ROOT / "cli.py"), *command, *((name,) if command[-1] == "--consumer" else ()), *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -217,6 +225,7 @@ def tiny_worker(redis_server: EmbeddedServer, tmp_path_factory: pytest.TempPathF
         "tiny",
         "--max-inflight",
         "64",
+        "--no-bulk-jobs",  # detached-job tests start their own runners, to know (and kill) which one runs a job
         name="tiny-0",
         log_path=tmp_path_factory.mktemp("w") / "tiny.log",
     )

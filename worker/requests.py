@@ -86,7 +86,10 @@ class RequestWriter:
         keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model), self.dlq]
         if request.reply_stream:
             keys.append(request.reply_stream)
-        durable = pack({"v": SCHEMA_VERSION, "id": request.id, **record})
+        durable_record: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request.id, **record}
+        if request.tag is not None:
+            durable_record["tag"] = request.tag  # the bulk job's note on which line this was
+        durable = pack(durable_record)
         fields = [x for kv in record.items() for x in (kv[0], str(kv[1]))]
         finish: Command = (
             "EVAL", scripts.FINISH, len(keys), *keys,

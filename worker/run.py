@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from shared.connection import connect
 from shared.settings import Settings
@@ -24,9 +28,20 @@ def make_engine(kind: str, model_path: str, settings: Settings) -> Engine:
     return VllmEngine(model_path, settings)
 
 
-async def serve(settings: Settings, engine: Engine, *, model: str, consumer: str | None = None) -> int:
+Alongside = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+async def serve(
+    settings: Settings,
+    engine: Engine,
+    *,
+    model: str,
+    consumer: str | None = None,
+    alongside: Alongside | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT. First signal: stop reading and drain (up to drain_timeout_s), exit 0.
-    Second signal: abort in-flight work, leaving it pending for other workers. Dead engine: exit 1."""
+    Second signal: abort in-flight work, leaving it pending for other workers. Dead engine: exit 1.
+    `alongside` (the detached bulk-job runner) runs while the worker reads and stops at the first signal."""
     redis = connect(settings)
     await engine.start()
     try:
@@ -51,7 +66,8 @@ async def serve(settings: Settings, engine: Engine, *, model: str, consumer: str
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig)
             try:
-                await worker.run()
+                async with alongside() if alongside else contextlib.nullcontext():
+                    await worker.run()
                 drain = asyncio.create_task(worker.drain(0 if worker.fatal else settings.drain_timeout_s))
                 stop = asyncio.create_task(hard_stop.wait())
                 await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -66,3 +82,19 @@ async def serve(settings: Settings, engine: Engine, *, model: str, consumer: str
     finally:
         await engine.stop()
         await redis.aclose()
+
+
+async def run_until_signalled(service: Alongside) -> int:
+    """Run `service` (an async context manager that works in the background) until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with service():
+            await stop.wait()
+            log.info("signal: stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0

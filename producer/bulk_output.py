@@ -1,0 +1,71 @@
+"""A bulk job's output file: its reply stream, in order, one output line per record (issue 5).
+
+The output is always a prefix of the reply stream, so writing resumes by counting the lines already in the
+file (a last line cut off by a crash is removed first) and skipping that many records: no custom_id is held
+in memory, and no line is written twice. Attached jobs follow the stream while the job runs; `inferq bulk
+download` writes what a detached job left."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from producer.bulk_format import BulkLine, LineError, error_record, output_record
+from producer.bulk_state import BulkStore
+
+
+def complete_lines(path: Path) -> int:
+    """Lines in `path` that end in a newline; a partial last line (a crash mid-write) is cut off."""
+    if not path.exists():
+        return 0
+    count = last_end = 0
+    with open(path, "rb+") as fh:
+        while True:
+            start = fh.tell()
+            block = fh.read(1 << 20)
+            if not block:
+                break
+            if (n := block.count(b"\n")) > 0:
+                count += n
+                last_end = start + block.rindex(b"\n") + 1
+        if fh.tell() != last_end:
+            fh.truncate(last_end)
+    return count
+
+
+def to_output(record: dict[str, Any]) -> dict[str, Any]:
+    """A reply-stream record (a request's final record, or a line's error record) as its output line."""
+    number, kind, endpoint, model, custom_id = json.loads(record["tag"])
+    if record.get("status") == "invalid":
+        return error_record(LineError(number, custom_id, kind, str(record.get("error", ""))))
+    return output_record(BulkLine(number, custom_id, kind, endpoint, {}), model, record)
+
+
+async def write_output(
+    store: BulkStore,
+    job: str,
+    path: Path,
+    *,
+    follow: Callable[[], bool] | None = None,
+    on_line: Callable[[dict[str, Any]], None] = lambda record: None,
+) -> int:
+    """Append the job's records that `path` lacks; returns the lines in `path` after. With `follow`, keep
+    reading new records until `follow()` is False and none are left."""
+    written = skip = complete_lines(path)
+    after = "0-0"
+    with open(path, "a", encoding="utf-8") as out:  # noqa: ASYNC230 - a line at a time, short next to Redis
+        while True:
+            records = await store.records(job, after, block_ms=500 if follow else None)
+            if not records and (follow is None or not follow()):
+                return written
+            for entry_id, record in records:
+                after = entry_id
+                if skip:
+                    skip -= 1
+                    continue
+                out.write(json.dumps(to_output(record), ensure_ascii=False) + "\n")
+                written += 1
+                on_line(record)
+            out.flush()

@@ -1,0 +1,204 @@
+"""A bulk job's state, kept in Redis so that any process can pick the job up (issue 5).
+
+The job hash (`Keys.bulk`) says where the job stands: how many input lines were fed (`fed`, a cursor into
+the input), how many became requests, how far the reply stream has been counted (`tallied_to`) and the
+outcome counts. Every reply-stream record stands for one input line: a request's final record, or an error
+record for a line that never became a request. So the job is over when the input is fed and as many
+records were counted as lines were fed, and the output is the reply stream read in order.
+
+Nothing here grows with the input in the process's memory: duplicate custom_ids are found in a Redis hash
+of their digests, a detached job's input is staged in Redis in chunks, and output goes straight to a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, fields
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.codec import pack, text, unpack
+from shared.keys import Keys
+
+_LUA = resources.files("producer").joinpath("bulk_job.lua").read_text()
+
+VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
+COMPLETED, FAILED, CANCELLING, CANCELLED = "completed", "failed", "cancelling", "cancelled"
+ENDED = frozenset({COMPLETED, FAILED, CANCELLED})
+RUNNING = frozenset({VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING})
+ATTACHED, DETACHED = "attached", "detached"
+CHUNK_LINES = 1000  # input lines per staged chunk
+
+
+@dataclass
+class JobRecord:
+    """The job hash, typed. Counts are of input lines (non-blank)."""
+
+    id: str
+    state: str = VALIDATING
+    mode: str = DETACHED
+    model: str = ""
+    epoch: int = 0  # part of every request id: a job run again from scratch never meets its old results
+    input: str = ""  # where the lines came from (a path), for people
+    output: str = ""  # attached jobs: the output file
+    total: int = 0
+    chunks: int = 0  # detached jobs: staged input chunks
+    fed: int = 0
+    feed_done: int = 0
+    submitted: int = 0
+    tallied_to: str = "0-0"
+    done: int = 0
+    failed: int = 0
+    invalid: int = 0
+    tokens: int = 0
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    runner: str = ""
+    error: str = ""
+
+    @property
+    def accounted(self) -> int:
+        return self.done + self.failed + self.invalid
+
+    @property
+    def all_accounted(self) -> bool:
+        return bool(self.feed_done) and self.accounted >= self.fed
+
+    def rate(self) -> float:
+        """Lines per second since the job started."""
+        if not self.started_at:
+            return 0.0
+        end = self.finished_at or time.time()
+        return self.accounted / max(end - self.started_at, 1e-6)
+
+    def eta_s(self) -> float | None:
+        rate = self.rate()
+        if self.state in ENDED or not rate:
+            return None
+        return (self.total - self.accounted) / rate
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(accounted=self.accounted, lines_per_s=round(self.rate(), 2), eta_s=self.eta_s())
+        return data
+
+    @classmethod
+    def from_hash(cls, job: str, raw: dict[bytes, bytes]) -> JobRecord:
+        record = cls(id=job)
+        for f in fields(cls):
+            value = raw.get(f.name.encode())
+            if value is not None and f.name != "id":
+                kind = type(getattr(record, f.name))
+                setattr(record, f.name, kind(text(value)) if kind is not int else int(float(text(value))))
+        return record
+
+
+def digest(custom_id: str) -> str:
+    return hashlib.sha256(custom_id.encode()).hexdigest()[:24]
+
+
+class BulkStore:
+    """Redis operations on bulk jobs; one instance per client connection."""
+
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self._script = redis.register_script(_LUA)
+
+    async def get(self, job: str) -> JobRecord | None:
+        raw = await self.redis.hgetall(self.keys.bulk(job))
+        return JobRecord.from_hash(job, raw) if raw else None
+
+    async def create(self, record: JobRecord) -> None:
+        """A new job record (replacing an ended one of the same id, with everything it left)."""
+        values = {f.name: str(getattr(record, f.name)) for f in fields(record) if f.name != "id"}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*self._keys(record.id), self.keys.bulk_input(record.id))
+            pipe.hset(self.keys.bulk(record.id), mapping=values)  # type: ignore[arg-type]
+            pipe.zadd(self.keys.bulk_jobs(), {record.id: record.created_at})
+            await pipe.execute()
+
+    async def update(self, job: str, **values: Any) -> None:
+        await self.redis.hset(self.keys.bulk(job), mapping={k: str(v) for k, v in values.items()})
+
+    async def change_state(self, job: str, new: str, allowed: frozenset[str] | set[str]) -> str:
+        """Move the job to `new` if its state is one of `allowed`; returns the state after the call ('' if
+        there is no such job)."""
+        return text(await self._script(keys=[self.keys.bulk(job), ""], args=["state", new, *sorted(allowed)]))
+
+    async def commit_feed(
+        self, job: str, expected_fed: int, lines: int, requests: int, feed_done: bool, errors: list[dict[str, Any]]
+    ) -> bool:
+        """Record a fed batch and append its error records; False if another runner moved the job on."""
+        args = ["feed", expected_fed, lines, requests, int(feed_done), *(pack(e) for e in errors)]
+        return bool(await self._script(keys=[self.keys.bulk(job), self.keys.done(job)], args=args))
+
+    async def commit_tally(self, job: str, expected: str, to: str, counts: dict[str, int]) -> bool:
+        args: list[Any] = ["tally", expected, to]
+        for name, n in counts.items():
+            args += [name, n]
+        return bool(await self._script(keys=[self.keys.bulk(job), ""], args=args))
+
+    async def first_lines(self, job: str, numbered: list[tuple[str, int]]) -> list[int]:
+        """For each (custom_id, line number), the first line the custom_id was seen on (this one if new)."""
+        key = self.keys.bulk_ids(job)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for custom_id, number in numbered:
+                pipe.hsetnx(key, digest(custom_id), number)
+                pipe.hget(key, digest(custom_id))
+            replies = await pipe.execute()
+        return [int(replies[i + 1]) for i in range(0, len(replies), 2)]
+
+    async def digests(self, job: str) -> AsyncIterator[str]:
+        async for field, _ in self.redis.hscan_iter(self.keys.bulk_ids(job), count=1000):
+            yield text(field)
+
+    async def records(self, job: str, after: str = "0-0", block_ms: int | None = None) -> list[tuple[str, Any]]:
+        """Up to 512 reply-stream records after `after`, as (entry id, record)."""
+        reply = await self.redis.xread({self.keys.done(job): after}, count=512, block=block_ms)
+        return [(text(entry_id), unpack(f[b"m"])) for _, entries in reply or [] for entry_id, f in entries]
+
+    async def stage(self, job: str, chunks: list[list[tuple[int, str]]], first: int) -> None:
+        """Store input chunks `first`, `first + 1`, ... (each CHUNK_LINES (number, line) pairs)."""
+        values = {str(first + i): pack([list(pair) for pair in chunk]) for i, chunk in enumerate(chunks)}
+        await self.redis.hset(self.keys.bulk_input(job), mapping=values)  # type: ignore[arg-type]
+
+    async def chunk(self, job: str, number: int) -> list[tuple[int, str]] | None:
+        raw = await self.redis.hget(self.keys.bulk_input(job), str(number))
+        return None if raw is None else [(int(n), str(line)) for n, line in unpack(raw)]
+
+    async def finish(self, job: str, state: str, *, keep_output: bool) -> None:
+        """The job ended: drop what only running needs, keep the record (and the output, unless the attached
+        run wrote it to its file already) for `ttl_s`."""
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.bulk(job), mapping={"state": state, "finished_at": repr(now)})
+            pipe.delete(self.keys.bulk_ids(job), self.keys.bulk_input(job), self.keys.bulk_lease(job))
+            if keep_output:
+                pipe.expire(self.keys.done(job), self.ttl_s)
+            else:
+                pipe.delete(self.keys.done(job))
+            pipe.expire(self.keys.bulk(job), self.ttl_s)
+            await pipe.execute()
+
+    async def list(self, limit: int = 50) -> list[JobRecord]:
+        """Newest first; jobs whose record expired are dropped from the index."""
+        ids = [text(j) for j in await self.redis.zrevrange(self.keys.bulk_jobs(), 0, limit - 1)]
+        records = [await self.get(j) for j in ids]
+        gone = [j for j, r in zip(ids, records, strict=True) if r is None]
+        if gone:
+            await self.redis.zrem(self.keys.bulk_jobs(), *gone)
+        return [r for r in records if r is not None]
+
+    async def delete(self, job: str) -> None:
+        await self.redis.delete(*self._keys(job), self.keys.bulk_input(job), self.keys.bulk(job))
+        await self.redis.zrem(self.keys.bulk_jobs(), job)
+
+    def _keys(self, job: str) -> list[str]:
+        return [self.keys.done(job), self.keys.bulk_ids(job), self.keys.bulk_lease(job)]
