@@ -67,16 +67,17 @@ class BulkJob:
             on_progress=self.on_progress,
         )  # fmt: skip
         self.on_progress(job)
-        ended = False
-        writer = write_output(self.store, self.id, self.output_path, follow=lambda: not ended)
-        writing = asyncio.create_task(writer, name=f"inferq-bulk-out-{self.id}")
+        ended = asyncio.Event()
+        writing = asyncio.create_task(
+            write_output(self.store, self.id, self.output_path, until=ended), name=f"inferq-bulk-out-{self.id}"
+        )
         try:
             job = await runner.run(wait_s=LEASE_S + 1)  # a killed earlier run's lease lapses meanwhile
         except BaseException:
             writing.cancel()
             await asyncio.gather(writing, return_exceptions=True)
             raise
-        ended = True
+        ended.set()
         await writing
         final = CANCELLED if job.state == CANCELLING else COMPLETED
         await self.store.finish(self.id, final, keep_output=False)  # every record is in the output now

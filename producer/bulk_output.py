@@ -7,13 +7,14 @@ download` writes what a detached job left."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from producer.bulk_format import BulkLine, LineError, error_record, output_record
 from producer.bulk_state import BulkStore
+from shared import aio
 
 
 def complete_lines(path: Path) -> int:
@@ -48,17 +49,16 @@ async def write_output(
     job: str,
     path: Path,
     *,
-    follow: Callable[[], bool] | None = None,
-    on_line: Callable[[dict[str, Any]], None] = lambda record: None,
+    until: asyncio.Event | None = None,
 ) -> int:
-    """Append the job's records that `path` lacks; returns the lines in `path` after. With `follow`, keep
-    reading new records until `follow()` is False and none are left."""
+    """Append the job's records that `path` lacks; returns the lines in `path` after. With `until`, follow
+    the stream: keep writing new records until the event is set and none are left."""
     written = skip = complete_lines(path)
     after = "0-0"
     with open(path, "a", encoding="utf-8") as out:  # noqa: ASYNC230 - a line at a time, short next to Redis
         while True:
-            records = await store.records(job, after, block_ms=500 if follow else None)
-            if not records and (follow is None or not follow()):
+            records = await _next(store, job, after, until)
+            if not records and (until is None or until.is_set()):
                 return written
             for entry_id, record in records:
                 after = entry_id
@@ -67,5 +67,13 @@ async def write_output(
                     continue
                 out.write(json.dumps(to_output(record), ensure_ascii=False) + "\n")
                 written += 1
-                on_line(record)
             out.flush()
+
+
+async def _next(store: BulkStore, job: str, after: str, until: asyncio.Event | None) -> list[tuple[str, Any]]:
+    """The next records; while following, wait for some, or for `until` (then read what is left at once)."""
+    if until is not None and not until.is_set():
+        records = await aio.unless(until, store.records(job, after, block_ms=5000))
+        if records is not None:
+            return records
+    return await store.records(job, after)

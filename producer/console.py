@@ -127,15 +127,18 @@ async def run_bulk(
             detail = f"done {job.done} failed {job.failed} invalid {job.invalid}, {rate:.0f} tok/s"
             bar.update(task, total=job.total or None, completed=job.accounted, detail=detail)
 
-        async with InferenceClient(settings) as client, contextlib.AsyncExitStack() as stack:
-            job = BulkJob(client, input_path, output_path, model=model, strict=strict, on_progress=show)
-            if local_engine:
+        async with contextlib.AsyncExitStack() as stack:
+            local = None
+            if local_engine:  # first: vLLM loads while everything else gets ready, and requests queue up
                 bar.update(task, description="starting a local worker")
-                await stack.enter_async_context(
-                    local_worker(settings, client.redis, model=job.model, engine=local_engine)
+                local = await stack.enter_async_context(
+                    local_worker(settings, model=model or settings.model, engine=local_engine)
                 )
+            client = await stack.enter_async_context(InferenceClient(settings))
+            job = BulkJob(client, input_path, output_path, model=model, strict=strict, on_progress=show)
             bar.update(task, description=f"bulk {job.id}")
-            return await job.run(), job.resumed
+            ran = await (local.guard(job.run()) if local else job.run())
+            return ran, job.resumed
 
 
 async def with_bulk_jobs(settings: Settings, action: Callable[[BulkJobs], Awaitable[T]]) -> T:

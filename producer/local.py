@@ -1,6 +1,10 @@
 """A worker started for one command and stopped after it (`inferq bulk --local`): the one-command
 equivalent of `vllm run-batch` on one machine. It runs as `inferq worker` in a child process, exactly as a
 user would start it; this module only starts, watches and stops it (the producer never imports an engine).
+
+The worker is started first and the job does not wait for it to be ready: requests queue up while vLLM
+loads (most of a cold start), and the worker's exit is awaited as an event, so a worker that dies while
+loading or running ends the command at once with its log.
 """
 
 from __future__ import annotations
@@ -9,58 +13,67 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-
-from redis.asyncio import Redis
+from typing import Any, TypeVar
 
 from shared.errors import InferqError
-from shared.keys import Keys
 from shared.settings import Settings
+
+T = TypeVar("T")
+
+
+class LocalWorker:
+    def __init__(self, proc: asyncio.subprocess.Process, name: str, log: Path) -> None:
+        self.proc = proc
+        self.name = name
+        self.log = log
+
+    async def guard(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`; if the worker exits first, cancel it and raise with the worker's log."""
+        task = asyncio.ensure_future(work)
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled() and self.proc.returncode is not None:
+            raise InferqError(
+                f"the local worker exited with {self.proc.returncode} before the job ended; its log: {self.log}. "
+                "Run the same command again to resume the job."
+            )
+        return task.result()
 
 
 @contextlib.asynccontextmanager
-async def local_worker(
-    settings: Settings, redis: Redis, *, model: str, engine: str = "vllm", ready_timeout_s: float = 600.0
-) -> AsyncIterator[str]:
-    """Start `inferq worker` for `model` on the same Redis, wait until it is ready, yield its name; on exit
-    SIGTERM it (it drains) and wait. Its log goes to a temp file, named in any error."""
+async def local_worker(settings: Settings, *, model: str, engine: str = "vllm") -> AsyncIterator[LocalWorker]:
+    """Start `inferq worker` for `model` (on the same Redis); on exit SIGTERM it (it drains) and wait for it.
+    Its log goes to a temp file, named in any error."""
     name = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     log = Path(tempfile.mkstemp(prefix="inferq-local-worker-", suffix=".log")[1])
     env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix}
     if settings.redis_url:
         env["INFERQ_REDIS_URL"] = settings.redis_url
     cmd = [sys.executable, "-m", "cli", "worker", "--model", model, "--consumer", name, "--engine", engine]
-    proc = await asyncio.to_thread(_spawn, cmd, env, log)
+    cmd.append("--no-bulk-jobs")  # it serves this job's requests; detached jobs are for the fleet
+    with open(log, "wb") as out:  # noqa: ASYNC230 - opening a log file for the child
+        # In its own session, so a kill of the group takes its vLLM engine core too.
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+        )
     try:
-        await _wait_ready(redis, Keys(settings.key_prefix).worker(name), proc, log, ready_timeout_s)
-        yield name
+        yield LocalWorker(proc, name, log)
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.to_thread(proc.wait, 120)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(proc.wait(), 120)
+            except TimeoutError:
                 os.killpg(proc.pid, signal.SIGKILL)  # the worker and its engine core
-                proc.wait()
-
-
-def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """In its own session, so a kill of the group takes its vLLM engine core too."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-async def _wait_ready(redis: Redis, key: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout_s
-    while not await redis.exists(key):
-        if proc.poll() is not None:
-            raise InferqError(f"the local worker exited with {proc.returncode} before it was ready; its log: {log}")
-        if loop.time() > give_up:
-            raise InferqError(f"the local worker was not ready after {timeout_s:.0f}s; its log: {log}")
-        await asyncio.sleep(0.2)
+                await proc.wait()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.aio import cancel_and_wait
+from shared.aio import cancel_and_wait, unless
 from shared.batching import BatchedScript
 from shared.codec import text, unpack
 from shared.connection import OUTAGE, Backoff
@@ -39,7 +39,7 @@ from worker.requests import Generation, RequestWriter
 
 log = logging.getLogger("inferq.worker")
 
-_BLOCK_MS = 1000  # longest a blocked read delays noticing a stop request
+_BLOCK_MS = 1000  # how long one idle wait for new entries lasts
 
 
 def default_consumer_name() -> str:
@@ -187,7 +187,9 @@ class Worker(AsyncLifecycle):
         if not found:
             # Nothing new: wait until any lane gets an entry newer than its tail. XREAD takes nothing, so
             # the next pass reads through the script again, within the free slots and the lane floors.
-            await self.redis.xread(dict(zip(self.streams, map(text, tails), strict=True)), count=1, block=_BLOCK_MS)
+            # A stop cuts the wait short (XREAD takes nothing, so that is safe), so a drain does not wait on it.
+            tails_by_stream = dict(zip(self.streams, map(text, tails), strict=True))
+            await unless(self._stopping, self.redis.xread(tails_by_stream, count=1, block=_BLOCK_MS))
         return [(self.streams[int(i) - 1], text(eid), pairs(f), 1) for i, eid, f in found]
 
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:

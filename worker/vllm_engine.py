@@ -14,7 +14,7 @@ from worker.flow import EngineLoad
 from worker.vllm_load import LoadState, stat_loggers
 
 log = logging.getLogger("inferq.engine")
-_SHUTDOWN_GRACE_S = 1.0
+_SHUTDOWN_GRACE_S = 0.0
 
 
 class VllmEngine:
@@ -64,8 +64,9 @@ class VllmEngine:
 
     async def stop(self) -> None:
         if self._llm is not None:
-            # The worker stops the engine only once nothing runs in it (drained, or abandoned to others), so a
-            # short grace is enough; vLLM's default waits 5 s for an engine core that rarely exits by itself.
+            # The worker stops the engine only once nothing runs in it (drained, or abandoned to others), so
+            # there is nothing to wait for: stop the core at once, as `vllm run-batch` does (timeout 0). vLLM's
+            # default waits 5 s for an engine core that rarely exits by itself, then kills it anyway.
             self._llm.shutdown(timeout=_SHUTDOWN_GRACE_S)
             self._llm = None
 
