@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: setup demo test lint bench-online clean
+.PHONY: setup demo test lint bench bench-online clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# Every benchmark, side by side, then the figures into BENCHMARKS.md and a plot (~20 min on 2 cores).
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) scripts/bench_report.py
 
 bench-online: setup
 	$(PY) benchmarks/online.py --model tiny --concurrency 128 --requests 4096 --rounds 3

@@ -58,6 +58,12 @@ app.add_typer(redis_app, name="redis")
 app.add_typer(models_app, name="models")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(bulk_app, name="bulk")
+bench_app = typer.Typer(
+    help="Benchmarks side by side, on this machine, in one run: inferq against vLLM called directly, vLLM's "
+    "OpenAI server and `vllm run-batch`; and the queue alone. `make bench` runs them all and writes BENCHMARKS.md's "
+    "figures and plot."
+)
+app.add_typer(bench_app, name="bench")
 
 RedisUrl = Annotated[
     str | None, typer.Option("--redis-url", help="redis://, rediss:// or unix:// URL [env INFERQ_REDIS_URL]")
@@ -446,6 +452,152 @@ def worker(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# ---- benchmarks --------------------------------------------------------------------------------------
+def _numbers(value: str, what: str) -> list[int]:
+    try:
+        numbers = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        _die(f"{what} must be comma-separated whole numbers, e.g. 1,16,64", EXIT_USAGE)
+    if not numbers or min(numbers) < 1:
+        _die(f"{what} must be at least 1", EXIT_USAGE)
+    return numbers
+
+
+@bench_app.command("online")
+def bench_online_command(
+    target: Annotated[
+        str, typer.Option(help="comma-separated: inferq, direct (AsyncLLM in this process), openai")
+    ] = "inferq",
+    model: Model = None,
+    concurrency: Annotated[str, typer.Option(help="requests in flight at once; a list runs each in turn")] = "64",
+    request_rate: Annotated[
+        float | None, typer.Option(help="start requests at Poisson times at this rate per second (concurrency caps it)")
+    ] = None,
+    num_requests: Annotated[int, typer.Option("--num-requests", "-n", help="measured requests per run")] = 256,
+    warmup: Annotated[int, typer.Option(help="requests sent first and not measured")] = 16,
+    prompt_len: Annotated[int, typer.Option(help="words per generated prompt")] = 16,
+    output_len: Annotated[
+        int, typer.Option(help="max_tokens per request (greedy, so every target makes the same)")
+    ] = 32,
+    dataset: Annotated[
+        Path | None, typer.Option(help='JSONL of {"prompt", "max_tokens"?} instead of generated prompts')
+    ] = None,
+    local: Annotated[
+        bool, typer.Option(help="inferq: start a worker for the bench; openai: start vLLM's server")
+    ] = False,
+    engine: Annotated[str, typer.Option(help="with --local, inferq's worker engine: vllm, or standin")] = "vllm",
+    url: Annotated[str | None, typer.Option(help="the OpenAI server's base URL (without --local)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write every figure here as JSON")] = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Throughput and latency of one workload on each target, like `vllm bench serve`: request and token
+    throughput; TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99); errors. Prints the targets
+    side by side. inferq needs running workers for the model, or --local; openai needs --url, or --local."""
+    from producer.bench import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target
+    from shared.benchstats import describe_environment, table
+
+    targets = [t.strip() for t in target.split(",") if t.strip()]
+    unknown = sorted(set(targets) - {"inferq", "direct", "openai"})
+    if unknown:
+        _die(f"unknown target(s) {', '.join(unknown)}; use inferq, direct, openai", EXIT_USAGE)
+    if "openai" in targets and not (url or local):
+        _die("--target openai needs --url of a running server, or --local to start one", EXIT_USAGE)
+    levels = _numbers(concurrency, "--concurrency")
+    settings = _settings(redis_url=redis_url, model=model, max_inflight=max(levels))
+    name = settings.model
+    path = "" if ("direct" not in targets and "openai" not in targets and engine != "vllm") else _model_path(settings)
+    total = num_requests + warmup
+    prompts = dataset_prompts(dataset, total, output_len) if dataset else fixed_prompts(total, prompt_len, output_len)
+    factories = {
+        "inferq": lambda: inferq_target(
+            settings, name, local_engine=engine if local else None, max_inflight=max(levels)
+        ),
+        "openai": lambda: openai_target(
+            None if local else url, name, path, max_num_seqs=max(levels), max_model_len=settings.max_model_len,
+            kv_gib=max(1, round(settings.kv_cache_gib)),
+        ),
+    }  # fmt: skip
+    if "direct" in targets:
+        from worker.bench_direct import direct_sender
+
+        factories["direct"] = lambda: direct_sender(path, settings)
+    report = _run(
+        bench_online(
+            {t: factories[t] for t in targets}, prompts[warmup:], prompts[:warmup], model=name,
+            concurrencies=list(levels), rate=request_rate,
+            on_result=lambda r: typer.echo(
+                f"{r['target']}, {r['load']}: {r['output_throughput']:.0f} output tok/s", err=True
+            ),
+        )
+    )  # fmt: skip
+    typer.echo(f"model {name} on {describe_environment(report['environment'])}")
+    typer.echo(table(report["results"]))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+    if any(r["errors"] for r in report["results"]):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@bench_app.command("bulk")
+def bench_bulk_command(
+    model: Model = None,
+    requests: Annotated[int, typer.Option(help="OpenAI Batch chat lines in the file")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens per line (greedy)")] = 32,
+    rounds: Annotated[
+        int, typer.Option(help="rounds, alternating which tool goes first; the verdict is the median")
+    ] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write every figure here as JSON")] = None,
+) -> None:
+    """The same OpenAI Batch file through `vllm run-batch` and `inferq bulk --local`, each from a cold start
+    (launch to exit, engine load included): wall time, tokens/s and the ratio inferq / run-batch."""
+    from producer.bench_bulk import bench_bulk, bulk_table
+
+    settings = _settings(model=model)
+    try:
+        report = bench_bulk(settings, _model_path(settings), requests=requests, max_tokens=max_tokens, rounds=rounds)
+    except InferqError as exc:
+        _die(str(exc), EXIT_FAILED)
+    typer.echo(bulk_table(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
+@bench_app.command("queue")
+def bench_queue_command(
+    workers: Annotated[str, typer.Option(help="stand-in worker counts to measure, comma-separated")] = "1,2,4,8",
+    producers: Annotated[str, typer.Option(help="closed-loop producer counts, comma-separated")] = "1,8,64",
+    seconds: Annotated[float, typer.Option(help="seconds per (workers, producers) cell")] = 5.0,
+    max_tokens: Annotated[int, typer.Option(help="tokens per request (the stand-in makes one per ms)")] = 16,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write every figure here as JSON")] = None,
+) -> None:
+    """The queue alone, on a fresh embedded server with stand-in engines: requests/s end to end, the latency
+    added outside the engine (p50/p99) and Redis CPU, by workers and producers; and raw XADD/s, the limit."""
+    from producer.bench_queue import bench_queue, queue_table
+
+    report = _run(
+        bench_queue(
+            _settings(), workers=_numbers(workers, "--workers"), producers=_numbers(producers, "--producers"),
+            seconds=seconds, max_tokens=max_tokens,
+            on_row=lambda r: typer.echo(f"{r['workers']} workers, {r['producers']} producers: "
+                                        f"{r['requests_per_s']:.0f} requests/s", err=True),
+        )
+    )  # fmt: skip
+    typer.echo(queue_table(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+    if any(r["errors"] for r in report["rows"]):
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _model_path(settings: Settings) -> str:
+    from worker.models import resolve_model
+
+    try:
+        return str(resolve_model(settings.model, settings.data_dir, log=lambda m: typer.echo(m, err=True)))
+    except InferqError as exc:
+        _die(str(exc), EXIT_USAGE)
 
 
 # ---- embedded redis ---------------------------------------------------------------------------------

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -15,19 +13,14 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.embedded import EmbeddedServer  # noqa: E402
+from shared.embedded import EmbeddedServer, temporary_server  # noqa: E402
 from shared.keys import Keys  # noqa: E402
 
 
 def temp_server() -> tuple[EmbeddedServer, Path]:
     """A fresh valkey-server (AOF on) on a free port in a new temp dir: the bench never touches user data."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = Path(tempfile.mkdtemp(prefix="inferq-bench-"))
-    server = EmbeddedServer(data, port)
-    server.start()
-    return server, data
+    server = temporary_server()
+    return server, server.dir.parent
 
 
 def spawn_worker(

@@ -52,16 +52,18 @@ class LocalWorker:
 
 
 @contextlib.asynccontextmanager
-async def local_worker(settings: Settings, *, model: str, engine: str = "vllm") -> AsyncIterator[LocalWorker]:
-    """Start `inferq worker` for `model` (on the same Redis); on exit SIGTERM it (it drains) and wait for it.
-    Its log goes to a temp file, named in any error."""
+async def local_worker(
+    settings: Settings, *, model: str, engine: str = "vllm", args: tuple[str, ...] = ()
+) -> AsyncIterator[LocalWorker]:
+    """Start `inferq worker` for `model` (on the same Redis, with `args` added); on exit SIGTERM it (it
+    drains) and wait for it. Its log goes to a temp file, named in any error."""
     name = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     log = Path(tempfile.mkstemp(prefix="inferq-local-worker-", suffix=".log")[1])
     env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix}
     if settings.redis_url:
         env["INFERQ_REDIS_URL"] = settings.redis_url
     cmd = [sys.executable, "-m", "cli", "worker", "--model", model, "--consumer", name, "--engine", engine]
-    cmd.append("--no-bulk-jobs")  # it serves this job's requests; detached jobs are for the fleet
+    cmd += ["--no-bulk-jobs", *args]  # it serves this command's requests; detached jobs are for the fleet
     with open(log, "wb") as out:  # noqa: ASYNC230 - opening a log file for the child
         # In its own session, so a kill of the group takes its vLLM engine core too.
         proc = await asyncio.create_subprocess_exec(

@@ -1,0 +1,261 @@
+"""`inferq bench online` (issue 6), modelled on `vllm bench serve`: one workload, sent at a fixed concurrency
+or at a Poisson request rate, to a target; every request timed alike (shared.benchstats).
+
+Targets here are the ones a client reaches over the network: inferq through Redis, and vLLM's OpenAI server
+(streaming completions). The direct AsyncLLM ceiling is in worker.bench_direct (it loads an engine, which
+the producer never does); cli.py hands whichever target was asked for to `run_load`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+from producer.client import InferenceClient
+from producer.local import local_worker
+from shared.benchstats import Prompt, Timing, environment, summarize
+from shared.errors import InferqError
+from shared.settings import Settings
+
+Send = Callable[[Prompt, Timing], Awaitable[None]]
+Target = Callable[[], AbstractAsyncContextManager[Send]]  # sets a target up (and down) around its runs
+WORDS = "the queue holds requests until a worker is free and then runs them through the model".split()
+
+
+def fixed_prompts(n: int, prompt_len: int, output_len: int, offset: int = 0) -> list[Prompt]:
+    """`n` distinct prompts of `prompt_len` words asking for `output_len` tokens (greedy: the same tokens on
+    every target, so output lengths match)."""
+    return [
+        Prompt(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(prompt_len)) + f" {i}", output_len, prompt_len + 1)
+        for i in range(offset, offset + n)
+    ]
+
+
+def dataset_prompts(path: Path, n: int, output_len: int) -> list[Prompt]:
+    """Prompts from a JSONL file of {"prompt": ..., "max_tokens"?: ...} lines, cycled to `n`."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                rows.append(
+                    Prompt(str(data["prompt"]), int(data.get("max_tokens", output_len)), len(data["prompt"].split()))
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise InferqError(
+                    f'{path} line {number}: expected {{"prompt": ..., "max_tokens"?: N}} ({exc})'
+                ) from None
+    if not rows:
+        raise InferqError(f"{path} has no prompts")
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+async def run_load(
+    prompts: list[Prompt], send: Send, *, concurrency: int | None = None, rate: float | None = None, seed: int = 0
+) -> tuple[list[Timing], float]:
+    """Send every prompt: at most `concurrency` at once, and/or started at Poisson times at `rate` per
+    second. Returns each request's timing and the wall time. A request that raises is an error, not a stop."""
+    gate = asyncio.Semaphore(concurrency) if concurrency else None
+    timings: list[Timing] = []
+
+    async def one(prompt: Prompt) -> None:
+        async with gate if gate else contextlib.nullcontext():
+            timing = Timing(sent=time.perf_counter(), prompt_tokens=prompt.prompt_tokens)
+            timings.append(timing)
+            try:
+                await send(prompt, timing)
+            except Exception as exc:  # counted and reported, like vllm bench serve
+                timing.error = f"{type(exc).__name__}: {exc}"
+            if timing.done is None:
+                timing.done = time.perf_counter()
+
+    arrivals = random.Random(seed)
+    t0 = time.perf_counter()
+    tasks = []
+    for prompt in prompts:
+        tasks.append(asyncio.create_task(one(prompt)))
+        if rate:
+            await asyncio.sleep(arrivals.expovariate(rate))
+    await asyncio.gather(*tasks)
+    return timings, time.perf_counter() - t0
+
+
+def inferq_sender(client: InferenceClient, model: str) -> Send:
+    """Submit through Redis and stream the tokens back over pub/sub, as an online caller does."""
+
+    async def send(prompt: Prompt, timing: Timing) -> None:
+        handle = await client.submit(
+            prompt=prompt.text, model=model, max_tokens=prompt.max_tokens, temperature=0, wait=True
+        )
+        status = None
+        async for event in handle.tokens():
+            timing.token(time.perf_counter(), len(event.token_ids))
+            status = event.status
+        timing.done = time.perf_counter()
+        if handle.gap or status is None:  # events were missed: the stored result has the truth
+            result = await handle.result()
+            timing.output_tokens, status = result.usage.completion_tokens, result.status
+        if status != "done":
+            timing.error = f"request ended {status}"
+
+    return send
+
+
+def openai_sender(session: Any, url: str, model: str) -> Send:
+    """Streaming /v1/completions on vLLM's OpenAI server; token counts from its per-chunk usage."""
+
+    async def send(prompt: Prompt, timing: Timing) -> None:
+        body = {
+            "model": model, "prompt": prompt.text, "max_tokens": prompt.max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }  # fmt: skip
+        seen = 0
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                raise InferqError(f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                usage = json.loads(line[6:]).get("usage") or {}
+                tokens = int(usage.get("completion_tokens", seen))
+                timing.token(time.perf_counter(), tokens - seen)
+                seen = tokens
+        timing.done = time.perf_counter()
+
+    return send
+
+
+@contextlib.asynccontextmanager
+async def openai_session() -> AsyncIterator[Any]:
+    import aiohttp  # installed with vLLM; only this target needs it
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def openai_server(
+    model_path: str, model: str, *, max_num_seqs: int, max_model_len: int, kv_gib: int
+) -> AsyncIterator[str]:
+    """vLLM's OpenAI server on a free port with inferq's engine settings; yields its URL once /health answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = Path(tempfile.mkstemp(prefix="inferq-bench-openai-", suffix=".log")[1])
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name", model,
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len), "--max-num-seqs",
+        str(max_num_seqs), "--port", str(port), "--host", "127.0.0.1", "--disable-log-stats",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    with open(log, "wb") as out:  # noqa: ASYNC230 - the child's log
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with openai_session() as session:
+            while True:  # no event tells when uvicorn listens: ask, as vllm bench serve does
+                if proc.returncode is not None:
+                    raise InferqError(f"the OpenAI server exited with {proc.returncode}; its log: {log}")
+                with contextlib.suppress(Exception):
+                    async with session.get(f"{url}/health") as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.5)
+        yield url
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+
+
+async def measure(
+    target: str, send: Send, prompts: list[Prompt], warmup: list[Prompt], *, concurrency: int | None, rate: float | None
+) -> dict[str, Any]:
+    """Warm up, then run the workload; the summary, labelled with the target and the load."""
+    if warmup:
+        await run_load(warmup, send, concurrency=concurrency)
+    timings, wall = await run_load(prompts, send, concurrency=concurrency, rate=rate)
+    load = f"rate {rate}/s" + (f", max {concurrency}" if concurrency else "") if rate else f"concurrency {concurrency}"
+    return {"target": target, "load": load, "concurrency": concurrency, "rate": rate, **summarize(timings, wall)}
+
+
+@contextlib.asynccontextmanager
+async def inferq_target(
+    settings: Settings, model: str, *, local_engine: str | None = None, max_inflight: int = 256
+) -> AsyncIterator[Send]:
+    """inferq through Redis; with `local_engine`, a worker started for the bench (else workers must run)."""
+    async with contextlib.AsyncExitStack() as stack:
+        local = None
+        if local_engine:
+            args = ("--max-inflight", str(max_inflight))
+            local = await stack.enter_async_context(local_worker(settings, model=model, engine=local_engine, args=args))
+        client = await stack.enter_async_context(InferenceClient(settings))
+        send = inferq_sender(client, model)
+        if local is None:
+            yield send
+            return
+        guard = local.guard
+
+        async def guarded(prompt: Prompt, timing: Timing) -> None:
+            await guard(send(prompt, timing))  # a dead local worker fails the run at once, with its log
+
+        yield guarded
+
+
+@contextlib.asynccontextmanager
+async def openai_target(
+    url: str | None, model: str, model_path: str, *, max_num_seqs: int, max_model_len: int, kv_gib: int
+) -> AsyncIterator[Send]:
+    """vLLM's OpenAI server at `url`, or (None) one started for the bench with inferq's engine settings."""
+    async with contextlib.AsyncExitStack() as stack:
+        if url is None:
+            url = await stack.enter_async_context(
+                openai_server(model_path, model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_gib=kv_gib)
+            )
+        session = await stack.enter_async_context(openai_session())
+        yield openai_sender(session, url.rstrip("/"), model)
+
+
+async def bench_online(
+    targets: dict[str, Target],
+    prompts: list[Prompt],
+    warmup: list[Prompt],
+    *,
+    model: str,
+    concurrencies: list[int | None],
+    rate: float | None,
+    on_result: Callable[[dict[str, Any]], None] = lambda r: None,
+) -> dict[str, Any]:
+    """Each target set up once, then the workload at each concurrency; every figure labelled."""
+    results = []
+    for name, target in targets.items():
+        async with target() as send:
+            for concurrency in concurrencies:
+                result = await measure(name, send, prompts, warmup, concurrency=concurrency, rate=rate)
+                results.append(result)
+                on_result(result)
+    return {"model": model, "environment": environment(), "results": results}

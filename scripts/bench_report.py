@@ -1,0 +1,160 @@
+"""`make bench`: every benchmark in one run on this machine, then the figures into BENCHMARKS.md (between its
+`make bench` markers), the JSON into benchmarks/results/ and a plot of throughput and TTFT against
+concurrency for the three online targets (benchmarks/results/online-<model>.png).
+
+    python scripts/bench_report.py            # all of it (~20 min on 2 cores)
+    python scripts/bench_report.py --quick    # small runs, to check the harness end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+
+
+def inferq(*args: str) -> None:
+    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
+    print("$ inferq " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def online(model: str, levels: str, n: int, quick: bool) -> dict[str, Any]:
+    out = RESULTS / f"online-{model}.json"
+    inferq("bench", "online", "--target", "direct,inferq,openai", "--local", "--model", model, "--concurrency", levels,
+           "-n", str(n), "--warmup", "8" if quick else "32", "--json", str(out))  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (tput, ttft) = plt.subplots(1, 2, figsize=(10, 4))
+    for target in ("direct", "inferq", "openai"):
+        rows = [r for r in report["results"] if r["target"] == target]
+        xs = [r["concurrency"] for r in rows]
+        tput.plot(xs, [r["output_throughput"] for r in rows], marker="o", label=target)
+        ttft.plot(xs, [r["ttft_ms"]["p50"] for r in rows], marker="o", label=target)
+    for ax, title, unit in ((tput, "output tokens/s", "tok/s"), (ttft, "TTFT p50", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{title}, {report['model']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def by(report: dict[str, Any], target: str, concurrency: int) -> dict[str, Any] | None:
+    return next((r for r in report["results"] if r["target"] == target and r["concurrency"] == concurrency), None)
+
+
+def _trio(*runs: dict[str, Any]) -> Any:
+    return lambda key, stat: " / ".join(f"{r[key][stat]:.1f}" for r in runs)
+
+
+def online_md(report: dict[str, Any]) -> str:
+    lines = [
+        f"**{report['model']}**: output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s.",
+        "",
+        "| concurrency | direct tok/s | inferq tok/s | openai tok/s | inferq/direct | inferq/openai "
+        "| TTFT p50 direct / inferq / openai | TTFT p99 direct / inferq / openai | TPOT p50 direct / inferq / openai "
+        "| errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in sorted({r["concurrency"] for r in report["results"]}):
+        d, q, o = by(report, "direct", c), by(report, "inferq", c), by(report, "openai", c)
+        if not (d and q and o):
+            continue
+        trio = _trio(d, q, o)
+        tput = [x["output_throughput"] for x in (d, q, o)]
+        lines.append(
+            f"| {c} | {tput[0]:,.0f} | {tput[1]:,.0f} | {tput[2]:,.0f} "
+            f"| {tput[1] / tput[0]:.3f} | {tput[1] / tput[2]:.3f} "
+            f"| {trio('ttft_ms', 'p50')} | {trio('ttft_ms', 'p99')} | {trio('tpot_ms', 'p50')} "
+            f"| {d['errors'] + q['errors'] + o['errors']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small runs (checks the harness, not for the record)")
+    args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    q = args.quick
+    reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q)]
+    if not q:
+        reports.append(online("smollm2", "1,64", 64, q))
+    for report in reports:
+        plot(report, RESULTS / f"online-{report['model']}.png")
+    inferq("bench", "bulk", "--model", "tiny", "--requests", "64" if q else "512", "--rounds", "1" if q else "3",
+           "--json", str(RESULTS / "bulk.json"))  # fmt: skip
+    inferq("bench", "queue", "--workers", "1,2" if q else "1,2,4,8", "--producers", "1,8" if q else "1,8,64",
+           "--seconds", "1" if q else "5", "--json", str(RESULTS / "queue.json"))  # fmt: skip
+    bulk = json.loads((RESULTS / "bulk.json").read_text())
+    queue = json.loads((RESULTS / "queue.json").read_text())
+    env = reports[0]["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    parts = [
+        BEGIN,
+        f"Generated by `make bench` on {started}: {env['machine']}, {env['cpus']} CPUs, Python {env['python']}, "
+        f"{versions}. Raw figures: `benchmarks/results/*.json`.",
+        "",
+        "### Online (`inferq bench online --target direct,inferq,openai --local`)",
+        "",
+    ]
+    for report in reports:
+        parts += [
+            online_md(report),
+            "",
+            f"![online {report['model']}](benchmarks/results/online-{report['model']}.png)",
+            "",
+        ]
+    parts += ["### Bulk (`inferq bench bulk`)", "",
+              "| round | run-batch s | inferq s | run-batch tok/s | inferq tok/s | ratio |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in bulk["rounds"]:
+        rb, iq = row["vllm run-batch"], row["inferq bulk --local"]
+        parts.append(f"| {row['round']} | {rb['wall_s']:.1f} | {iq['wall_s']:.1f} | {rb['tok_per_s']:.0f} "
+                     f"| {iq['tok_per_s']:.0f} | {row['ratio']:.3f} |")  # fmt: skip
+    parts += ["", f"Median ratio inferq / run-batch: **{bulk['median_ratio']:.3f}** ({bulk['requests']} chat lines, "
+              f"{bulk['max_tokens']} tokens each, {bulk['model']}).", "", "### Queue alone (`inferq bench queue`)", "",
+              f"Raw pipelined XADD on the same server: {queue['raw_xadd_per_s']:,.0f}/s. Stand-in engine, "
+              f"{queue['tokens_per_request']} tokens per request at one per ms.", "",
+              "| workers | producers | requests/s | added p50 ms | added p99 ms | Redis CPU % | errors |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in queue["rows"]:
+        parts.append(f"| {r['workers']} | {r['producers']} | {r['requests_per_s']:,.0f} | {r['added_ms_p50']:.2f} "
+                     f"| {r['added_ms_p99']:.2f} | {r['redis_cpu_pct']:.0f} | {r['errors']} |")  # fmt: skip
+    parts.append(END)
+    section = "\n".join(parts)
+    (RESULTS / "summary.md").write_text(section + "\n")
+    if q:
+        print(section)
+        return
+    doc = ROOT / "BENCHMARKS.md"
+    text = doc.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n## Latest `make bench`\n\n" + section + "\n"
+    doc.write_text(text)
+    print(f"BENCHMARKS.md updated; figures in {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

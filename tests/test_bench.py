@@ -1,0 +1,83 @@
+"""The benchmark harness (`inferq bench online|bulk|queue`) on small runs: every request accounted for, the
+figures it reports consistent with what was sent. No test asserts a speed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.settings import Settings
+from tests.conftest import MODELS_DIR, ROOT, drained
+
+
+async def bench(settings: Settings, tmp_path: Path, *args: str, timeout: float = 600) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    env = {
+        **os.environ, "INFERQ_REDIS_URL": settings.redis_url or "", "INFERQ_KEY_PREFIX": settings.key_prefix,
+        "INFERQ_DATA_DIR": str(MODELS_DIR), "INFERQ_KV_CACHE_GIB": "0.25",
+    }  # fmt: skip
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "cli.py"), "bench", *args, "--json", str(out)],
+        env=env, capture_output=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:] + proc.stdout.decode()[-2000:]
+    report = json.loads(out.read_text())
+    report["stdout"] = proc.stdout.decode()
+    return report
+
+
+async def test_online_counts_every_request_and_token(settings: Settings, redis: Redis, tmp_path: Path) -> None:
+    report = await bench(
+        settings, tmp_path, "online", "--target", "inferq", "--local", "--engine", "standin", "--model", "fake",
+        "-n", "12", "--warmup", "2", "--concurrency", "1,3", "--output-len", "5",
+    )  # fmt: skip
+    assert [r["concurrency"] for r in report["results"]] == [1, 3]
+    for r in report["results"]:
+        assert (r["target"], r["requests"], r["completed"], r["errors"]) == ("inferq", 12, 12, 0)
+        assert r["output_tokens"] == 12 * 5  # the stand-in makes exactly max_tokens tokens
+        assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"] <= r["e2e_ms"]["p99"]
+        assert r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p90"] >= r["itl_ms"]["p50"] > 0
+    assert report["environment"]["cpus"] == os.cpu_count() and "TTFT p50 ms" in report["stdout"]
+    assert await drained(redis, settings, "fake") == (0, 0)
+
+
+async def test_online_three_targets_on_vllm(redis_server: Any, tmp_path: Path) -> None:
+    settings = Settings(redis_url=redis_server.url, key_prefix="bench-vllm", model="tiny", data_dir=MODELS_DIR)
+    report = await bench(
+        settings, tmp_path, "online", "--target", "direct,inferq,openai", "--local", "--model", "tiny",
+        "-n", "8", "--warmup", "2", "--concurrency", "4", "--output-len", "6",
+    )  # fmt: skip
+    by_target = {r["target"]: r for r in report["results"]}
+    assert sorted(by_target) == ["direct", "inferq", "openai"]
+    for r in by_target.values():
+        assert (r["requests"], r["completed"], r["errors"]) == (8, 8, 0)
+        assert 0 < r["output_tokens"] <= 8 * 6
+    # Greedy, same engine settings: the queue returns exactly the tokens AsyncLLM makes directly.
+    assert by_target["inferq"]["output_tokens"] == by_target["direct"]["output_tokens"]
+
+
+async def test_queue_bench_reports_each_cell(settings: Settings, tmp_path: Path) -> None:
+    report = await bench(settings, tmp_path, "queue", "--workers", "1", "--producers", "1,4", "--seconds", "1")
+    assert report["raw_xadd_per_s"] > 0
+    assert [(r["workers"], r["producers"]) for r in report["rows"]] == [(1, 1), (1, 4)]
+    for r in report["rows"]:
+        assert r["completed"] > 0 and r["errors"] == 0 and r["added_ms_p99"] >= r["added_ms_p50"] > 0
+
+
+async def test_bulk_bench_runs_both_tools_on_one_file(settings: Settings, tmp_path: Path) -> None:
+    report = await bench(
+        settings, tmp_path, "bulk", "--model", "tiny", "--requests", "6", "--max-tokens", "4", "--rounds", "1"
+    )
+    (row,) = report["rounds"]
+    for tool in ("vllm run-batch", "inferq bulk --local"):
+        assert row[tool]["errors"] == 0 and 0 < row[tool]["output_tokens"] <= 6 * 4
+    assert row["inferq bulk --local"]["output_tokens"] == row["vllm run-batch"]["output_tokens"]
+    assert row["ratio"] > 0 and report["median_ratio"] == row["ratio"]

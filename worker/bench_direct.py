@@ -1,0 +1,37 @@
+"""The ceiling for `inferq bench online --target direct` (issue 6): the same requests on vLLM's AsyncLLM,
+called in this process with the worker's own engine settings (worker.vllm_engine), no queue in between."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from shared.benchstats import Prompt, Timing
+from shared.schemas import GenerationRequest
+from shared.settings import Settings
+from worker.vllm_engine import VllmEngine
+
+Send = Callable[[Prompt, Timing], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def direct_sender(model_path: str, settings: Settings) -> AsyncIterator[Send]:
+    engine = VllmEngine(model_path, settings)
+    await engine.start()
+    ids = itertools.count()
+
+    async def send(prompt: Prompt, timing: Timing) -> None:
+        request = GenerationRequest(
+            id=f"direct-{next(ids)}", model=settings.model, prompt=prompt.text, max_tokens=prompt.max_tokens,
+            temperature=0,
+        )  # fmt: skip
+        async for delta in engine.generate(request):
+            timing.token(time.perf_counter(), len(delta.token_ids))
+        timing.done = time.perf_counter()
+
+    try:
+        yield send
+    finally:
+        await engine.stop()
