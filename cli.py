@@ -476,6 +476,9 @@ def bench_online_command(
         float | None, typer.Option(help="start requests at Poisson times at this rate per second (concurrency caps it)")
     ] = None,
     num_requests: Annotated[int, typer.Option("--num-requests", "-n", help="measured requests per run")] = 256,
+    waves: Annotated[
+        int, typer.Option(help="at least this many times the concurrency in requests per run (0: just -n)")
+    ] = 0,
     warmup: Annotated[int, typer.Option(help="requests sent first and not measured")] = 16,
     prompt_len: Annotated[int, typer.Option(help="words per generated prompt")] = 16,
     output_len: Annotated[
@@ -508,7 +511,7 @@ def bench_online_command(
     settings = _settings(redis_url=redis_url, model=model, max_inflight=max(levels))
     name = settings.model
     path = "" if ("direct" not in targets and "openai" not in targets and engine != "vllm") else _model_path(settings)
-    total = num_requests + warmup
+    total = max(num_requests, waves * max(levels)) + warmup
     prompts = dataset_prompts(dataset, total, output_len) if dataset else fixed_prompts(total, prompt_len, output_len)
     factories = {
         "inferq": lambda: inferq_target(
@@ -526,7 +529,7 @@ def bench_online_command(
     report = _run(
         bench_online(
             {t: factories[t] for t in targets}, prompts[warmup:], prompts[:warmup], model=name,
-            concurrencies=list(levels), rate=request_rate,
+            concurrencies=list(levels), rate=request_rate, num_requests=num_requests, waves=waves,
             on_result=lambda r: typer.echo(
                 f"{r['target']}, {r['load']}: {r['output_throughput']:.0f} output tok/s", err=True
             ),

@@ -115,14 +115,15 @@ def inferq_sender(client: InferenceClient, model: str) -> Send:
 
 
 def openai_sender(session: Any, url: str, model: str) -> Send:
-    """Streaming /v1/completions on vLLM's OpenAI server; token counts from its per-chunk usage."""
+    """Streaming /v1/completions on vLLM's OpenAI server: each chunk with text is one step's output (as
+    vllm bench serve counts it); the token count comes from the final usage chunk."""
 
     async def send(prompt: Prompt, timing: Timing) -> None:
         body = {
             "model": model, "prompt": prompt.text, "max_tokens": prompt.max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "stream_options": {"include_usage": True},
         }  # fmt: skip
-        seen = 0
+        total = None
         async with session.post(f"{url}/v1/completions", json=body) as response:
             if response.status != 200:
                 raise InferqError(f"HTTP {response.status}: {(await response.text())[:200]}")
@@ -130,11 +131,15 @@ def openai_sender(session: Any, url: str, model: str) -> Send:
                 line = raw.strip()
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
-                usage = json.loads(line[6:]).get("usage") or {}
-                tokens = int(usage.get("completion_tokens", seen))
-                timing.token(time.perf_counter(), tokens - seen)
-                seen = tokens
+                chunk = json.loads(line[6:])
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("text"):
+                    timing.token(time.perf_counter(), 1)
+                if chunk.get("usage") and not choices:
+                    total = int(chunk["usage"]["completion_tokens"])
         timing.done = time.perf_counter()
+        if total is not None:
+            timing.output_tokens = total
 
     return send
 
@@ -248,14 +253,19 @@ async def bench_online(
     model: str,
     concurrencies: list[int | None],
     rate: float | None,
+    num_requests: int | None = None,
+    waves: int = 0,
     on_result: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
-    """Each target set up once, then the workload at each concurrency; every figure labelled."""
+    """Each target set up once, then the workload at each concurrency: `num_requests` of `prompts`, or
+    `waves` times the concurrency if that is more (a short run at high concurrency is mostly ramp-up and
+    tail); every figure labelled."""
     results = []
     for name, target in targets.items():
         async with target() as send:
             for concurrency in concurrencies:
-                result = await measure(name, send, prompts, warmup, concurrency=concurrency, rate=rate)
+                count = max(num_requests or len(prompts), waves * (concurrency or 1))
+                result = await measure(name, send, prompts[:count], warmup, concurrency=concurrency, rate=rate)
                 results.append(result)
                 on_result(result)
     return {"model": model, "environment": environment(), "results": results}

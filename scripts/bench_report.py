@@ -28,9 +28,11 @@ def inferq(*args: str) -> None:
 
 
 def online(model: str, levels: str, n: int, quick: bool) -> dict[str, Any]:
+    """Each target on the same prompts at each concurrency: n requests, or 8 waves of the concurrency."""
     out = RESULTS / f"online-{model}.json"
     inferq("bench", "online", "--target", "direct,inferq,openai", "--local", "--model", model, "--concurrency", levels,
-           "-n", str(n), "--warmup", "8" if quick else "32", "--json", str(out))  # fmt: skip
+           "-n", str(n), "--waves", "2" if quick else "8", "--warmup", "8" if quick else "32",
+           "--json", str(out))  # fmt: skip
     return json.loads(out.read_text())
 
 

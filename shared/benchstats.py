@@ -44,7 +44,7 @@ class Timing:
         self.output_tokens += n
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
     """mean and percentiles, in milliseconds."""
     if not values:
         return {"mean": 0.0, **{f"p{p}": 0.0 for p in PERCENTILES}}
@@ -77,10 +77,10 @@ def summarize(timings: list[Timing], wall_s: float) -> dict[str, Any]:
         "output_tokens": out_tokens,
         "output_throughput": out_tokens / wall_s if wall_s else 0.0,
         "total_throughput": (out_tokens + in_tokens) / wall_s if wall_s else 0.0,
-        "ttft_ms": _spread(ttft),
-        "tpot_ms": _spread(tpot),
-        "itl_ms": _spread(itl),
-        "e2e_ms": _spread(e2e),
+        "ttft_ms": spread(ttft),
+        "tpot_ms": spread(tpot),
+        "itl_ms": spread(itl),
+        "e2e_ms": spread(e2e),
     }
 
 
