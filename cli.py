@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import click
 import typer
@@ -19,8 +19,10 @@ from typer.core import TyperGroup
 
 from shared import aio
 from shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
-from shared.schemas import Result
-from shared.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # pydantic and the settings load on use: vLLM's spawned processes import this module too
+    from shared.schemas import Result
+    from shared.settings import Settings
 
 EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -79,6 +81,8 @@ def _die(message: str, code: int) -> NoReturn:
 
 
 def _settings(**overrides: Any) -> Settings:
+    from shared.settings import load_settings
+
     try:
         return load_settings(**overrides)
     except InferqError as exc:

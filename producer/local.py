@@ -56,7 +56,7 @@ async def local_worker(
     settings: Settings, *, model: str, engine: str = "vllm", args: tuple[str, ...] = ()
 ) -> AsyncIterator[LocalWorker]:
     """Start `inferq worker` for `model` (on the same Redis, with `args` added); on exit SIGTERM it (it
-    drains) and wait for it. Its log goes to a temp file, named in any error."""
+    drains) and wait for it. Its log goes to a temp file, named in any error and removed after a clean exit."""
     name = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     log = Path(tempfile.mkstemp(prefix="inferq-local-worker-", suffix=".log")[1])
     env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix}
@@ -79,3 +79,5 @@ async def local_worker(
             except TimeoutError:
                 os.killpg(proc.pid, signal.SIGKILL)  # the worker and its engine core
                 await proc.wait()
+        if proc.returncode == 0:
+            log.unlink(missing_ok=True)  # a clean run's log says nothing; a failed one's is named in the error
