@@ -80,4 +80,4 @@ async def local_worker(
                 os.killpg(proc.pid, signal.SIGKILL)  # the worker and its engine core
                 await proc.wait()
         if proc.returncode == 0:
-            log.unlink(missing_ok=True)  # a clean run's log says nothing; a failed one's is named in the error
+            os.unlink(log)  # a clean run's log says nothing; a failed one's is named in the error
