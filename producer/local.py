@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shared.aio import first
 from shared.errors import InferqError
 from shared.settings import Settings
 
@@ -34,21 +35,13 @@ class LocalWorker:
 
     async def guard(self, work: Coroutine[Any, Any, T]) -> T:
         """Run `work`; if the worker exits first, cancel it and raise with the worker's log."""
-        task = asyncio.ensure_future(work)
-        exited = asyncio.ensure_future(self.proc.wait())
-        try:
-            await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            exited.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled() and self.proc.returncode is not None:
+        finished, value = await first(work, self.proc.wait())
+        if not finished:
             raise InferqError(
                 f"the local worker exited with {self.proc.returncode} before the job ended; its log: {self.log}. "
                 "Run the same command again to resume the job."
             )
-        return task.result()
+        return value  # type: ignore[return-value]
 
 
 @contextlib.asynccontextmanager

@@ -34,21 +34,25 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
 
 
+async def first(work: Awaitable[T], stop: Awaitable[Any]) -> tuple[bool, T | None]:
+    """Run `work` until `stop` completes: (True, its result) if `work` finished first (its exception is
+    raised), else (False, None) with `work` cancelled. For work that is safe to cut short."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop)
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False, None
+    return True, task.result()
+
+
 async def unless(event: asyncio.Event, work: Awaitable[T]) -> T | None:
     """`work`'s result, or None if `event` is set first (`work` is then cancelled: use this only for work
     that is safe to cut short, such as a blocking read that takes nothing)."""
-    task = asyncio.ensure_future(work)
-    if event.is_set():
-        task.cancel()
-    else:
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            if not task.done():
-                task.cancel()
-    if task.cancelled() or not task.done():
-        await asyncio.gather(task, return_exceptions=True)
-        return None
-    return task.result()
+    _, value = await first(work, event.wait())
+    return value
