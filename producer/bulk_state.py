@@ -119,7 +119,10 @@ class BulkStore:
         """A new job record (replacing an ended one of the same id, with everything it left)."""
         values = {f.name: str(getattr(record, f.name)) for f in fields(record) if f.name != "id"}
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(*self._keys(record.id), self.keys.bulk_input(record.id))
+            pipe.delete(
+                self.keys.done(record.id), self.keys.bulk_ids(record.id), self.keys.bulk_lease(record.id),
+                self.keys.bulk_input(record.id),
+            )  # fmt: skip
             pipe.hset(self.keys.bulk(record.id), mapping=values)  # type: ignore[arg-type]
             pipe.zadd(self.keys.bulk_jobs(), {record.id: record.created_at})
             await pipe.execute()
@@ -195,10 +198,3 @@ class BulkStore:
         if gone:
             await self.redis.zrem(self.keys.bulk_jobs(), *gone)
         return [r for r in records if r is not None]
-
-    async def delete(self, job: str) -> None:
-        await self.redis.delete(*self._keys(job), self.keys.bulk_input(job), self.keys.bulk(job))
-        await self.redis.zrem(self.keys.bulk_jobs(), job)
-
-    def _keys(self, job: str) -> list[str]:
-        return [self.keys.done(job), self.keys.bulk_ids(job), self.keys.bulk_lease(job)]
