@@ -193,7 +193,11 @@ class BulkStore:
     async def list(self, limit: int = 50) -> list[JobRecord]:
         """Newest first; jobs whose record expired are dropped from the index."""
         ids = [text(j) for j in await self.redis.zrevrange(self.keys.bulk_jobs(), 0, limit - 1)]
-        records = [await self.get(j) for j in ids]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for j in ids:
+                pipe.hgetall(self.keys.bulk(j))
+            raws = await pipe.execute()
+        records = [JobRecord.from_hash(j, raw) if raw else None for j, raw in zip(ids, raws, strict=True)]
         gone = [j for j, r in zip(ids, records, strict=True) if r is None]
         if gone:
             await self.redis.zrem(self.keys.bulk_jobs(), *gone)
