@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from producer.bulk_format import LineError, parse_line
+from producer.bulk_format import LineError, duplicate, parse_line, refused
 from producer.bulk_lines import FileLines, count_lines, numbered_lines
 from producer.bulk_output import complete_lines, write_output
 from producer.bulk_run import LEASE_S, BulkRunner
@@ -125,7 +125,7 @@ class BulkJob:
                     try:
                         self.client.build_request(**line.params)
                     except InvalidRequest as exc:
-                        bad.append(f"line {number} ({line.custom_id}): {exc}")
+                        bad.append(refused(line, exc).message)
                 batch.append((line.custom_id, number))
                 if len(batch) >= 1000:
                     bad += await self._duplicates(scratch, batch)
@@ -140,8 +140,4 @@ class BulkJob:
 
     async def _duplicates(self, scratch: str, batch: list[tuple[str, int]]) -> list[str]:
         firsts = await self.store.first_lines(scratch, batch)
-        return [
-            f"line {n}: duplicate custom_id {c!r} (first on line {first})"
-            for (c, n), first in zip(batch, firsts, strict=True)
-            if first != n
-        ]
+        return [duplicate(n, c, "", first).message for (c, n), first in zip(batch, firsts, strict=True) if first != n]

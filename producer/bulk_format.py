@@ -41,6 +41,17 @@ class LineError:
     message: str
 
 
+def refused(line: BulkLine, exc: Exception) -> LineError:
+    """A line that parsed but does not make a valid request (the client's own rules said why)."""
+    return LineError(line.number, line.custom_id, line.kind, f"line {line.number} ({line.custom_id}): {exc}")
+
+
+def duplicate(number: int, custom_id: str, kind: str, first: int) -> LineError:
+    return LineError(
+        number, custom_id, kind, f"line {number}: duplicate custom_id {custom_id!r} (first on line {first})"
+    )
+
+
 def parse_line(number: int, text: str, default_model: str) -> BulkLine | LineError:
     """One input line to request parameters, or the reason it cannot be one."""
     try:

@@ -21,7 +21,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from producer.admission import ADMITTED, EXISTS
-from producer.bulk_format import BulkLine, LineError, parse_line
+from producer.bulk_format import BulkLine, LineError, duplicate, parse_line, refused
 from producer.bulk_lines import LineSource, Numbered
 from producer.bulk_state import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, BulkStore, JobRecord, digest
 from producer.client import InferenceClient
@@ -162,8 +162,7 @@ class BulkRunner:
         todo: list[GenerationRequest] = []
         for (line, request), first in zip(parsed, firsts, strict=True):
             if first != line.number:
-                message = f"line {line.number}: duplicate custom_id {line.custom_id!r} (first on line {first})"
-                errors.append(error_entry(LineError(line.number, line.custom_id, line.kind, message)))
+                errors.append(error_entry(duplicate(line.number, line.custom_id, line.kind, first)))
             elif isinstance(line, LineError) or request is None:
                 errors.append(error_entry(line))  # type: ignore[arg-type]
             else:
@@ -197,7 +196,7 @@ class BulkRunner:
                     self.job.id), tag=tag(number, line.kind, line.endpoint, model, line.custom_id), **line.params,
             )  # fmt: skip
         except InvalidRequest as exc:
-            return LineError(number, line.custom_id, line.kind, f"line {number} ({line.custom_id}): {exc}"), None
+            return refused(line, exc), None
         return line, request
 
     async def _commit(self, errors: list[dict[str, Any]], lines: int, requests: int, feed_done: bool = False) -> None:
