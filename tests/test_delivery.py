@@ -116,7 +116,9 @@ async def test_cancelled_queued_request_is_skipped_and_never_run(
 ) -> None:
     handle = await client.submit(prompt="never mind", model=MODEL, max_tokens=5)
     done = Keys(settings.key_prefix).done("job-c")
-    bulk = await client.submit(prompt="bulk line", model=MODEL, max_tokens=5, stream=False, reply_stream=done)
+    bulk = await client.submit(
+        prompt="bulk line", model=MODEL, max_tokens=5, stream=False, reply_stream=done, tag="line 7"
+    )
     assert await bulk.cancel() == "cancelled"
     assert await handle.cancel() == "cancelled"
     assert (await client.get(handle.id)).status == "cancelled"  # final at once, before any worker
@@ -130,7 +132,8 @@ async def test_cancelled_queued_request_is_skipped_and_never_run(
     assert await client.cancel(handle.id) == "cancelled"  # cancelling again changes nothing
     # A bulk collector still gets its one record, written when a worker acknowledged the entry.
     [(_, fields)] = await redis.xrange(done)
-    assert (unpack(fields[b"m"])["id"], unpack(fields[b"m"])["status"]) == (bulk.id, "cancelled")
+    record = unpack(fields[b"m"])
+    assert (record["id"], record["status"], record["tag"]) == (bulk.id, "cancelled", "line 7")  # tag kept
     assert (await bulk.result(timeout=30)).status == "cancelled"
     assert await drained(redis, settings, MODEL) == (0, 0)
 

@@ -34,6 +34,9 @@ elseif status == 'cancelled' and redis.call('HEXISTS', KEYS[1], 'ended_by') == 0
   if KEYS[5] then
     local record = {v = 1, id = ARGV[7], status = 'cancelled', finish_reason = 'cancelled', text = '',
                     prompt_tokens = 0, completion_tokens = 0}
+    -- The worker's record may say 'expired' (it read the entry past its deadline), but the stored state
+    -- stands; only its tag (a bulk job's note of which line this was) is carried over.
+    record.tag = cmsgpack.unpack(ARGV[4]).tag
     redis.call('XADD', KEYS[5], '*', 'm', cmsgpack.pack(record))
   end
 else
