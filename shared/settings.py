@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(60_000, ge=100)
     max_deliveries: int = Field(3, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
+    worker_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="Linux: the nice value of a vLLM worker's session scheduling group when it leads its own "
+        "session, so the engine's busy polling does not starve Redis and clients on the same machine (0: off)",
+    )
 
     # Admission and results.
     max_queue_len: int = Field(100_000, ge=1, description="refuse new work at this many entries in a lane")

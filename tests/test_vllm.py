@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -136,3 +137,11 @@ async def test_poison_entries_around_good_requests_on_vllm(tiny: Settings) -> No
         assert any("model: Field required" in x for x in reasons)
         assert any("exceeds the model's context" in x for x in reasons)
         assert await drained(r, tiny, "tiny") == (0, 0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="kernel without autogroup scheduling")
+async def test_worker_session_yields_cpu_to_redis_and_clients(tiny_worker: WorkerProcess) -> None:
+    # The worker leads its own session (conftest starts it so): its group, engine processes included, is at
+    # INFERQ_WORKER_NICE, so vLLM's busy polling does not starve Redis and clients (worker/cpu_share.py).
+    group = Path(f"/proc/{tiny_worker.proc.pid}/autogroup").read_text()  # noqa: ASYNC240 (procfs: instant)
+    assert group.split()[-2:] == ["nice", "5"]

@@ -9,6 +9,7 @@ from typing import Any
 from shared.errors import EngineError
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
+from worker.cpu_share import yield_to_neighbours
 from worker.engine import Delta, RequestRejected
 from worker.flow import EngineLoad
 from worker.vllm_load import LoadState, stat_loggers
@@ -36,6 +37,7 @@ class VllmEngine:
         # On CPU the KV cache is a fixed size (a GPU sizes it from free memory). vLLM's VLLM_CPU_KVCACHE_SPACE
         # (whole GiB), if set, still overrides this.
         kv_bytes = int(self.settings.kv_cache_gib * 2**30) if current_platform.is_cpu() else None
+        yield_to_neighbours(self.settings.worker_nice)  # before vLLM starts its busy-polling processes
 
         args = AsyncEngineArgs(
             model=self.model_path,
