@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -13,8 +16,10 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from producer import InferenceClient  # noqa: E402
 from shared.embedded import EmbeddedServer, temporary_server  # noqa: E402
 from shared.keys import Keys  # noqa: E402
+from shared.settings import load_settings  # noqa: E402
 
 
 def temp_server() -> tuple[EmbeddedServer, Path]:
@@ -41,3 +46,22 @@ async def wait_ready(redis: Redis, prefix: str, name: str, proc: subprocess.Pope
         if proc.poll() is not None:
             raise SystemExit(f"worker {name} exited with {proc.returncode}; its log: {log}")
         await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def one_worker(
+    prefix: str, model: str, args: list[str], extra_env: dict[str, str] | None = None
+) -> AsyncIterator[InferenceClient]:
+    """A fresh server, one worker `w` on it (`--model MODEL ARGS...`), and a client once the worker reads.
+    On exit the worker gets SIGINT (it drains as on SIGTERM; a profiler wrapping it saves on it)."""
+    server, data = temp_server()
+    log = data / "worker.log"
+    worker = spawn_worker(server.url, prefix, "w", ["--model", model, *args], log, extra_env)
+    try:
+        async with InferenceClient(load_settings(redis_url=server.url, model=model, key_prefix=prefix)) as client:
+            await wait_ready(client.redis, prefix, "w", worker, log)
+            yield client
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=60)
+        server.stop()

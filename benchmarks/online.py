@@ -13,14 +13,12 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 
-from common import spawn_worker, temp_server, wait_ready  # first: it puts the repo root on sys.path
+from common import one_worker  # first: it puts the repo root on sys.path
 
-from producer import InferenceClient
 from shared import aio
 from shared.schemas import GenerationRequest
 from shared.settings import load_settings
@@ -67,28 +65,17 @@ async def run_direct(args: argparse.Namespace, model_path: str, texts: list[str]
 
 
 async def run_queue(args: argparse.Namespace, texts: list[str]) -> tuple[float, int]:
-    server, data = temp_server()
-    settings = load_settings(redis_url=server.url, model=args.model, key_prefix="bench")
-    log = data / "worker.log"
-    worker_args = ["--model", args.model, "--max-inflight", str(args.concurrency)]
-    worker = spawn_worker(server.url, "bench", "bench", worker_args, log)
-    try:
-        async with InferenceClient(settings) as client:
-            await wait_ready(client.redis, "bench", "bench", worker, log)
+    async with one_worker("bench", args.model, ["--max-inflight", str(args.concurrency)]) as client:
 
-            async def one(i: int) -> int:
-                handle = await client.submit(prompt=texts[i], max_tokens=args.max_tokens, temperature=0)
-                n = sum([len(e.token_ids) async for e in handle.tokens()])
-                if handle.gap:  # events were missed: count from the stored result
-                    n = (await handle.result()).usage.completion_tokens
-                return n
+        async def one(i: int) -> int:
+            handle = await client.submit(prompt=texts[i], max_tokens=args.max_tokens, temperature=0)
+            n = sum([len(e.token_ids) async for e in handle.tokens()])
+            if handle.gap:  # events were missed: count from the stored result
+                n = (await handle.result()).usage.completion_tokens
+            return n
 
-            await drive(args.warmup, args.concurrency, one)
-            return await drive(args.requests, args.concurrency, one)
-    finally:
-        worker.send_signal(signal.SIGINT)  # the worker drains on SIGINT as on SIGTERM; a profiler saves on it
-        worker.wait(timeout=60)
-        server.stop()
+        await drive(args.warmup, args.concurrency, one)
+        return await drive(args.requests, args.concurrency, one)
 
 
 def main() -> None:

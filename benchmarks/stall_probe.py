@@ -12,13 +12,11 @@ import argparse
 import threading
 import time
 
-from common import spawn_worker, temp_server, wait_ready  # first: it puts the repo root on sys.path
+from common import one_worker  # first: it puts the repo root on sys.path
 
-from producer import InferenceClient
 from producer.bench import fixed_prompts
 from shared import aio
 from shared.benchstats import spread
-from shared.settings import load_settings
 
 LATE_S = 0.020  # a 2 ms sleep this late, or a first event this long after the worker had it, is a stall
 
@@ -50,28 +48,18 @@ class SleepProbe:
 
 
 async def one_setting(model: str, nice: int, requests: int) -> dict[str, float]:
-    server, data = temp_server()
-    settings = load_settings(redis_url=server.url, model=model, key_prefix="stall")
-    log = data / "worker.log"
-    extra = {"INFERQ_WORKER_NICE": str(nice)}
-    worker = spawn_worker(server.url, "stall", "w", ["--model", model, "--no-bulk-jobs"], log, extra)
     lags: list[float] = []
-    try:
-        async with InferenceClient(settings) as client:
-            await wait_ready(client.redis, "stall", "w", worker, log)
-            with SleepProbe() as probe:
-                for prompt in fixed_prompts(requests, 16, 32):
-                    handle = await client.submit(prompt=prompt.text, model=model, max_tokens=32, temperature=0)
-                    first = None
-                    async for _ in handle.tokens():
-                        first = first or time.time()
-                    worker_first = (await handle.result()).timings.first_token_at
-                    if first is not None and worker_first is not None:
-                        lags.append(first - worker_first)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
-        server.stop()
+    extra = {"INFERQ_WORKER_NICE": str(nice)}
+    async with one_worker("stall", model, ["--no-bulk-jobs"], extra) as client:
+        with SleepProbe() as probe:
+            for prompt in fixed_prompts(requests, 16, 32):
+                handle = await client.submit(prompt=prompt.text, model=model, max_tokens=32, temperature=0)
+                first = None
+                async for _ in handle.tokens():
+                    first = first or time.time()
+                worker_first = (await handle.result()).timings.first_token_at
+                if first is not None and worker_first is not None:
+                    lags.append(first - worker_first)
     s = spread(lags)
     return {
         "nice": nice,

@@ -10,48 +10,36 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import spawn_worker, temp_server, wait_ready  # first: it puts the repo root on sys.path
+from common import one_worker  # first: it puts the repo root on sys.path
 
-from producer import InferenceClient
 from shared import aio
 from shared.benchstats import spread
-from shared.settings import load_settings
 
 PARTS = ("admission", "pick-up", "engine to first token", "publish to client", "total")
 
 
 async def main(args: argparse.Namespace) -> None:
-    server, data = temp_server()
-    settings = load_settings(redis_url=server.url, model=args.model, key_prefix="ttft")
-    log = data / "worker.log"
-    worker = spawn_worker(server.url, "ttft", "w", ["--model", args.model, "--engine", args.engine], log)
     samples: dict[str, list[float]] = {p: [] for p in PARTS}
-    try:
-        async with InferenceClient(settings) as client:
-            await wait_ready(client.redis, "ttft", "w", worker, log)
-            for i in range(args.warmup + args.requests):
-                sent = time.time()
-                handle = await client.submit(prompt=f"the queue holds requests {i}", max_tokens=8, temperature=0)
-                first = None
-                async for _ in handle.tokens():
-                    first = first or time.time()
-                t = (await handle.result()).timings
-                if i < args.warmup or None in (first, t.queued_at, t.started_at, t.first_token_at):
-                    continue
-                assert first is not None and t.queued_at and t.started_at and t.first_token_at
-                parts = (
-                    t.queued_at - sent,
-                    t.started_at - t.queued_at,
-                    t.first_token_at - t.started_at,
-                    first - t.first_token_at,
-                    first - sent,
-                )
-                for name, value in zip(PARTS, parts, strict=True):
-                    samples[name].append(value)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
-        server.stop()
+    async with one_worker("ttft", args.model, ["--engine", args.engine]) as client:
+        for i in range(args.warmup + args.requests):
+            sent = time.time()
+            handle = await client.submit(prompt=f"the queue holds requests {i}", max_tokens=8, temperature=0)
+            first = None
+            async for _ in handle.tokens():
+                first = first or time.time()
+            t = (await handle.result()).timings
+            if i < args.warmup or None in (first, t.queued_at, t.started_at, t.first_token_at):
+                continue
+            assert first is not None and t.queued_at and t.started_at and t.first_token_at
+            parts = (
+                t.queued_at - sent,
+                t.started_at - t.queued_at,
+                t.first_token_at - t.started_at,
+                first - t.first_token_at,
+                first - sent,
+            )
+            for name, value in zip(PARTS, parts, strict=True):
+                samples[name].append(value)
     print(f"model {args.model}, engine {args.engine}, {args.requests} requests one at a time")
     print("(ms; the stream entry's time, queued_at, has 1 ms resolution)")
     print(f"{'part':<24}{'p50':>8}{'p90':>8}{'p99':>8}{'mean':>8}")
