@@ -502,7 +502,7 @@ def bench_online_command(
     """Throughput and latency of one workload on each target, like `vllm bench serve`: request and token
     throughput; TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99); errors. Prints the targets
     side by side. inferq needs running workers for the model, or --local; openai needs --url, or --local."""
-    from producer.bench import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target
+    from producer.bench import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target, run_size
     from shared.benchstats import describe_environment, table
 
     targets = [t.strip() for t in target.split(",") if t.strip()]
@@ -515,7 +515,7 @@ def bench_online_command(
     settings = _settings(redis_url=redis_url, model=model, max_inflight=max(levels))
     name = settings.model
     path = "" if ("direct" not in targets and "openai" not in targets and engine != "vllm") else _model_path(settings)
-    total = max(num_requests, waves * max(levels)) + warmup
+    total = max(run_size(num_requests, waves, c) for c in levels) + warmup
     prompts = dataset_prompts(dataset, total, output_len) if dataset else fixed_prompts(total, prompt_len, output_len)
     factories = {
         "inferq": lambda: inferq_target(

@@ -63,6 +63,12 @@ def dataset_prompts(path: Path, n: int, output_len: int) -> list[Prompt]:
     return [rows[i % len(rows)] for i in range(n)]
 
 
+def run_size(num_requests: int, waves: int, concurrency: int | None) -> int:
+    """Measured requests in one run: `num_requests`, or `waves` times the concurrency if that is more (a
+    short run at high concurrency is mostly ramp-up and tail)."""
+    return max(num_requests, waves * (concurrency or 1))
+
+
 async def run_load(
     prompts: list[Prompt], send: Send, *, concurrency: int | None = None, rate: float | None = None, seed: int = 0
 ) -> tuple[list[Timing], float]:
@@ -257,14 +263,13 @@ async def bench_online(
     waves: int = 0,
     on_result: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
-    """Each target set up once, then the workload at each concurrency: `num_requests` of `prompts`, or
-    `waves` times the concurrency if that is more (a short run at high concurrency is mostly ramp-up and
-    tail); every figure labelled."""
+    """Each target set up once, then the workload at each concurrency (`run_size` of `prompts`); every
+    figure labelled."""
     results = []
     for name, target in targets.items():
         async with target() as send:
             for concurrency in concurrencies:
-                count = max(num_requests or len(prompts), waves * (concurrency or 1))
+                count = run_size(num_requests or len(prompts), waves, concurrency)
                 result = await measure(name, send, prompts[:count], warmup, concurrency=concurrency, rate=rate)
                 results.append(result)
                 on_result(result)
