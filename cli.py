@@ -484,6 +484,12 @@ def bench_online_command(
         int, typer.Option(help="at least this many times the concurrency in requests per run (0: just -n)")
     ] = 0,
     warmup: Annotated[int, typer.Option(help="requests sent first and not measured")] = 16,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1, help="run everything this many times, the targets taking turns; each figure is the median round's"
+        ),
+    ] = 1,
     prompt_len: Annotated[int, typer.Option(help="words per generated prompt")] = 16,
     output_len: Annotated[
         int, typer.Option(help="max_tokens per request (greedy, so every target makes the same)")
@@ -533,9 +539,9 @@ def bench_online_command(
     report = _run(
         bench_online(
             {t: factories[t] for t in targets}, prompts[warmup:], prompts[:warmup], model=name,
-            concurrencies=list(levels), rate=request_rate, num_requests=num_requests, waves=waves,
+            concurrencies=list(levels), rate=request_rate, num_requests=num_requests, waves=waves, rounds=rounds,
             on_result=lambda r: typer.echo(
-                f"{r['target']}, {r['load']}: {r['output_throughput']:.0f} output tok/s", err=True
+                f"round {r['round']}, {r['target']}, {r['load']}: {r['output_throughput']:.0f} output tok/s", err=True
             ),
         )
     )  # fmt: skip

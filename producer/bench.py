@@ -261,16 +261,39 @@ async def bench_online(
     rate: float | None,
     num_requests: int | None = None,
     waves: int = 0,
+    rounds: int = 1,
     on_result: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
-    """Each target set up once, then the workload at each concurrency (`run_size` of `prompts`); every
-    figure labelled."""
-    results = []
-    for name, target in targets.items():
-        async with target() as send:
+    """Every target set up at once, then `rounds` rounds of the workload at each concurrency (`run_size` of
+    `prompts`), the targets taking turns in an order that flips each round, so a slow minute of the machine
+    does not land on one target. `results` holds, per target and load, the round with the median output
+    throughput (every round's figure in `rounds_output_throughput`); `runs` holds every round."""
+    runs: list[dict[str, Any]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        sends = {name: await stack.enter_async_context(target()) for name, target in targets.items()}
+        for round_no in range(1, rounds + 1):
+            order = list(sends) if round_no % 2 else list(reversed(sends))
             for concurrency in concurrencies:
                 count = run_size(num_requests or len(prompts), waves, concurrency)
-                result = await measure(name, send, prompts[:count], warmup, concurrency=concurrency, rate=rate)
-                results.append(result)
-                on_result(result)
-    return {"model": model, "environment": environment(), "results": results}
+                for name in order:
+                    load = prompts[:count]
+                    result = await measure(name, sends[name], load, warmup, concurrency=concurrency, rate=rate)
+                    result["round"] = round_no
+                    runs.append(result)
+                    on_result(result)
+    return {"model": model, "environment": environment(), "rounds": rounds, "results": medians(runs), "runs": runs}
+
+
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per target and load (in the order they first ran), the round whose output throughput is the median
+    (the lower of the middle two for an even count), with every round's throughput added."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["target"], run["load"]), []).append(run)
+    picked = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda r: r["output_throughput"])
+        median = dict(ordered[(len(ordered) - 1) // 2])
+        median["rounds_output_throughput"] = [r["output_throughput"] for r in group]
+        picked.append(median)
+    return picked

@@ -2,7 +2,7 @@
 `make bench` markers), the JSON into benchmarks/results/ and a plot of throughput and TTFT against
 concurrency for the three online targets (benchmarks/results/online-<model>.png).
 
-    python scripts/bench_report.py            # all of it (~20 min on 2 cores)
+    python scripts/bench_report.py            # all of it (~45 min on 2 cores)
     python scripts/bench_report.py --quick    # small runs, to check the harness end to end
 """
 
@@ -27,12 +27,13 @@ def inferq(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def online(model: str, levels: str, n: int, quick: bool) -> dict[str, Any]:
-    """Each target on the same prompts at each concurrency: n requests, or 8 waves of the concurrency."""
+def online(model: str, levels: str, n: int, quick: bool, rounds: int = 1, waves: int = 8) -> dict[str, Any]:
+    """Each target on the same prompts at each concurrency: n requests, or `waves` waves of the concurrency;
+    with rounds, the targets take turns and each figure is the median round's."""
     out = RESULTS / f"online-{model}.json"
     inferq("bench", "online", "--target", "direct,inferq,openai", "--local", "--model", model, "--concurrency", levels,
-           "-n", str(n), "--waves", "2" if quick else "8", "--warmup", "8" if quick else "32",
-           "--json", str(out))  # fmt: skip
+           "-n", str(n), "--waves", "2" if quick else str(waves), "--warmup", "8" if quick else "32",
+           "--rounds", "1" if quick else str(rounds), "--json", str(out))  # fmt: skip
     return json.loads(out.read_text())
 
 
@@ -67,14 +68,27 @@ def _trio(*runs: dict[str, Any]) -> Any:
     return lambda key, stat: " / ".join(f"{r[key][stat]:.1f}" for r in runs)
 
 
+def by_round(report: dict[str, Any], concurrency: int) -> str:
+    """inferq / direct in each round (the targets took turns within a round)."""
+    runs = [r for r in report.get("runs", []) if r["concurrency"] == concurrency]
+    ratios = []
+    for n in range(1, report.get("rounds", 1) + 1):
+        tput = {r["target"]: r["output_throughput"] for r in runs if r["round"] == n}
+        if tput.get("direct"):
+            ratios.append(f"{tput.get('inferq', 0) / tput['direct']:.2f}")
+    return " / ".join(ratios)
+
+
 def online_md(report: dict[str, Any]) -> str:
+    rounds = report.get("rounds", 1)
+    how = f"median of {rounds} rounds, targets taking turns" if rounds > 1 else "one round"
     lines = [
-        f"**{report['model']}**: output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s.",
+        f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s.",
         "",
-        "| concurrency | direct tok/s | inferq tok/s | openai tok/s | inferq/direct | inferq/openai "
-        "| TTFT p50 direct / inferq / openai | TTFT p99 direct / inferq / openai | TPOT p50 direct / inferq / openai "
-        "| errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concurrency | direct tok/s | inferq tok/s | openai tok/s | inferq/direct | inferq/direct by round "
+        "| inferq/openai | TTFT p50 direct / inferq / openai | TTFT p99 direct / inferq / openai "
+        "| TPOT p50 direct / inferq / openai | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in sorted({r["concurrency"] for r in report["results"]}):
         d, q, o = by(report, "direct", c), by(report, "inferq", c), by(report, "openai", c)
@@ -84,7 +98,7 @@ def online_md(report: dict[str, Any]) -> str:
         tput = [x["output_throughput"] for x in (d, q, o)]
         lines.append(
             f"| {c} | {tput[0]:,.0f} | {tput[1]:,.0f} | {tput[2]:,.0f} "
-            f"| {tput[1] / tput[0]:.3f} | {tput[1] / tput[2]:.3f} "
+            f"| {tput[1] / tput[0]:.3f} | {by_round(report, c)} | {tput[1] / tput[2]:.3f} "
             f"| {trio('ttft_ms', 'p50')} | {trio('ttft_ms', 'p99')} | {trio('tpot_ms', 'p50')} "
             f"| {d['errors'] + q['errors'] + o['errors']} |"
         )
@@ -98,7 +112,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     q = args.quick
-    reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q)]
+    reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q, rounds=3, waves=16)]
     if not q:
         reports.append(online("smollm2", "1,64", 64, q))
     for report in reports:

@@ -49,12 +49,31 @@ async def test_online_counts_every_request_and_token(settings: Settings, redis: 
     assert await drained(redis, settings, "fake") == (0, 0)
 
 
+async def test_online_rounds_report_the_median_round(settings: Settings, redis: Redis, tmp_path: Path) -> None:
+    report = await bench(
+        settings, tmp_path, "online", "--target", "inferq", "--local", "--engine", "standin", "--model", "fake",
+        "-n", "6", "--warmup", "1", "--concurrency", "1,2", "--output-len", "3", "--rounds", "3",
+    )  # fmt: skip
+    assert report["rounds"] == 3
+    assert [(r["round"], r["concurrency"]) for r in report["runs"]] == [(n, c) for n in (1, 2, 3) for c in (1, 2)]
+    assert all((r["completed"], r["output_tokens"]) == (6, 18) for r in report["runs"])
+    assert [r["concurrency"] for r in report["results"]] == [1, 2]
+    for median in report["results"]:
+        rounds = [r["output_throughput"] for r in report["runs"] if r["concurrency"] == median["concurrency"]]
+        assert median["rounds_output_throughput"] == rounds
+        assert median["output_throughput"] == sorted(rounds)[1]
+    assert await drained(redis, settings, "fake") == (0, 0)
+
+
 async def test_online_three_targets_on_vllm(redis_server: Any, tmp_path: Path) -> None:
     settings = Settings(redis_url=redis_server.url, key_prefix="bench-vllm", model="tiny", data_dir=MODELS_DIR)
     report = await bench(
         settings, tmp_path, "online", "--target", "direct,inferq,openai", "--local", "--model", "tiny",
-        "-n", "8", "--warmup", "2", "--concurrency", "4", "--output-len", "6",
+        "-n", "8", "--warmup", "2", "--concurrency", "4", "--output-len", "6", "--rounds", "2",
     )  # fmt: skip
+    # The targets take turns, in the opposite order in the second round.
+    order = [r["target"] for r in report["runs"]]
+    assert order == ["direct", "inferq", "openai", "openai", "inferq", "direct"]
     by_target = {r["target"]: r for r in report["results"]}
     assert sorted(by_target) == ["direct", "inferq", "openai"]
     for r in by_target.values():
