@@ -264,20 +264,21 @@ async def bench_online(
     rounds: int = 1,
     on_result: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
-    """Every target set up at once, then `rounds` rounds of the workload at each concurrency (`run_size` of
-    `prompts`), the targets taking turns in an order that flips each round, so a slow minute of the machine
-    does not land on one target. `results` holds, per target and load, the round with the median output
-    throughput (every round's figure in `rounds_output_throughput`); `runs` holds every round."""
+    """`rounds` rounds; in each, every target in turn is set up, runs the workload at each concurrency
+    (`run_size` of `prompts`) and is taken down, in an order that flips each round, so a slow minute of the
+    machine does not land on one target. One target at a time: an idle engine beside the measured one is not
+    what a deployment has (and vLLM's HTTP server drops keep-alive connections left idle for 5 s). `results`
+    holds, per target and load, the round with the median output throughput (every round's figure in
+    `rounds_output_throughput`); `runs` holds every round."""
     runs: list[dict[str, Any]] = []
-    async with contextlib.AsyncExitStack() as stack:
-        sends = {name: await stack.enter_async_context(target()) for name, target in targets.items()}
-        for round_no in range(1, rounds + 1):
-            order = list(sends) if round_no % 2 else list(reversed(sends))
-            for concurrency in concurrencies:
-                count = run_size(num_requests or len(prompts), waves, concurrency)
-                for name in order:
+    for round_no in range(1, rounds + 1):
+        order = list(targets) if round_no % 2 else list(reversed(targets))
+        for name in order:
+            async with targets[name]() as send:
+                for concurrency in concurrencies:
+                    count = run_size(num_requests or len(prompts), waves, concurrency)
                     load = prompts[:count]
-                    result = await measure(name, sends[name], load, warmup, concurrency=concurrency, rate=rate)
+                    result = await measure(name, send, load, warmup, concurrency=concurrency, rate=rate)
                     result["round"] = round_no
                     runs.append(result)
                     on_result(result)

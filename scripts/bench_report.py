@@ -2,7 +2,7 @@
 `make bench` markers), the JSON into benchmarks/results/ and a plot of throughput and TTFT against
 concurrency for the three online targets (benchmarks/results/online-<model>.png).
 
-    python scripts/bench_report.py            # all of it (~45 min on 2 cores)
+    python scripts/bench_report.py            # all of it (~40 min on 2 cores)
     python scripts/bench_report.py --quick    # small runs, to check the harness end to end
 """
 
