@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -19,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 from producer import InferenceClient  # noqa: E402
 from shared.embedded import EmbeddedServer, temporary_server  # noqa: E402
 from shared.keys import Keys  # noqa: E402
+from shared.schemas import Timings  # noqa: E402
 from shared.settings import load_settings  # noqa: E402
 
 
@@ -65,3 +68,13 @@ async def one_worker(
         worker.send_signal(signal.SIGINT)
         worker.wait(timeout=60)
         server.stop()
+
+
+async def first_event(client: InferenceClient, **request: Any) -> tuple[float | None, Timings]:
+    """Submit one request and stream it to its end: when (time.time()) its first token event reached this
+    client (None: none did), and the worker's stored timings, to set it against."""
+    handle = await client.submit(**request)
+    first = None
+    async for _ in handle.tokens():
+        first = first or time.time()
+    return first, (await handle.result()).timings

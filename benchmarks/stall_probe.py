@@ -12,7 +12,7 @@ import argparse
 import threading
 import time
 
-from common import one_worker  # first: it puts the repo root on sys.path
+from common import first_event, one_worker  # first: it puts the repo root on sys.path
 
 from producer.bench import fixed_prompts
 from shared import aio
@@ -53,11 +53,10 @@ async def one_setting(model: str, nice: int, requests: int) -> dict[str, float]:
     async with one_worker("stall", model, ["--no-bulk-jobs"], extra) as client:
         with SleepProbe() as probe:
             for prompt in fixed_prompts(requests, 16, 32):
-                handle = await client.submit(prompt=prompt.text, model=model, max_tokens=32, temperature=0)
-                first = None
-                async for _ in handle.tokens():
-                    first = first or time.time()
-                worker_first = (await handle.result()).timings.first_token_at
+                first, timings = await first_event(
+                    client, prompt=prompt.text, model=model, max_tokens=32, temperature=0
+                )
+                worker_first = timings.first_token_at
                 if first is not None and worker_first is not None:
                     lags.append(first - worker_first)
     s = spread(lags)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import one_worker  # first: it puts the repo root on sys.path
+from common import first_event, one_worker  # first: it puts the repo root on sys.path
 
 from shared import aio
 from shared.benchstats import spread
@@ -23,11 +23,7 @@ async def main(args: argparse.Namespace) -> None:
     async with one_worker("ttft", args.model, ["--engine", args.engine]) as client:
         for i in range(args.warmup + args.requests):
             sent = time.time()
-            handle = await client.submit(prompt=f"the queue holds requests {i}", max_tokens=8, temperature=0)
-            first = None
-            async for _ in handle.tokens():
-                first = first or time.time()
-            t = (await handle.result()).timings
+            first, t = await first_event(client, prompt=f"the queue holds requests {i}", max_tokens=8, temperature=0)
             if i < args.warmup or None in (first, t.queued_at, t.started_at, t.first_token_at):
                 continue
             assert first is not None and t.queued_at and t.started_at and t.first_token_at
