@@ -73,6 +73,14 @@ RedisUrl = Annotated[
 Model = Annotated[
     str | None, typer.Option("--model", "-m", help="tiny, smollm2, a local path or a hub id [env INFERQ_MODEL]")
 ]
+StreamInterval = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="tokens per streamed event; the first token and the end go at once; 1: every token, at a cost in "
+        "throughput [env INFERQ_STREAM_INTERVAL, default 8]",
+    ),
+]
 
 
 def _die(message: str, code: int) -> NoReturn:
@@ -415,6 +423,7 @@ def worker(
     consumer: Annotated[str | None, typer.Option(help="consumer name in the group (default: host-pid-random)")] = None,
     engine: Annotated[str, typer.Option(help="vllm, or standin (a fixed-rate fake for queue tests)")] = "vllm",
     max_model_len: Annotated[int | None, typer.Option(help="context length [env INFERQ_MAX_MODEL_LEN]")] = None,
+    stream_interval: StreamInterval = None,
     bulk_jobs: Annotated[
         bool, typer.Option(help="also run steps of detached bulk jobs (`inferq bulk submit`), with no engine cost")
     ] = True,
@@ -430,7 +439,10 @@ def worker(
 
     if engine not in ("vllm", "standin"):
         _die(f"unknown engine {engine!r}; use vllm or standin", EXIT_USAGE)
-    settings = _settings(redis_url=redis_url, model=model, max_inflight=max_inflight, max_model_len=max_model_len)
+    settings = _settings(
+        redis_url=redis_url, model=model, max_inflight=max_inflight, max_model_len=max_model_len,
+        stream_interval=stream_interval,
+    )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         path = (
@@ -502,6 +514,7 @@ def bench_online_command(
     ] = False,
     engine: Annotated[str, typer.Option(help="with --local, inferq's worker engine: vllm, or standin")] = "vllm",
     url: Annotated[str | None, typer.Option(help="the OpenAI server's base URL (without --local)")] = None,
+    stream_interval: StreamInterval = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write every figure here as JSON")] = None,
     redis_url: RedisUrl = None,
 ) -> None:
@@ -518,7 +531,7 @@ def bench_online_command(
     if "openai" in targets and not (url or local):
         _die("--target openai needs --url of a running server, or --local to start one", EXIT_USAGE)
     levels = _numbers(concurrency, "--concurrency")
-    settings = _settings(redis_url=redis_url, model=model, max_inflight=max(levels))
+    settings = _settings(redis_url=redis_url, model=model, max_inflight=max(levels), stream_interval=stream_interval)
     name = settings.model
     path = "" if ("direct" not in targets and "openai" not in targets and engine != "vllm") else _model_path(settings)
     total = max(run_size(num_requests, waves, c) for c in levels) + warmup
@@ -529,7 +542,7 @@ def bench_online_command(
         ),
         "openai": lambda: openai_target(
             None if local else url, name, path, max_num_seqs=max(levels), max_model_len=settings.max_model_len,
-            kv_gib=max(1, round(settings.kv_cache_gib)),
+            kv_gib=max(1, round(settings.kv_cache_gib)), stream_interval=settings.stream_interval,
         ),
     }  # fmt: skip
     if "direct" in targets:
@@ -545,7 +558,10 @@ def bench_online_command(
             ),
         )
     )  # fmt: skip
-    typer.echo(f"model {name} on {describe_environment(report['environment'])}")
+    # Every target streams the same way (inferq without --local: if its workers were started the same way).
+    report["stream_interval"] = settings.stream_interval
+    where = describe_environment(report["environment"])
+    typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event, on {where}")
     typer.echo(table(report["results"]))
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))

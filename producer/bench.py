@@ -161,7 +161,7 @@ async def openai_session() -> AsyncIterator[Any]:
 
 @contextlib.asynccontextmanager
 async def openai_server(
-    model_path: str, model: str, *, max_num_seqs: int, max_model_len: int, kv_gib: int
+    model_path: str, model: str, *, max_num_seqs: int, max_model_len: int, kv_gib: int, stream_interval: int
 ) -> AsyncIterator[str]:
     """vLLM's OpenAI server on a free port with inferq's engine settings; yields its URL once /health answers."""
     import socket
@@ -174,7 +174,7 @@ async def openai_server(
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name", model,
         "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len), "--max-num-seqs",
         str(max_num_seqs), "--port", str(port), "--host", "127.0.0.1", "--disable-log-stats",
-        "--disable-uvicorn-access-log",
+        "--disable-uvicorn-access-log", "--stream-interval", str(stream_interval),
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     with open(log, "wb") as out:  # noqa: ASYNC230 - the child's log
@@ -222,7 +222,7 @@ async def inferq_target(
     async with contextlib.AsyncExitStack() as stack:
         local = None
         if local_engine:
-            args = ("--max-inflight", str(max_inflight))
+            args = ("--max-inflight", str(max_inflight), "--stream-interval", str(settings.stream_interval))
             local = await stack.enter_async_context(local_worker(settings, model=model, engine=local_engine, args=args))
         client = await stack.enter_async_context(InferenceClient(settings))
         send = inferq_sender(client, model)
@@ -239,14 +239,24 @@ async def inferq_target(
 
 @contextlib.asynccontextmanager
 async def openai_target(
-    url: str | None, model: str, model_path: str, *, max_num_seqs: int, max_model_len: int, kv_gib: int
+    url: str | None,
+    model: str,
+    model_path: str,
+    *,
+    max_num_seqs: int,
+    max_model_len: int,
+    kv_gib: int,
+    stream_interval: int,
 ) -> AsyncIterator[Send]:
     """vLLM's OpenAI server at `url`, or (None) one started for the bench with inferq's engine settings."""
     async with contextlib.AsyncExitStack() as stack:
         if url is None:
             url = await stack.enter_async_context(
-                openai_server(model_path, model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_gib=kv_gib)
-            )
+                openai_server(
+                    model_path, model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_gib=kv_gib,
+                    stream_interval=stream_interval,
+                )
+            )  # fmt: skip
         session = await stack.enter_async_context(openai_session())
         yield openai_sender(session, url.rstrip("/"), model)
 

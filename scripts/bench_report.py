@@ -82,6 +82,7 @@ def by_round(report: dict[str, Any], concurrency: int) -> str:
 def online_md(report: dict[str, Any]) -> str:
     rounds = report.get("rounds", 1)
     how = f"median of {rounds} rounds, targets taking turns" if rounds > 1 else "one round"
+    how += f"; every target streams {report.get('stream_interval', 1)} tokens per event"
     lines = [
         f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s.",
         "",

@@ -28,7 +28,7 @@ class Timing:
 
     sent: float
     first: float | None = None  # first token arrived
-    chunks: list[float] = field(default_factory=list)  # arrival of every piece of output (one engine step each)
+    chunks: list[float] = field(default_factory=list)  # arrival of every piece of output (a streamed event each)
     done: float | None = None
     output_tokens: int = 0
     prompt_tokens: int = 0
@@ -75,6 +75,7 @@ def summarize(timings: list[Timing], wall_s: float) -> dict[str, Any]:
         "duration_s": wall_s,
         "request_throughput": len(ok) / wall_s if wall_s else 0.0,
         "output_tokens": out_tokens,
+        "output_chunks": sum(len(t.chunks) for t in ok),  # streamed events: fewer than tokens with a stream interval
         "output_throughput": out_tokens / wall_s if wall_s else 0.0,
         "total_throughput": (out_tokens + in_tokens) / wall_s if wall_s else 0.0,
         "ttft_ms": spread(ttft),

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=16)
     dtype: str = "auto"
     kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU, in GiB (fractions allowed)")
+    stream_interval: int = Field(
+        8,
+        ge=1,
+        description="tokens per streamed token event (vLLM's stream_interval); the first token and the end are "
+        "always sent at once. Each event wakes the worker, Redis and the client: 1 streams every token and "
+        "costs a third of the throughput on a 2-core box (BENCHMARKS.md)",
+    )
 
     # Worker.
     max_inflight: int = Field(256, ge=1, description="requests one worker runs at once")

@@ -70,7 +70,9 @@ async def test_online_three_targets_on_vllm(redis_server: Any, tmp_path: Path) -
     report = await bench(
         settings, tmp_path, "online", "--target", "direct,inferq,openai", "--local", "--model", "tiny",
         "-n", "8", "--warmup", "2", "--concurrency", "4", "--output-len", "6", "--rounds", "2",
+        "--stream-interval", "3",
     )  # fmt: skip
+    assert report["stream_interval"] == 3 and "3 tokens per streamed event" in report["stdout"]
     # The targets take turns, in the opposite order in the second round.
     order = [r["target"] for r in report["runs"]]
     assert order == ["direct", "inferq", "openai", "openai", "inferq", "direct"]
@@ -79,8 +81,10 @@ async def test_online_three_targets_on_vllm(redis_server: Any, tmp_path: Path) -
     for r in by_target.values():
         assert (r["requests"], r["completed"], r["errors"]) == (8, 8, 0)
         assert 0 < r["output_tokens"] <= 8 * 6
-    # Greedy, same engine settings: the queue returns exactly the tokens AsyncLLM makes directly.
+    # Greedy, same engine settings: the queue returns exactly the tokens AsyncLLM makes directly, in as many
+    # events: the first token alone, then up to 3 at a time.
     assert by_target["inferq"]["output_tokens"] == by_target["direct"]["output_tokens"]
+    assert by_target["inferq"]["output_chunks"] == by_target["direct"]["output_chunks"] <= 8 * 3
 
 
 async def test_queue_bench_reports_each_cell(settings: Settings, tmp_path: Path) -> None:

@@ -27,6 +27,8 @@ async def test_streamed_tokens_match_stored_result(tiny: Settings, redis: Redis)
         result = await handle.result(timeout=60)
     assert [e.seq for e in events] == list(range(len(events)))
     assert events[-1].finished and not any(e.finished for e in events[:-1])
+    # The first token at once, then INFERQ_STREAM_INTERVAL (default 8) tokens per event, the rest with the end.
+    assert Settings().stream_interval == 8 and [len(e.token_ids) for e in events] == [1, 8, 8, 7]
     assert result.status == "done" and result.finish_reason == "length"
     assert "".join(e.text for e in events) == result.text != ""
     assert sum(len(e.token_ids) for e in events) == result.usage.completion_tokens == 24

@@ -16,6 +16,9 @@ from worker.vllm_load import LoadState, stat_loggers
 
 log = logging.getLogger("inferq.engine")
 _SHUTDOWN_GRACE_S = 0.0
+# A request nobody streams (bulk) needs no token events, only its end; yet a cancelled or expired one is stored
+# with its partial text, so the engine still reports now and then: every 64 tokens, not every step.
+_UNSTREAMED_INTERVAL = 64
 
 
 class VllmEngine:
@@ -102,6 +105,14 @@ class VllmEngine:
             stop=request.stop or None,
             seed=request.seed,
             output_kind=RequestOutputKind.DELTA,
+            # vLLM's own batching of a stream (the first and the last output always at once): each output costs
+            # a wake-up of this request's task, of Redis and of the client, so fewer outputs leave the CPU to the
+            # model (BENCHMARKS.md, "Tokens per event"). Per request, so the engine default stays 1.
+            stream_interval=(
+                self.settings.stream_interval
+                if request.stream
+                else max(self.settings.stream_interval, _UNSTREAMED_INTERVAL)
+            ),
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
