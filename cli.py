@@ -68,17 +68,17 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 RedisUrl = Annotated[
-    str | None, typer.Option("--redis-url", help="redis://, rediss:// or unix:// URL [env INFERQ_REDIS_URL]")
+    str | None, typer.Option("--redis-url", help="redis://, rediss:// or unix:// URL (env INFERQ_REDIS_URL)")
 ]
 Model = Annotated[
-    str | None, typer.Option("--model", "-m", help="tiny, smollm2, a local path or a hub id [env INFERQ_MODEL]")
+    str | None, typer.Option("--model", "-m", help="tiny, smollm2, a local path or a hub id (env INFERQ_MODEL)")
 ]
 StreamInterval = Annotated[
     int | None,
     typer.Option(
         min=1,
         help="tokens per streamed event; the first token and the end go at once; 1: every token, at a cost in "
-        "throughput [env INFERQ_STREAM_INTERVAL, default 8]",
+        "throughput (default 8)",
     ),
 ]
 
@@ -132,6 +132,10 @@ def submit(
     ] = None,
     raw: Annotated[bool, typer.Option("--raw", help="send PROMPT as-is, without the chat template")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="print the answer only when it is complete")] = False,
+    stream_interval: Annotated[
+        int | None,
+        typer.Option(min=1, help="tokens per streamed event after the first (default: the worker's); 1: every token"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final result as one JSON object")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the answer (exit 4 after)")] = 300.0,
     redis_url: RedisUrl = None,
@@ -164,6 +168,7 @@ def submit(
         "tenant": tenant,
         "wait": wait is not None,
         "wait_timeout": wait,
+        "stream_interval": stream_interval,
     }
     result = _run(submit_and_print(settings, request, stream=not no_stream and not as_json, timeout=timeout))
     if as_json:
@@ -419,10 +424,10 @@ def dlq_purge(
 @app.command()
 def worker(
     model: Model = None,
-    max_inflight: Annotated[int | None, typer.Option(help="requests run at once [env INFERQ_MAX_INFLIGHT]")] = None,
+    max_inflight: Annotated[int | None, typer.Option(help="requests run at once")] = None,
     consumer: Annotated[str | None, typer.Option(help="consumer name in the group (default: host-pid-random)")] = None,
     engine: Annotated[str, typer.Option(help="vllm, or standin (a fixed-rate fake for queue tests)")] = "vllm",
-    max_model_len: Annotated[int | None, typer.Option(help="context length [env INFERQ_MAX_MODEL_LEN]")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="context length")] = None,
     stream_interval: StreamInterval = None,
     bulk_jobs: Annotated[
         bool, typer.Option(help="also run steps of detached bulk jobs (`inferq bulk submit`), with no engine cost")
@@ -433,6 +438,9 @@ def worker(
 
     SIGTERM/Ctrl-C: stop reading and finish in-flight work (up to INFERQ_DRAIN_TIMEOUT_S); a second signal
     stops at once, leaving unfinished requests pending for other workers. Exits 1 if the engine dies.
+
+    Each flag has an environment variable, which the flag overrides: INFERQ_MODEL, INFERQ_MAX_INFLIGHT,
+    INFERQ_MAX_MODEL_LEN, INFERQ_STREAM_INTERVAL, INFERQ_REDIS_URL (README, "Configuration", lists them all).
     """
     from worker.models import resolve_model
     from worker.run import make_engine, serve

@@ -256,10 +256,11 @@ class InferenceClient(AsyncLifecycle):
         """Validate and enqueue one request. Raises InvalidRequest (nothing enqueued) or QueueFull.
 
         `params`: max_tokens, temperature, top_p, top_k, stop, seed, priority ("high", "normal", "low"),
-        tenant, deadline or ttl, reply_stream. A `request_id` that was submitted before is not enqueued
-        again: the handle follows the first one. With `wait=True` a full queue is retried (jittered, paced
-        by the drain rate) for up to `wait_timeout` seconds (default: settings.request_timeout_s) before
-        QueueFull is raised."""
+        tenant, deadline or ttl, reply_stream, stream_interval (tokens per event after the first; default: the
+        worker's INFERQ_STREAM_INTERVAL, 1 streams every token). A `request_id` that was submitted before is
+        not enqueued again: the handle follows the first one. With `wait=True` a full queue is retried
+        (jittered, paced by the drain rate) for up to `wait_timeout` seconds (default:
+        settings.request_timeout_s) before QueueFull is raised."""
         request = self.build_request(
             prompt=prompt,
             messages=messages,

@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 async def submit_and_print(settings: Settings, request: dict[str, Any], *, stream: bool, timeout: float) -> Result:
-    """Submit one request; with `stream`, write its text to stdout token by token. Returns the stored result."""
+    """Submit one request; with `stream`, write its text to stdout as it comes. Returns the stored result."""
     async with InferenceClient(settings) as client:
         handle = await client.submit(stream=stream, **request)
         print(f"request {handle.id} queued", file=sys.stderr, flush=True)

@@ -45,6 +45,8 @@ class GenerationRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what msgpack and vLLM can carry
     stream: bool = True  # publish token events; bulk requests say False and get only the final record
+    # Tokens per token event after the first (which goes alone, at once); None: the worker's stream_interval.
+    stream_interval: int | None = Field(None, ge=1, le=HARD_MAX_TOKENS)
     reply_channel: str | None = None  # the submitting client's pub/sub channel (shared.keys.Keys.tokens)
     reply_stream: str | None = None  # a durable stream that receives the final record (bulk jobs)
     tag: str | None = Field(None, max_length=4096)  # opaque to the worker; echoed in the reply-stream record

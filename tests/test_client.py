@@ -32,6 +32,7 @@ async def _nothing_enqueued(redis: Redis, settings: Settings) -> None:
         ({"prompt": "a", "ttl": 0}, "ttl=0 must be positive"),
         ({"prompt": "a", "ttl": 5, "deadline": 1e10}, "ttl or deadline"),
         ({"prompt": "a", "request_id": "has space"}, "id"),
+        ({"prompt": "a", "stream_interval": 0}, "stream_interval"),
     ],
 )
 async def test_invalid_requests_are_refused_before_enqueue(

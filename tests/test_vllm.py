@@ -38,6 +38,21 @@ async def test_streamed_tokens_match_stored_result(tiny: Settings, redis: Redis)
         assert await drained(r, tiny, "tiny") == (0, 0)
 
 
+async def test_a_request_chooses_its_tokens_per_event(tiny: Settings) -> None:
+    async with InferenceClient(tiny) as client:
+        sizes = {}
+        for interval in (1, 5):
+            handle = await client.submit(
+                prompt="The queue holds requests", max_tokens=24, temperature=0, model="tiny", stream_interval=interval
+            )
+            events = [e async for e in handle.tokens(timeout=60)]
+            result = await handle.result(timeout=60)
+            assert "".join(e.text for e in events) == result.text and result.usage.completion_tokens == 24
+            assert [e.seq for e in events] == list(range(len(events)))
+            sizes[interval] = [len(e.token_ids) for e in events]
+    assert sizes == {1: [1] * 24, 5: [1, 5, 5, 5, 5, 3]}
+
+
 async def test_greedy_is_deterministic_and_batched_requests_all_finish(tiny: Settings) -> None:
     async with InferenceClient(tiny) as client:
         handles = [

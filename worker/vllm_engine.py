@@ -108,12 +108,12 @@ class VllmEngine:
             # vLLM's own batching of a stream (the first and the last output always at once): each output costs
             # a wake-up of this request's task, of Redis and of the client, so fewer outputs leave the CPU to the
             # model (BENCHMARKS.md, "Tokens per event"). Per request, so the engine default stays 1.
-            stream_interval=(
-                self.settings.stream_interval
-                if request.stream
-                else max(self.settings.stream_interval, _UNSTREAMED_INTERVAL)
-            ),
+            stream_interval=self._stream_interval(request),
         )
+
+    def _stream_interval(self, request: GenerationRequest) -> int:
+        interval = request.stream_interval or self.settings.stream_interval
+        return interval if request.stream else max(interval, _UNSTREAMED_INTERVAL)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         from vllm.exceptions import VLLMClientError
