@@ -82,6 +82,14 @@ async def test_help_teaches(settings: Settings, command: list[str]) -> None:
     assert len(out.stdout.splitlines()) > 5
 
 
+async def test_worker_help_names_the_environment_variables(settings: Settings) -> None:
+    # Square brackets in a help text are rich markup to typer ("[env X]" vanished from --help), and a long
+    # word in the options table is cut short at 80 columns: the names belong in the description.
+    out = await inferq(settings, "worker", "--help")
+    for name in ("INFERQ_MAX_INFLIGHT", "INFERQ_MAX_MODEL_LEN", "INFERQ_STREAM_INTERVAL", "INFERQ_REDIS_URL"):
+        assert name in out.stdout, name
+
+
 async def test_redis_commands_manage_one_shared_server(tmp_path: Path, settings: Settings) -> None:
     env = {"INFERQ_REDIS_URL": "", "INFERQ_DATA_DIR": str(tmp_path), "INFERQ_EMBEDDED_PORT": str(free_port())}
     status = await inferq(settings, "redis", "status", **env)
