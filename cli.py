@@ -566,7 +566,8 @@ def bench_online_command(
             ),
         )
     )  # fmt: skip
-    # Every target streams the same way (inferq without --local: if its workers were started the same way).
+    # Every target streams the same way; without --local, only if the running workers (or the server at --url)
+    # were started with the same interval.
     report["stream_interval"] = settings.stream_interval
     where = describe_environment(report["environment"])
     typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event, on {where}")
