@@ -58,10 +58,16 @@ async def test_kill_one_of_two_workers_mid_run_loses_and_duplicates_nothing(
     ]  # fmt: skip
     followers = [asyncio.create_task(follow(h)) for h in handles]
 
-    async def victim_busy() -> bool:
-        return any(c["name"] == b"victim" and c["pending"] > 0 for c in await redis.xinfo_consumers(stream, GROUP))
+    async def victim_running() -> bool:
+        # Started (start.lua ran: attempt 1), not merely read: a request the victim read but never started is
+        # started by the survivor as attempt 1, and the kill would then show no take-over at all.
+        async with redis.pipeline(transaction=False) as pipe:
+            for h in handles:
+                pipe.hmget(keys.result(h.id), "status", "worker")
+            states = await pipe.execute()
+        return [b"running", b"victim"] in states
 
-    await wait_until(victim_busy, 60, "the victim worker to hold entries")
+    await wait_until(victim_running, 60, "the victim worker to run a request")
     victim.kill()
     pairs = list(zip(handles, await asyncio.gather(*followers), strict=True))
     check_streams(pairs)
