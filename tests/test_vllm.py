@@ -132,6 +132,8 @@ async def test_deadline_aborts_a_running_request_in_the_engine(tiny: Settings) -
         expired = await result.result(timeout=60)
     assert (expired.status, expired.finish_reason, expired.attempts) == ("expired", "expired", 1)
     assert 0 < expired.usage.completion_tokens < 1500 and expired.text
+    # Not streamed: the engine reported the first token, then 64 at a time, and the partial text is what it reported.
+    assert (expired.usage.completion_tokens - 1) % 64 == 0
 
 
 async def test_poison_entries_around_good_requests_on_vllm(tiny: Settings) -> None:
