@@ -55,6 +55,14 @@ class Settings(BaseSettings):
         description="Linux: the nice value of a vLLM worker's session scheduling group when it leads its own "
         "session, so the engine's busy polling does not starve Redis and clients on the same machine (0: off)",
     )
+    engine_spin_ms: float = Field(
+        2.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="how long vLLM's engine core and model process busy-wait for each other's next message "
+        "before they sleep until it comes (vLLM's own is 1000: under load they never sleep, and on CPU the spin "
+        "takes most of a core from the worker, Redis and the model; BENCHMARKS.md)",
+    )
 
     # Admission and results.
     max_queue_len: int = Field(100_000, ge=1, description="refuse new work at this many entries in a lane")

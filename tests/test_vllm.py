@@ -164,3 +164,11 @@ async def test_worker_session_yields_cpu_to_redis_and_clients(tiny_worker: Worke
     # INFERQ_WORKER_NICE, so vLLM's busy polling does not starve Redis and clients (worker/cpu_share.py).
     group = Path(f"/proc/{tiny_worker.proc.pid}/autogroup").read_text()  # noqa: ASYNC240 (procfs: instant)
     assert group.split()[-2:] == ["nice", "5"]
+
+
+def test_engine_processes_load_the_spin_plugin(tiny_worker: WorkerProcess) -> None:
+    # INFERQ_ENGINE_SPIN_MS (default 2) reaches vLLM's engine core and model process through our vLLM plugin;
+    # each logs it under its own prefix (worker/vllm_spin.py).
+    lines = [line for line in tiny_worker.log().splitlines() if "busy-waits 2 ms" in line]
+    assert any(line.startswith("(EngineCore pid=") for line in lines), lines
+    assert any(line.startswith(("(Worker pid=", "(VllmWorker-0 pid=")) for line in lines), lines

@@ -9,6 +9,7 @@ from typing import Any
 from shared.errors import EngineError
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
+from worker import vllm_spin
 from worker.cpu_share import yield_to_neighbours
 from worker.engine import Delta, RequestRejected
 from worker.flow import EngineLoad
@@ -24,10 +25,13 @@ _UNSTREAMED_INTERVAL = 64
 class VllmEngine:
     """One AsyncLLM in this process (its engine core runs in a spawned child process)."""
 
-    def __init__(self, model_path: str, settings: Settings) -> None:
+    def __init__(self, model_path: str, settings: Settings, *, set_spin: bool = True) -> None:
+        """`set_spin=False` leaves vLLM's busy-waiting as it ships (settings.engine_spin_ms unused): the
+        bench's direct ceiling is vLLM at its own defaults."""
         self.name = "vllm"
         self.model_path = model_path
         self.settings = settings
+        self.set_spin = set_spin
         self._llm: Any = None
         self._tokenizer: Any = None
         self._load = LoadState()
@@ -51,7 +55,8 @@ class VllmEngine:
             kv_cache_memory_bytes=kv_bytes,
             disable_log_stats=True,
         )
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers(self._load))
+        with vllm_spin.spin_for_children(self.settings.engine_spin_ms if self.set_spin else None):
+            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers(self._load))
         self._tokenizer = self._llm.get_tokenizer()
 
     def _dtype(self) -> str:
