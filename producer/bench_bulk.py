@@ -87,6 +87,7 @@ def bench_bulk(
         out = work / f"inferq-{n}.out.jsonl"
         env = {**base_env, "INFERQ_REDIS_URL": server.url, "INFERQ_KEY_PREFIX": "bulkbench"}
         env["INFERQ_KV_CACHE_GIB"] = str(kv_gib)
+        env["INFERQ_ENGINE_SPIN_MS"] = f"{settings.engine_spin_ms:g}"  # inferq's own; run-batch's as vLLM ships
         cmd = [sys.executable, "-m", "cli", "bulk", str(batch), "-o", str(out), "--local", "-m", settings.model]
         try:
             return _timed(cmd, env, out.with_suffix(".log")), out
@@ -108,7 +109,7 @@ def bench_bulk(
         rows.append(row)
     return {
         "model": settings.model, "requests": requests, "max_tokens": max_tokens, "files": str(work), "rounds": rows,
-        "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "median_ratio": statistics.median(r["ratio"] for r in rows), "inferq_engine_spin_ms": settings.engine_spin_ms,
     }  # fmt: skip
 
 

@@ -83,6 +83,11 @@ def online_md(report: dict[str, Any]) -> str:
     rounds = report.get("rounds", 1)
     how = f"median of {rounds} rounds, targets taking turns" if rounds > 1 else "one round"
     how += f"; every target streams {report.get('stream_interval', 1)} tokens per event"
+    if "inferq_engine_spin_ms" in report:
+        how += (
+            f"; inferq's engine busy-waits {report['inferq_engine_spin_ms']:g} ms, direct's and openai's as vLLM "
+            "ships it (1 s)"
+        )
     lines = [
         f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s.",
         "",
