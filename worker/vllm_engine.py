@@ -46,16 +46,17 @@ class VllmEngine:
         kv_bytes = int(self.settings.kv_cache_gib * 2**30) if current_platform.is_cpu() else None
         yield_to_neighbours(self.settings.worker_nice)  # before vLLM starts its busy-polling processes
 
-        args = AsyncEngineArgs(
-            model=self.model_path,
-            dtype=self._dtype(),  # type: ignore[arg-type]
-            max_model_len=self.settings.max_model_len,
-            max_num_seqs=max(self.settings.max_inflight, 1),
-            enforce_eager=True,
-            kv_cache_memory_bytes=kv_bytes,
-            disable_log_stats=True,
-        )
-        with vllm_spin.spin_for_children(self.settings.engine_spin_ms if self.set_spin else None):
+        spin = self.settings.engine_spin_ms / 1000 if self.set_spin else None
+        with vllm_spin.spin_for_children(spin):  # from here: vLLM loads its plugins as it reads the arguments
+            args = AsyncEngineArgs(
+                model=self.model_path,
+                dtype=self._dtype(),  # type: ignore[arg-type]
+                max_model_len=self.settings.max_model_len,
+                max_num_seqs=max(self.settings.max_inflight, 1),
+                enforce_eager=True,
+                kv_cache_memory_bytes=kv_bytes,
+                disable_log_stats=True,
+            )
             self._llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers(self._load))
         self._tokenizer = self._llm.get_tokenizer()
 

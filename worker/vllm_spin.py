@@ -5,14 +5,16 @@ the model process, and each side waits for the other's shared-memory message. vL
 (`sched_yield`) for up to one second after the last message, hard-coded (`SpinCondition.busy_loop_s`), and
 only then sleeps on a socket the writer pings. Under load a message comes every step, so both processes
 spin from the first token to the last: on a 2-core box the engine core alone took 72% of a core doing
-nothing, CPU the worker, Redis and the clients then had to take from the model (BENCHMARKS.md, "Engine
-spin"). Upstream has pull requests to make the window configurable (vllm#51950, #52814); until one lands,
-this vLLM *general plugin* sets it. vLLM loads general plugins in every one of its processes before it
-builds these queues, so the spawned engine core and model process get it too.
+nothing, CPU the worker, Redis and the clients then had to take from the model (BENCHMARKS.md, "The
+engine's busy-wait"). Upstream has pull requests to make the window configurable (vllm#51950, #52814);
+until one lands, this vLLM *general plugin* sets it. vLLM loads general plugins in every one of its
+processes before it builds these queues, so the spawned engine core and model process get it too.
 
-The plugin acts only when INFERQ_ENGINE_SPIN_MS is in the environment: `worker.vllm_engine` puts it there
-from the settings before it starts vLLM, and the bench does the same for vLLM's own servers so that every
-target runs the same engine. Any other vLLM run in this environment is left as vLLM ships it.
+The plugin acts only when vLLM starts inside `spin_for_children` (as `worker.vllm_engine` starts it), which
+hands it the window from the settings in a private environment variable. Any other vLLM run in this
+environment (the bench's direct, OpenAI-server and run-batch targets among them, or a `vllm serve` from a
+shell that exports INFERQ_ENGINE_SPIN_MS) is left as vLLM ships it. If VLLM_PLUGINS is set, vLLM loads only
+the plugins it names: add `inferq_engine_spin` to it.
 """
 
 from __future__ import annotations
@@ -23,66 +25,86 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Iterator, MutableMapping
+import time
+from collections.abc import Iterator
 from typing import Any
 
 # Under vLLM's "vllm" logger, which vLLM's engine processes print with their name in front.
 log = logging.getLogger("vllm.inferq")
 
-ENV = "INFERQ_ENGINE_SPIN_MS"
+# The window in seconds, from the settings (INFERQ_ENGINE_SPIN_MS, validated there), set only while an inferq
+# engine starts vLLM: a user's INFERQ_* environment never reaches a vLLM started any other way.
+HANDOFF = "_INFERQ_ENGINE_BUSY_LOOP_S"
+# vLLM's writer pings a sleeping reader over a PUB socket with a send queue of one, and libzmq drops a ping
+# sent within ~1.2 ms of the previous one (it notices the queue drained only that often). A reader that read
+# the first of two quick messages, looked for the second too early and went to sleep misses its ping and
+# sleeps until its timeout: 5 s, with the whole engine waiting on it. This is what made a 0 ms window
+# stall (100 s for one request). A short window rarely lets it happen, as the reader is still spinning when
+# the second message comes, but a preempted reader can; so while it is busy a sleeping reader looks again
+# after this long.
+RECHECK_MS = 10
+_BUSY_S = 1.0  # "busy": read within the last second, vLLM's own window
 
 
 @contextlib.contextmanager
-def spin_for_children(spin_ms: float | None) -> Iterator[None]:
-    """While vLLM spawns its engine processes (they inherit this process's environment), the window in
-    INFERQ_ENGINE_SPIN_MS; None: no variable (vLLM's own). The environment is put back afterwards, so nothing
-    else this process starts later (the bench's other targets) inherits it."""
-    before = os.environ.get(ENV)
-    export(os.environ, spin_ms)
+def spin_for_children(seconds: float | None) -> Iterator[None]:
+    """While vLLM starts, its busy-wait window for the engine processes it spawns (they inherit this process's
+    environment and load the plugin) or forks (they inherit this process's classes, patched here too);
+    None: vLLM's own. The environment is put back afterwards, so nothing this process starts later (the
+    bench's other targets) inherits the window. This process's own class stays patched: it holds no
+    such reader."""
+    before = os.environ.get(HANDOFF)
+    if seconds is None:
+        os.environ.pop(HANDOFF, None)
+    else:
+        os.environ[HANDOFF] = repr(seconds)
+        apply()
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(ENV, None)
+            os.environ.pop(HANDOFF, None)
         else:
-            os.environ[ENV] = before
-
-
-def export(env: MutableMapping[str, str], spin_ms: float | None) -> None:
-    """Put the window into `env` for vLLM processes started with it; None removes it (vLLM's own)."""
-    if spin_ms is None:
-        env.pop(ENV, None)
-    else:
-        env[ENV] = f"{spin_ms:g}"
+            os.environ[HANDOFF] = before
 
 
 def apply() -> None:
-    """The `vllm.general_plugins` entry point: set SpinCondition's busy-wait window from INFERQ_ENGINE_SPIN_MS."""
-    raw = os.environ.get(ENV)
+    """The `vllm.general_plugins` entry point: vLLM's busy-wait window from the hand-off variable, if set."""
+    raw = os.environ.get(HANDOFF)
     if not raw:
         return
     try:
-        seconds = float(raw) / 1000
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds < 0:
-        log.warning("%s=%r is not a number of milliseconds >= 0; vLLM's engine spins as it ships", ENV, raw)
+        seconds = float(raw)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError("not a number of seconds >= 0")
+        _patch(seconds)
+    except Exception as exc:  # vLLM calls plugins unguarded: whatever this vLLM is, it must still start
+        log.warning(
+            "vLLM's busy-wait left as it ships: cannot apply %s=%r (%s: %s)", HANDOFF, raw, type(exc).__name__, exc
+        )
         return
-    from vllm.distributed.device_communicators import shm_broadcast
+    log.info("busy-waits %g ms for the next message before it sleeps (INFERQ_ENGINE_SPIN_MS)", seconds * 1000)
 
-    cls: Any = getattr(shm_broadcast, "SpinCondition", None)
-    original = getattr(getattr(cls, "__init__", None), "__wrapped__", getattr(cls, "__init__", None))
-    params = list(inspect.signature(original).parameters) if original is not None else []
-    if "busy_loop_s" not in params:
-        log.warning("this vLLM has no SpinCondition busy_loop_s; %s does nothing", ENV)
-        return
-    position = params.index("busy_loop_s") - 1  # among the arguments after self
 
-    @functools.wraps(original)  # and so __wrapped__: applied again in one process, it wraps vLLM's own once
+def _patch(seconds: float) -> None:
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    cls: Any = SpinCondition
+    init = getattr(cls.__init__, "__wrapped__", cls.__init__)  # applied again in one process: wrap vLLM's once
+    wait = getattr(cls.wait, "__wrapped__", cls.wait)
+    position = list(inspect.signature(init).parameters).index("busy_loop_s") - 1  # among the args after self
+
+    @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if len(args) <= position:
             kwargs.setdefault("busy_loop_s", seconds)
-        original(self, *args, **kwargs)
+        init(self, *args, **kwargs)
+
+    @functools.wraps(wait)
+    def wait_for_ping(self: Any, timeout_ms: int | None = None) -> None:
+        if self.is_reader and time.monotonic() - self.last_read < _BUSY_S:
+            timeout_ms = RECHECK_MS if timeout_ms is None else min(timeout_ms, RECHECK_MS)
+        wait(self, timeout_ms=timeout_ms)
 
     cls.__init__ = __init__
-    log.info("busy-waits %g ms for the next message before it sleeps (%s)", seconds * 1000, ENV)
+    cls.wait = wait_for_ping
