@@ -569,14 +569,13 @@ def bench_online_command(
     # Every target streams the same way; without --local, only if the running workers (or the server at --url)
     # were started with the same interval.
     report["stream_interval"] = settings.stream_interval
-    # direct and openai run vLLM's busy-wait as it ships (the ceiling); inferq's workers their own setting
-    # (with --local, this one: INFERQ_ENGINE_SPIN_MS).
-    report["inferq_engine_spin_ms"] = settings.engine_spin_ms
+    # direct and openai run vLLM's busy-wait as it ships (the ceiling); inferq's workers their own setting:
+    # known only for the worker --local starts (INFERQ_ENGINE_SPIN_MS).
+    spin = settings.engine_spin_ms if local and engine == "vllm" else None
+    report["inferq_engine_spin_ms"] = spin
     where = describe_environment(report["environment"])
-    typer.echo(
-        f"model {name}, {settings.stream_interval} tokens per streamed event; vLLM's engine busy-waits "
-        f"{settings.engine_spin_ms:g} ms in inferq's workers, 1 s (as it ships) in direct and openai; on {where}"
-    )
+    spins = f"vLLM busy-waits {spin:g} ms in inferq's worker, as it ships elsewhere; " if spin is not None else ""
+    typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event; {spins}on {where}")
     typer.echo(table(report["results"]))
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))

@@ -83,7 +83,7 @@ def online_md(report: dict[str, Any]) -> str:
     rounds = report.get("rounds", 1)
     how = f"median of {rounds} rounds, targets taking turns" if rounds > 1 else "one round"
     how += f"; every target streams {report.get('stream_interval', 1)} tokens per event"
-    if "inferq_engine_spin_ms" in report:
+    if report.get("inferq_engine_spin_ms") is not None:
         how += (
             f"; inferq's engine busy-waits {report['inferq_engine_spin_ms']:g} ms, direct's and openai's as vLLM "
             "ships it (1 s)"
