@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,28 @@ async def one_worker(
         server.stop()
 
 
-async def first_event(client: InferenceClient, **request: Any) -> tuple[float | None, Timings]:
-    """Submit one request and stream it to its end: when (time.time()) its first token event reached this
-    client (None: none did), and the worker's stored timings, to set it against."""
+@dataclass
+class Trip:
+    """One request as this client saw it (time.time()), with the worker's stored timings to set it against."""
+
+    sent: float
+    first: float | None  # its first token event arrived (None: none did)
+    done: float  # its last event arrived
+    timings: Timings
+
+
+async def timed_request(client: InferenceClient, **request: Any) -> Trip:
+    """Submit one request and stream it to its end."""
+    sent = time.time()
     handle = await client.submit(**request)
     first = None
     async for _ in handle.tokens():
         first = first or time.time()
-    return first, (await handle.result()).timings
+    done = time.time()
+    return Trip(sent, first, done, (await handle.result()).timings)
+
+
+async def first_event(client: InferenceClient, **request: Any) -> tuple[float | None, Timings]:
+    """When (time.time()) the first token event of one request reached this client, and its stored timings."""
+    trip = await timed_request(client, **request)
+    return trip.first, trip.timings
