@@ -130,7 +130,7 @@ def openai_sender(session: Any, url: str, model: str) -> Send:
             "stream_options": {"include_usage": True},
         }  # fmt: skip
         total = None
-        async with session.post(f"{url}/v1/completions", json=body) as response:
+        async with await _post(session, f"{url}/v1/completions", body) as response:
             if response.status != 200:
                 raise InferqError(f"HTTP {response.status}: {(await response.text())[:200]}")
             async for raw in response.content:
@@ -150,11 +150,24 @@ def openai_sender(session: Any, url: str, model: str) -> Send:
     return send
 
 
+async def _post(session: Any, url: str, body: dict[str, Any]) -> Any:
+    """POST once more if the server closed the connection before answering: a pooled keep-alive connection
+    that vLLM's server (uvicorn, 5 s idle timeout) closed just as it was reused. Nothing was answered, so
+    nothing was counted; the request's clock keeps running from its first try."""
+    import aiohttp
+
+    try:
+        return await session.post(url, json=body)
+    except aiohttp.ServerDisconnectedError:
+        return await session.post(url, json=body)
+
+
 @contextlib.asynccontextmanager
 async def openai_session() -> AsyncIterator[Any]:
     import aiohttp  # installed with vLLM; only this target needs it
 
-    connector = aiohttp.TCPConnector(limit=0)
+    # Idle connections are dropped after 2 s, before vLLM's server drops them (5 s) under a new request.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=3600)) as session:
         yield session
 
