@@ -189,9 +189,7 @@ async def openai_server(
         str(max_num_seqs), "--port", str(port), "--host", "127.0.0.1", "--disable-log-stats",
         "--disable-uvicorn-access-log", "--stream-interval", str(stream_interval),
     ]  # fmt: skip
-    # vLLM as it ships: no INFERQ_* variable (INFERQ_ENGINE_SPIN_MS would reach inferq's vLLM plugin)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}  # vLLM as it ships: our plugin acts only in ours
     with open(log, "wb") as out:  # noqa: ASYNC230 - the child's log
         proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
