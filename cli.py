@@ -507,7 +507,9 @@ def bench_online_command(
     rounds: Annotated[
         int,
         typer.Option(
-            min=1, help="run everything this many times, the targets taking turns; each figure is the median round's"
+            min=1,
+            help="run everything this many times, the targets taking turns at each load; each figure is the "
+            "median round's, and each target's output tok/s over the first target's is also given per round",
         ),
     ] = 1,
     prompt_len: Annotated[int, typer.Option(help="words per generated prompt")] = 16,
@@ -577,6 +579,9 @@ def bench_online_command(
     spins = f"vLLM busy-waits {spin:g} ms in inferq's worker, as it ships elsewhere; " if spin is not None else ""
     typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event; {spins}on {where}")
     typer.echo(table(report["results"]))
+    for row in report["paired"] if rounds > 1 else ():
+        each = " / ".join(f"{x:.2f}" for x in row["ratios"])
+        typer.echo(f"{row['target']} / {row['base']}, {row['load']}: {each} by round, median {row['median']:.3f}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))
     if any(r["errors"] for r in report["results"]):

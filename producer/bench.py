@@ -30,6 +30,9 @@ from shared.settings import Settings
 
 Send = Callable[[Prompt, Timing], Awaitable[None]]
 Target = Callable[[], AbstractAsyncContextManager[Send]]  # sets a target up (and down) around its runs
+# vLLM's model process busy-waits for up to 1 s after its last step, as it ships (direct, openai): the next
+# target's run waits that out, or it would share the CPU with the one before it.
+SETTLE_S = 1.5
 WORDS = "the queue holds requests until a worker is free and then runs them through the model".split()
 
 
@@ -287,25 +290,54 @@ async def bench_online(
     rounds: int = 1,
     on_result: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
-    """`rounds` rounds; in each, every target in turn is set up, runs the workload at each concurrency
-    (`run_size` of `prompts`) and is taken down, in an order that flips each round, so a slow minute of the
-    machine does not land on one target. One target at a time: an idle engine beside the measured one is not
-    what a deployment has (and vLLM's HTTP server drops keep-alive connections left idle for 5 s). `results`
-    holds, per target and load, the round with the median output throughput (every round's figure in
-    `rounds_output_throughput`); `runs` holds every round."""
+    """Every target is set up first and stays up. Then, for each round and each load, every target in turn
+    warms up and runs the workload (`run_size` of `prompts`); the order flips from one load to the next and,
+    for each load, from round to round. The targets' runs of one load so lie within a minute of each other,
+    and a slow minute of this machine lands on the pair rather than on one target: `paired` holds, per load,
+    each other target's output throughput over the first target's in each round, and their median.
+
+    An idle target sleeps (vLLM's engine blocks on its input, the inferq worker on XREAD), except that vLLM's
+    model process busy-waits for up to a second after its last step: hence `SETTLE_S` between runs.
+    `results` holds, per target and load, the round with the median output throughput (every round's figure
+    in `rounds_output_throughput`); `runs` holds every run."""
     runs: list[dict[str, Any]] = []
-    for round_no in range(1, rounds + 1):
-        order = list(targets) if round_no % 2 else list(reversed(targets))
-        for name in order:
-            async with targets[name]() as send:
-                for concurrency in concurrencies:
+    async with contextlib.AsyncExitStack() as stack:
+        senders = {name: await stack.enter_async_context(target()) for name, target in targets.items()}
+        for round_no in range(1, rounds + 1):
+            for level, concurrency in enumerate(concurrencies):
+                order = list(senders) if (round_no + level) % 2 else list(reversed(senders))
+                for name in order:
+                    if runs:
+                        await asyncio.sleep(SETTLE_S)
                     count = run_size(num_requests or len(prompts), waves, concurrency)
-                    load = prompts[:count]
-                    result = await measure(name, send, load, warmup, concurrency=concurrency, rate=rate)
+                    result = await measure(
+                        name, senders[name], prompts[:count], warmup, concurrency=concurrency, rate=rate
+                    )
                     result["round"] = round_no
                     runs.append(result)
                     on_result(result)
-    return {"model": model, "environment": environment(), "rounds": rounds, "results": medians(runs), "runs": runs}
+    return {
+        "model": model, "environment": environment(), "rounds": rounds, "results": medians(runs),
+        "paired": paired(runs, next(iter(targets))), "runs": runs,
+    }  # fmt: skip
+
+
+def paired(runs: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
+    """Per load and target other than `base`: its output throughput over `base`'s in each round (the two ran
+    back to back), and the median of those ratios (the lower middle one for an even count)."""
+    rows = []
+    others = [t for t in dict.fromkeys(r["target"] for r in runs) if t != base]  # in the order they first ran
+    for load in dict.fromkeys(r["load"] for r in runs):
+        by_round: dict[int, dict[str, float]] = {}
+        for r in runs:
+            if r["load"] == load:
+                by_round.setdefault(r["round"], {})[r["target"]] = r["output_throughput"]
+        for target in others:
+            ratios = [t[target] / t[base] for t in by_round.values() if t.get(base) and target in t]
+            if ratios:
+                median = sorted(ratios)[(len(ratios) - 1) // 2]
+                rows.append({"load": load, "target": target, "base": base, "ratios": ratios, "median": median})
+    return rows
 
 
 def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,22 +69,35 @@ async def test_online_three_targets_on_vllm(redis_server: Any, tmp_path: Path) -
     settings = Settings(redis_url=redis_server.url, key_prefix="bench-vllm", model="tiny", data_dir=MODELS_DIR)
     report = await bench(
         settings, tmp_path, "online", "--target", "direct,inferq,openai", "--local", "--model", "tiny",
-        "-n", "8", "--warmup", "2", "--concurrency", "4", "--output-len", "6", "--rounds", "2",
+        "-n", "8", "--warmup", "2", "--concurrency", "2,4", "--output-len", "6", "--rounds", "2",
         "--stream-interval", "3",
     )  # fmt: skip
     assert report["stream_interval"] == 3 and "3 tokens per streamed event" in report["stdout"]
-    # The targets take turns, in the opposite order in the second round.
-    order = [r["target"] for r in report["runs"]]
-    assert order == ["direct", "inferq", "openai", "openai", "inferq", "direct"]
-    by_target = {r["target"]: r for r in report["results"]}
-    assert sorted(by_target) == ["direct", "inferq", "openai"]
-    for r in by_target.values():
+    # All three stay up; at each load they take turns, the order flipping from load to load and round to round.
+    forward, backward = ["direct", "inferq", "openai"], ["openai", "inferq", "direct"]
+    assert [(r["round"], r["concurrency"], r["target"]) for r in report["runs"]] == [
+        (n, c, t) for n, orders in ((1, (forward, backward)), (2, (backward, forward)))
+        for c, order in zip((2, 4), orders, strict=True) for t in order
+    ]  # fmt: skip
+    assert len(report["results"]) == 6
+    for r in report["runs"]:
         assert (r["requests"], r["completed"], r["errors"]) == (8, 8, 0)
         assert 0 < r["output_tokens"] <= 8 * 6
     # Greedy, same engine settings: the queue returns exactly the tokens AsyncLLM makes directly, in as many
     # events: the first token alone, then up to 3 at a time.
+    by_target = {r["target"]: r for r in report["results"] if r["concurrency"] == 4}
     assert by_target["inferq"]["output_tokens"] == by_target["direct"]["output_tokens"]
     assert by_target["inferq"]["output_chunks"] == by_target["direct"]["output_chunks"] <= 8 * 3
+    # Each other target against the first listed, round by round: the ratios of the runs, and their median.
+    tput = {(r["round"], r["concurrency"], r["target"]): r["output_throughput"] for r in report["runs"]}
+    assert [(p["load"], p["target"], p["base"]) for p in report["paired"]] == [
+        (f"concurrency {c}", t, "direct") for c in (2, 4) for t in ("inferq", "openai")
+    ]
+    for p in report["paired"]:
+        c = int(p["load"].split()[-1])
+        assert p["ratios"] == [tput[(n, c, p["target"])] / tput[(n, c, "direct")] for n in (1, 2)]
+        assert p["median"] == min(p["ratios"])
+        assert f"{p['target']} / direct, {p['load']}: " in report["stdout"]
 
 
 async def test_queue_bench_reports_each_cell(settings: Settings, tmp_path: Path) -> None:
