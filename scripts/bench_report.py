@@ -2,7 +2,7 @@
 `make bench` markers), the JSON into benchmarks/results/ and a plot of throughput and TTFT against
 concurrency for the three online targets (benchmarks/results/online-<model>.png).
 
-    python scripts/bench_report.py            # all of it (~40 min on 2 cores)
+    python scripts/bench_report.py            # all of it (~55 min on 2 cores)
     python scripts/bench_report.py --quick    # small runs, to check the harness end to end
 """
 
@@ -68,20 +68,15 @@ def _trio(*runs: dict[str, Any]) -> Any:
     return lambda key, stat: " / ".join(f"{r[key][stat]:.1f}" for r in runs)
 
 
-def by_round(report: dict[str, Any], concurrency: int) -> str:
-    """inferq / direct in each round (the targets took turns within a round)."""
-    runs = [r for r in report.get("runs", []) if r["concurrency"] == concurrency]
-    ratios = []
-    for n in range(1, report.get("rounds", 1) + 1):
-        tput = {r["target"]: r["output_throughput"] for r in runs if r["round"] == n}
-        if tput.get("direct"):
-            ratios.append(f"{tput.get('inferq', 0) / tput['direct']:.2f}")
-    return " / ".join(ratios)
+def pair(report: dict[str, Any], target: str, concurrency: int) -> dict[str, Any] | None:
+    """`target` / direct at this concurrency, round by round (the two ran back to back in each round)."""
+    load = f"concurrency {concurrency}"
+    return next((p for p in report["paired"] if p["load"] == load and p["target"] == target), None)
 
 
 def online_md(report: dict[str, Any]) -> str:
     rounds = report.get("rounds", 1)
-    how = f"median of {rounds} rounds, targets taking turns" if rounds > 1 else "one round"
+    how = f"median of {rounds} rounds, the targets taking turns at each load" if rounds > 1 else "one round"
     how += f"; every target streams {report.get('stream_interval', 1)} tokens per event"
     if report.get("inferq_engine_spin_ms") is not None:
         how += (
@@ -89,12 +84,14 @@ def online_md(report: dict[str, Any]) -> str:
             "ships it (1 s)"
         )
     lines = [
-        f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s.",
+        f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s,",
+        "of the median rounds and, *paired*, the median of the rounds' own ratios (each round's two runs back to "
+        "back).",
         "",
         "| concurrency | direct tok/s | inferq tok/s | openai tok/s | inferq/direct | inferq/direct by round "
-        "| inferq/openai | TTFT p50 direct / inferq / openai | TTFT p99 direct / inferq / openai "
-        "| TPOT p50 direct / inferq / openai | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| inferq/direct paired | inferq/openai | inferq/openai paired | TTFT p50 direct / inferq / openai "
+        "| TTFT p99 direct / inferq / openai | TPOT p50 direct / inferq / openai | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in sorted({r["concurrency"] for r in report["results"]}):
         d, q, o = by(report, "direct", c), by(report, "inferq", c), by(report, "openai", c)
@@ -102,9 +99,13 @@ def online_md(report: dict[str, Any]) -> str:
             continue
         trio = _trio(d, q, o)
         tput = [x["output_throughput"] for x in (d, q, o)]
+        qd, od = pair(report, "inferq", c), pair(report, "openai", c)
+        # inferq/openai paired: both ratios are over the same direct run of their round
+        qo = sorted(a / b for a, b in zip(qd["ratios"], od["ratios"], strict=True)) if qd and od else []
         lines.append(
-            f"| {c} | {tput[0]:,.0f} | {tput[1]:,.0f} | {tput[2]:,.0f} "
-            f"| {tput[1] / tput[0]:.3f} | {by_round(report, c)} | {tput[1] / tput[2]:.3f} "
+            f"| {c} | {tput[0]:,.0f} | {tput[1]:,.0f} | {tput[2]:,.0f} | {tput[1] / tput[0]:.3f} "
+            f"| {' / '.join(f'{x:.2f}' for x in qd['ratios']) if qd else ''} | {qd['median'] if qd else 0:.3f} "
+            f"| {tput[1] / tput[2]:.3f} | {qo[(len(qo) - 1) // 2] if qo else 0:.3f} "
             f"| {trio('ttft_ms', 'p50')} | {trio('ttft_ms', 'p99')} | {trio('tpot_ms', 'p50')} "
             f"| {d['errors'] + q['errors'] + o['errors']} |"
         )
@@ -118,7 +119,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     q = args.quick
-    reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q, rounds=3, waves=16)]
+    reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q, rounds=5, waves=16)]
     if not q:
         reports.append(online("smollm2", "1,64", 64, q))
     for report in reports:
