@@ -298,9 +298,9 @@ async def bench_online(
 ) -> dict[str, Any]:
     """Every target is set up first, warmed up, and stays up. Then, for each round and each load, every target
     in turn warms up and runs the workload (`run_size` of `prompts`); the order flips from one load to the
-    next and, for each load, from round to round. The targets' runs of one load so lie within a minute of each other,
-    and a slow minute of this machine lands on the pair rather than on one target: `paired` holds, per load,
-    each other target's output throughput over the first target's in each round, and their median.
+    next and, for each load, from round to round. The targets' runs of one load so lie within a minute of
+    each other, and a slow minute of this machine lands on all of them rather than on one: `paired` holds,
+    per load, each other target's output throughput over the first target's in each round, and their median.
 
     An idle target sleeps (vLLM's engine blocks on its input, the inferq worker on XREAD), except that vLLM's
     model process busy-waits for up to a second after its last step: hence `SETTLE_S` between runs.
@@ -333,8 +333,9 @@ async def bench_online(
 
 
 def paired(runs: list[dict[str, Any]], base: str) -> list[dict[str, Any]]:
-    """Per load and target other than `base`: its output throughput over `base`'s in each round (the two ran
-    back to back), and the median of those ratios (the lower middle one for an even count)."""
+    """Per load and target other than `base`: its output throughput over `base`'s in each round (the runs of
+    one load and round are within a minute of each other), and the median of those ratios (the lower middle
+    one for an even count)."""
     rows = []
     others = [t for t in dict.fromkeys(r["target"] for r in runs) if t != base]  # in the order they first ran
     for load in dict.fromkeys(r["load"] for r in runs):

@@ -69,7 +69,7 @@ def _trio(*runs: dict[str, Any]) -> Any:
 
 
 def pair(report: dict[str, Any], target: str, concurrency: int) -> dict[str, Any] | None:
-    """`target` / direct at this concurrency, round by round (the two ran back to back in each round)."""
+    """`target` / direct at this concurrency, round by round (in each round the targets ran one after another)."""
     load = f"concurrency {concurrency}"
     return next((p for p in report["paired"] if p["load"] == load and p["target"] == target), None)
 
@@ -85,8 +85,8 @@ def online_md(report: dict[str, Any]) -> str:
         )
     lines = [
         f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s,",
-        "of the median rounds and, *paired*, the median of the rounds' own ratios (each round's two runs back to "
-        "back).",
+        "of the median rounds and, *paired*, the median of the rounds' own ratios (in each round the targets ran "
+        "one after another at each load).",
         "",
         "| concurrency | direct tok/s | inferq tok/s | openai tok/s | inferq/direct | inferq/direct by round "
         "| inferq/direct paired | inferq/openai | inferq/openai paired | TTFT p50 direct / inferq / openai "
