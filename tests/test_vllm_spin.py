@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # with an explicit window, how many times vLLM's __init__ is wrapped, and, when patched, whether a reader
 # that goes to sleep with no message coming wakes up again by itself (vLLM's own sleeps until pinged).
 PROBE = """
-import logging, time
+import logging, os, time
 import zmq
 logging.basicConfig(level=logging.INFO)  # vLLM's own logging is set up with its engine, not on import
 from worker import vllm_spin
@@ -40,17 +40,16 @@ if wrappers:
     time.sleep(plain.busy_loop_s * 2)  # past the window, within vLLM's busy second: the next wait sleeps
     plain.wait()  # no timeout and no ping: returns only because the plugin bounds the sleep
     woke = "woke"
-print(plain.busy_loop_s, chosen.busy_loop_s, wrappers, woke)
-ctx.destroy(linger=0)
+print(plain.busy_loop_s, chosen.busy_loop_s, wrappers, woke, flush=True)
+os._exit(0)  # no zmq teardown: once in a CI run, destroying the context with vLLM's sockets open aborted
 """
 
 
 def probe(env_add: dict[str, str]) -> tuple[list[str], str]:
     env = {k: v for k, v in os.environ.items() if k not in (vllm_spin.HANDOFF, "INFERQ_ENGINE_SPIN_MS")}
     env.update(env_add)
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"probe exited {out.returncode}; stdout {out.stdout!r}; stderr:\n{out.stderr[-3000:]}"
     return out.stdout.split(), out.stderr
 
 
