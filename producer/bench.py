@@ -317,8 +317,7 @@ async def bench_online(
             for level, concurrency in enumerate(concurrencies):
                 order = list(senders) if (round_no + level) % 2 else list(reversed(senders))
                 for name in order:
-                    if runs:
-                        await asyncio.sleep(SETTLE_S)
+                    await asyncio.sleep(SETTLE_S)  # a target ran just before: the warm-up pass, if nothing else
                     count = run_size(num_requests or len(prompts), waves, concurrency)
                     result = await measure(
                         name, senders[name], prompts[:count], warmup, concurrency=concurrency, rate=rate
