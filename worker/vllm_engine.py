@@ -104,7 +104,7 @@ class VllmEngine:
         self._tokenizer = self._llm.get_tokenizer()
         self._encode = fast_encode(self._tokenizer)
         # vLLM reads its VLLM_* settings through a module __getattr__ that parses os.environ on every access, and
-        # its front end does so per request per step (5% of a busy worker's samples, in the stats it keeps for
+        # its front end does so per request per step (6% of a busy worker's samples, in the stats it keeps for
         # flow control). vLLM caches them in its own engine processes once they have started, not in the
         # AsyncLLM process; this process sets no VLLM_* variable while the engine runs, so cache them here too.
         envs_cache(True)
