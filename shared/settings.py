@@ -56,12 +56,12 @@ class Settings(BaseSettings):
         "session, so the engine's busy polling does not starve Redis and clients on the same machine (0: off)",
     )
     engine_spin_ms: float = Field(
-        0.0,
+        2.0,
         ge=0,
         allow_inf_nan=False,
         description="how long vLLM's engine core and model process busy-wait for each other's next message "
-        "before they sleep until a pipe wakes them (vLLM's own is 1000: under load they never sleep, and on CPU "
-        "the spin takes most of a core from the worker, Redis and the model; BENCHMARKS.md)",
+        "before they sleep until it comes (vLLM's own is 1000: under load they never sleep, and on CPU the spin "
+        "takes most of a core from the worker, Redis and the model; BENCHMARKS.md)",
     )
 
     # Admission and results.

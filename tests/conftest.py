@@ -228,7 +228,7 @@ def tiny_worker(redis_server: EmbeddedServer, tmp_path_factory: pytest.TempPathF
         "--no-bulk-jobs",  # detached-job tests start their own runners, to know (and kill) which one runs a job
         name="tiny-0",
         log_path=tmp_path_factory.mktemp("w") / "tiny.log",
-        env={"INFERQ_ENGINE_SPIN_MS": "0"},  # the default, whatever the shell says: test_vllm reads it in the log
+        env={"INFERQ_ENGINE_SPIN_MS": "2"},  # the default, whatever the shell says: test_vllm reads it in the log
     )
     proc.wait_ready()
     yield proc

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 from pathlib import Path
 
 import pytest
@@ -169,39 +167,8 @@ async def test_worker_session_yields_cpu_to_redis_and_clients(tiny_worker: Worke
 
 
 def test_engine_processes_load_the_spin_plugin(tiny_worker: WorkerProcess) -> None:
-    # INFERQ_ENGINE_SPIN_MS (default 0) reaches vLLM's engine core and model process through our vLLM plugin;
+    # INFERQ_ENGINE_SPIN_MS (default 2) reaches vLLM's engine core and model process through our vLLM plugin;
     # each logs it under its own prefix (worker/vllm_spin.py).
-    lines = [line for line in tiny_worker.log().splitlines() if "busy-waits 0 ms" in line]
+    lines = [line for line in tiny_worker.log().splitlines() if "busy-waits 2 ms" in line]
     assert any(line.startswith("(EngineCore pid=") for line in lines), lines
     assert any(line.startswith(("(Worker pid=", "(VllmWorker-0 pid=")) for line in lines), lines
-
-
-def test_engine_processes_wake_each_other_through_pipes(tiny_worker: WorkerProcess) -> None:
-    # Each of the two shared-memory queues between the engine core and the model process has its writer in one
-    # and its reader in the other, each holding its end of the queue's pipe (worker/vllm_wake.py); the pipes
-    # are gone from disk once both sides are up.
-    ends: dict[str, set[str]] = {}
-    for pid in descendants(tiny_worker.proc.pid):
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if ".inferq-wake" in target:
-                    ends.setdefault(target, set()).add(name)
-    assert len(ends) == 2, ends
-    assert all(t.endswith(" (deleted)") for t in ends), ends
-    assert all(names == {"VLLM::EngineCor", "VLLM::Worker"} for names in ends.values()), ends  # comm: 15 chars
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rpartition(")")[2].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found

@@ -8,9 +8,7 @@ spin from the first token to the last: on a 2-core box the engine core alone too
 nothing, CPU the worker, Redis and the clients then had to take from the model (BENCHMARKS.md, "The
 engine's busy-wait"). Upstream has pull requests to make the window configurable (vllm#51950, #52814);
 until one lands, this vLLM *general plugin* sets it. vLLM loads general plugins in every one of its
-processes before it builds these queues, so the spawned engine core and model process get it too. The same
-plugin has a sleeping reader woken through a pipe rather than vLLM's zmq ping (worker/vllm_wake.py), which
-makes no busy-wait at all (the default) safe.
+processes before it builds these queues, so the spawned engine core and model process get it too.
 
 The plugin acts only when vLLM starts inside `spin_for_children` (as `worker.vllm_engine` starts it), which
 hands it the window from the settings in a private environment variable. Any other vLLM run in this
@@ -30,8 +28,6 @@ import os
 import time
 from collections.abc import Iterator
 from typing import Any
-
-from worker import vllm_wake
 
 # Under vLLM's "vllm" logger, which vLLM's engine processes print with their name in front.
 log = logging.getLogger("vllm.inferq")
@@ -87,10 +83,7 @@ def apply() -> None:
             "vLLM's busy-wait left as it ships: cannot apply %s=%r (%s: %s)", HANDOFF, raw, type(exc).__name__, exc
         )
         return
-    log.info(
-        "busy-waits %g ms for the next message before it sleeps (INFERQ_ENGINE_SPIN_MS), woken through a pipe",
-        seconds * 1000,
-    )
+    log.info("busy-waits %g ms for the next message before it sleeps (INFERQ_ENGINE_SPIN_MS)", seconds * 1000)
 
 
 def _patch(seconds: float) -> None:
@@ -109,14 +102,9 @@ def _patch(seconds: float) -> None:
 
     @functools.wraps(wait)
     def wait_for_ping(self: Any, timeout_ms: int | None = None) -> None:
-        pipe = vllm_wake.reader_pipe(self)
-        if pipe is not None and time.monotonic() > self.last_read + self.busy_loop_s:
-            pipe.wait(timeout_ms)  # no wake-up is lost on a pipe: no recheck needed
-            return
         if self.is_reader and time.monotonic() - self.last_read < _BUSY_S:
             timeout_ms = RECHECK_MS if timeout_ms is None else min(timeout_ms, RECHECK_MS)
         wait(self, timeout_ms=timeout_ms)
 
     cls.__init__ = __init__
     cls.wait = wait_for_ping
-    vllm_wake.install()
