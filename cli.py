@@ -532,7 +532,7 @@ def bench_online_command(
     throughput; TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99); errors. Prints the targets
     side by side. inferq needs running workers for the model, or --local; openai needs --url, or --local."""
     from producer.bench import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target, run_size
-    from shared.benchstats import describe_environment, table
+    from shared.benchstats import describe_environment, engine_setup, table
 
     targets = [t.strip() for t in target.split(",") if t.strip()]
     unknown = sorted(set(targets) - {"inferq", "direct", "openai"})
@@ -571,13 +571,14 @@ def bench_online_command(
     # Every target streams the same way; without --local, only if the running workers (or the server at --url)
     # were started with the same interval.
     report["stream_interval"] = settings.stream_interval
-    # direct and openai run vLLM's busy-wait as it ships (the ceiling); inferq's workers their own setting:
-    # known only for the worker --local starts (INFERQ_ENGINE_SPIN_MS).
-    spin = settings.engine_spin_ms if local and engine == "vllm" else None
-    report["inferq_engine_spin_ms"] = spin
+    # direct and openai run vLLM as it ships (the ceiling); inferq's workers with their own engine settings,
+    # known only for the worker --local starts (INFERQ_ENGINE_SPIN_MS, INFERQ_ENGINE_MODEL_IN_CORE).
+    tuned = local and engine == "vllm"
+    report["inferq_engine_spin_ms"] = settings.engine_spin_ms if tuned else None
+    report["inferq_model_in_core"] = settings.engine_model_in_core if tuned else None
     where = describe_environment(report["environment"])
-    spins = f"vLLM busy-waits {spin:g} ms in inferq's worker, as it ships elsewhere; " if spin is not None else ""
-    typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event; {spins}on {where}")
+    ours = f"inferq's worker: {engine_setup(report)}; vLLM as it ships elsewhere; " if tuned else ""
+    typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event; {ours}on {where}")
     typer.echo(table(report["results"]))
     for row in report["paired"] if rounds > 1 else ():
         each = " / ".join(f"{x:.2f}" for x in row["ratios"])

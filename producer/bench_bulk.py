@@ -88,6 +88,7 @@ def bench_bulk(
         env = {**base_env, "INFERQ_REDIS_URL": server.url, "INFERQ_KEY_PREFIX": "bulkbench"}
         env["INFERQ_KV_CACHE_GIB"] = str(kv_gib)
         env["INFERQ_ENGINE_SPIN_MS"] = f"{settings.engine_spin_ms:g}"  # inferq's own; run-batch's as vLLM ships
+        env["INFERQ_ENGINE_MODEL_IN_CORE"] = str(settings.engine_model_in_core).lower()
         cmd = [sys.executable, "-m", "cli", "bulk", str(batch), "-o", str(out), "--local", "-m", settings.model]
         try:
             return _timed(cmd, env, out.with_suffix(".log")), out
@@ -110,6 +111,7 @@ def bench_bulk(
     return {
         "model": settings.model, "requests": requests, "max_tokens": max_tokens, "files": str(work), "rounds": rows,
         "median_ratio": statistics.median(r["ratio"] for r in rows), "inferq_engine_spin_ms": settings.engine_spin_ms,
+        "inferq_model_in_core": settings.engine_model_in_core,
     }  # fmt: skip
 
 

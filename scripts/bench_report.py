@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from shared.benchstats import engine_setup  # noqa: E402 - the repo root is on the path only now
+
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
 
@@ -79,10 +82,7 @@ def online_md(report: dict[str, Any]) -> str:
     how = f"median of {rounds} rounds, the targets taking turns at each load" if rounds > 1 else "one round"
     how += f"; every target streams {report.get('stream_interval', 1)} tokens per event"
     if report.get("inferq_engine_spin_ms") is not None:
-        how += (
-            f"; inferq's engine busy-waits {report['inferq_engine_spin_ms']:g} ms, direct's and openai's as vLLM "
-            "ships it (1 s)"
-        )
+        how += f"; inferq's worker runs {engine_setup(report)}; direct and openai run vLLM as it ships (1 s)"
     lines = [
         f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s,",
         "of the median rounds and, *paired*, the median of the rounds' own ratios (in each round the targets ran "

@@ -107,6 +107,12 @@ def describe_environment(env: dict[str, Any]) -> str:
     return f"{env['machine']}, {env['cpus']} CPUs, Python {env['python']}, {env['platform']}; {versions}"
 
 
+def engine_setup(report: dict[str, Any]) -> str:
+    """How inferq's own worker ran vLLM in a bench report (INFERQ_ENGINE_MODEL_IN_CORE, INFERQ_ENGINE_SPIN_MS)."""
+    where = "in vLLM's engine core" if report.get("inferq_model_in_core") else "in a process of its own"
+    return f"the model {where}, busy-wait {report.get('inferq_engine_spin_ms', 1000):g} ms"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """The figures of several runs side by side, one column per run."""
     rows = [

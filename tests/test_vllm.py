@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import psutil
 import pytest
 from redis.asyncio import Redis
 
@@ -166,9 +167,15 @@ async def test_worker_session_yields_cpu_to_redis_and_clients(tiny_worker: Worke
     assert group.split()[-2:] == ["nice", "5"]
 
 
-def test_engine_processes_load_the_spin_plugin(tiny_worker: WorkerProcess) -> None:
-    # INFERQ_ENGINE_SPIN_MS (default 2) reaches vLLM's engine core and model process through our vLLM plugin;
-    # each logs it under its own prefix (worker/vllm_spin.py).
-    lines = [line for line in tiny_worker.log().splitlines() if "busy-waits 2 ms" in line]
+def test_the_model_runs_in_the_engine_core_which_loads_the_spin_plugin(tiny_worker: WorkerProcess) -> None:
+    # INFERQ_ENGINE_MODEL_IN_CORE (default on): vLLM's engine core runs the model itself, with the OpenMP threads
+    # vLLM would give a model process, and there is no model process (worker/vllm_executor.py). INFERQ_ENGINE_SPIN_MS
+    # (default 2) still reaches the engine core through our vLLM plugin, which logs it (worker/vllm_spin.py).
+    log = tiny_worker.log()
+    assert "vLLM runs the model in its engine core process" in log
+    assert "OpenMP thread binding info" in log  # vLLM's own OpenMP set-up, made for the engine core
+    titles = [" ".join(p.cmdline()) for p in psutil.Process(tiny_worker.proc.pid).children(recursive=True)]
+    assert sum(t.startswith("VLLM::EngineCore") for t in titles) == 1, titles
+    assert not any(t.startswith("VLLM::Worker") for t in titles), titles
+    lines = [line for line in log.splitlines() if "busy-waits 2 ms" in line]
     assert any(line.startswith("(EngineCore pid=") for line in lines), lines
-    assert any(line.startswith(("(Worker pid=", "(VllmWorker-0 pid=")) for line in lines), lines

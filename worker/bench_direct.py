@@ -18,7 +18,7 @@ Send = Callable[[Prompt, Timing], Awaitable[None]]
 
 @contextlib.asynccontextmanager
 async def direct_sender(model_path: str, settings: Settings) -> AsyncIterator[Send]:
-    engine = VllmEngine(model_path, settings, set_spin=False)  # the ceiling: vLLM busy-waits as it ships
+    engine = VllmEngine(model_path, settings, as_shipped=True)  # the ceiling: vLLM as it ships
     await engine.start()
     ids = itertools.count()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from shared.errors import EngineError
 from shared.schemas import GenerationRequest
 from shared.settings import Settings
-from worker import vllm_spin
+from worker import vllm_executor, vllm_spin
 from worker.cpu_share import yield_to_neighbours
 from worker.engine import Delta, RequestRejected
 from worker.flow import EngineLoad
@@ -67,13 +68,13 @@ def _unstarted(text: str, special: bool) -> list[int]:
 class VllmEngine:
     """One AsyncLLM in this process (its engine core runs in a spawned child process)."""
 
-    def __init__(self, model_path: str, settings: Settings, *, set_spin: bool = True) -> None:
-        """`set_spin=False` leaves vLLM's busy-waiting as it ships (settings.engine_spin_ms unused): the
-        bench's direct ceiling is vLLM at its own defaults."""
+    def __init__(self, model_path: str, settings: Settings, *, as_shipped: bool = False) -> None:
+        """`as_shipped=True` starts vLLM as it ships, its busy-waiting and its processes (engine_spin_ms and
+        engine_model_in_core unused): the bench's direct ceiling is vLLM at its own defaults."""
         self.name = "vllm"
         self.model_path = model_path
         self.settings = settings
-        self.set_spin = set_spin
+        self.as_shipped = as_shipped
         self._llm: Any = None
         self._tokenizer: Any = None
         self._encode: Encode = _unstarted
@@ -82,6 +83,7 @@ class VllmEngine:
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # On CPU the KV cache is a fixed size (a GPU sizes it from free memory). vLLM's VLLM_CPU_KVCACHE_SPACE
@@ -89,7 +91,7 @@ class VllmEngine:
         kv_bytes = int(self.settings.kv_cache_gib * 2**30) if current_platform.is_cpu() else None
         yield_to_neighbours(self.settings.worker_nice)  # before vLLM starts its busy-polling processes
 
-        spin = self.settings.engine_spin_ms / 1000 if self.set_spin else None
+        spin = None if self.as_shipped else self.settings.engine_spin_ms / 1000
         with vllm_spin.spin_for_children(spin):  # from here: vLLM loads its plugins as it reads the arguments
             args = AsyncEngineArgs(
                 model=self.model_path,
@@ -100,7 +102,12 @@ class VllmEngine:
                 kv_cache_memory_bytes=kv_bytes,
                 disable_log_stats=True,
             )
-            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers(self._load))
+            config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            in_core = not self.as_shipped and self.settings.engine_model_in_core
+            with vllm_executor.model_in_core(config) if in_core else contextlib.nullcontext():
+                self._llm = AsyncLLM.from_vllm_config(
+                    config, stat_loggers=stat_loggers(self._load), disable_log_stats=args.disable_log_stats
+                )
         self._tokenizer = self._llm.get_tokenizer()
         self._encode = fast_encode(self._tokenizer)
         # vLLM reads its VLLM_* settings through a module __getattr__ that parses os.environ on every access, and

@@ -1,14 +1,15 @@
 """How long vLLM's engine processes busy-wait for each other before they sleep (INFERQ_ENGINE_SPIN_MS).
 
-With the multiprocess executor (always on CPU; tensor parallel on GPUs) the engine core hands each step to
-the model process, and each side waits for the other's shared-memory message. vLLM 0.32 waits by spinning
-(`sched_yield`) for up to one second after the last message, hard-coded (`SpinCondition.busy_loop_s`), and
-only then sleeps on a socket the writer pings. Under load a message comes every step, so both processes
-spin from the first token to the last: on a 2-core box the engine core alone took 72% of a core doing
-nothing, CPU the worker, Redis and the clients then had to take from the model (BENCHMARKS.md, "The
-engine's busy-wait"). Upstream has pull requests to make the window configurable (vllm#51950, #52814);
-until one lands, this vLLM *general plugin* sets it. vLLM loads general plugins in every one of its
-processes before it builds these queues, so the spawned engine core and model process get it too.
+With the multiprocess executor (tensor parallel on GPUs; vLLM's choice on CPU, where inferq runs the model in
+the engine core instead unless INFERQ_ENGINE_MODEL_IN_CORE is off: worker/vllm_executor.py) the engine core
+hands each step to the model process, and each side waits for the other's shared-memory message. vLLM 0.32 waits
+by spinning (`sched_yield`) for up to one second after the last message, hard-coded
+(`SpinCondition.busy_loop_s`), and only then sleeps on a socket the writer pings. Under load a message comes
+every step, so both processes spin from the first token to the last: on a 2-core box the engine core alone took
+72% of a core doing nothing, CPU the worker, Redis and the clients then had to take from the model
+(BENCHMARKS.md, "The engine's busy-wait"). Upstream has pull requests to make the window configurable
+(vllm#51950, #52814); until one lands, this vLLM *general plugin* sets it. vLLM loads general plugins in every
+one of its processes before it builds these queues, so the spawned engine core and model process get it too.
 
 The plugin acts only when vLLM starts inside `spin_for_children` (as `worker.vllm_engine` starts it), which
 hands it the window from the settings in a private environment variable. Any other vLLM run in this
