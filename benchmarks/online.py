@@ -47,7 +47,7 @@ async def drive(n: int, concurrency: int, one: Callable[[int], Awaitable[int]]) 
 
 async def run_direct(args: argparse.Namespace, model_path: str, texts: list[str]) -> tuple[float, int]:
     settings = load_settings(model=args.model, max_inflight=args.concurrency)
-    engine = VllmEngine(model_path, settings, as_shipped=True)  # the ceiling: vLLM as it ships
+    engine = VllmEngine(model_path, settings, as_shipped=args.direct_engine == "shipped")
     await engine.start()
 
     async def one(i: int) -> int:
@@ -88,6 +88,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--targets", default="direct,inferq", help="which of direct,inferq to run")
     p.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times; report the median")
+    p.add_argument(
+        "--direct-engine",
+        choices=("shipped", "inferq"),
+        default="shipped",
+        help="direct's vLLM as it ships (the ceiling of `inferq bench online`), or set up as inferq's worker sets "
+        "it up (INFERQ_ENGINE_MODEL_IN_CORE, INFERQ_ENGINE_SPIN_MS): then the ratio is what the queue alone costs",
+    )
     args = p.parse_args()
     args.tag = 0
     model_path = str(resolve_model(args.model, load_settings().data_dir))
@@ -103,7 +110,8 @@ def main() -> None:
     rates = {k: sorted(tok / s for s, tok in v) for k, v in runs.items() if v}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"model {args.model}, {args.requests} requests, concurrency {args.concurrency}, "
-          f"prompt ~{args.prompt_len} words, max_tokens {args.max_tokens}, greedy")  # fmt: skip
+          f"prompt ~{args.prompt_len} words, max_tokens {args.max_tokens}, greedy; direct's vLLM: "
+          f"{'as it ships' if args.direct_engine == 'shipped' else 'as inferq sets it up'}")  # fmt: skip
     print(f"{'target':<24}{'median tok/s':>14}  all rounds (output tok/s)")
     names = {"direct": "direct AsyncLLM", "inferq": "inferq (Redis queue)"}
     for key, values in rates.items():
@@ -111,6 +119,9 @@ def main() -> None:
     if len(rates) == 2:
         ratio = statistics.median(rates["inferq"]) / statistics.median(rates["direct"])
         print(f"ratio inferq / direct (median output tok/s): {ratio:.3f}")
+        paired = [(ti / si) / (td / sd) for (sd, td), (si, ti) in zip(runs["direct"], runs["inferq"], strict=True)]
+        each = " / ".join(f"{r:.2f}" for r in paired)
+        print(f"paired, round by round: {each}; median {statistics.median(paired):.3f}")
 
 
 if __name__ == "__main__":  # vLLM spawns its engine core: keep the child from re-running this

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import psutil
@@ -21,6 +22,15 @@ async def tiny(tiny_worker: WorkerProcess) -> Settings:
     return tiny_worker.settings
 
 
+def sends_of(sizes: list[int], interval: int, total: int) -> bool:
+    """Whether token events of these sizes are vLLM's sends: the first token at once, then every `interval` tokens,
+    then the rest ([1, 5, 5, 5, 5, 3] for 24 at 5). An output the worker had not taken yet when the next came is
+    merged with it (vLLM's DELTA collector; with the model in the engine core, steps are quick enough for that
+    to happen now and then under load), so an event may carry several sends, never part of one: its running
+    totals are among the sends' own."""
+    return sum(sizes) == total and set(itertools.accumulate(sizes)) <= {1, *range(1 + interval, total, interval), total}
+
+
 async def test_streamed_tokens_match_stored_result(tiny: Settings, redis: Redis) -> None:
     async with InferenceClient(tiny) as client:
         handle = await client.submit(prompt="The queue holds requests", max_tokens=24, temperature=0, model="tiny")
@@ -29,7 +39,7 @@ async def test_streamed_tokens_match_stored_result(tiny: Settings, redis: Redis)
     assert [e.seq for e in events] == list(range(len(events)))
     assert events[-1].finished and not any(e.finished for e in events[:-1])
     # The first token at once, then INFERQ_STREAM_INTERVAL (default 8) tokens per event, the rest with the end.
-    assert Settings().stream_interval == 8 and [len(e.token_ids) for e in events] == [1, 8, 8, 7]
+    assert Settings().stream_interval == 8 and sends_of([len(e.token_ids) for e in events], 8, 24)
     assert result.status == "done" and result.finish_reason == "length"
     assert "".join(e.text for e in events) == result.text != ""
     assert sum(len(e.token_ids) for e in events) == result.usage.completion_tokens == 24
@@ -51,7 +61,7 @@ async def test_a_request_chooses_its_tokens_per_event(tiny: Settings) -> None:
             assert "".join(e.text for e in events) == result.text and result.usage.completion_tokens == 24
             assert [e.seq for e in events] == list(range(len(events)))
             sizes[interval] = [len(e.token_ids) for e in events]
-    assert sizes == {1: [1] * 24, 5: [1, 5, 5, 5, 5, 3]}
+    assert sends_of(sizes[5], 5, 24) and len(sizes[5]) <= 6 < len(sizes[1]), sizes  # 24 sends at 1
 
 
 async def test_greedy_is_deterministic_and_batched_requests_all_finish(tiny: Settings) -> None:
