@@ -30,12 +30,15 @@ def inferq(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def online(model: str, levels: str, n: int, quick: bool, rounds: int = 1, waves: int = 8) -> dict[str, Any]:
-    """Each target on the same prompts at each concurrency: n requests, or `waves` waves of the concurrency;
-    with rounds, the targets take turns and each figure is the median round's."""
+def online(
+    model: str, levels: str, n: int, quick: bool, rounds: int = 1, waves: int = 8, warmup: int = 32
+) -> dict[str, Any]:
+    """Each target on the same prompts at each concurrency: n requests, or `waves` waves of the concurrency,
+    after `warmup` requests at that concurrency; with rounds, the targets take turns and each figure is the
+    median round's."""
     out = RESULTS / f"online-{model}.json"
     inferq("bench", "online", "--target", "direct,inferq,openai", "--local", "--model", model, "--concurrency", levels,
-           "-n", str(n), "--waves", "2" if quick else str(waves), "--warmup", "8" if quick else "32",
+           "-n", str(n), "--waves", "2" if quick else str(waves), "--warmup", "8" if quick else str(warmup),
            "--rounds", "1" if quick else str(rounds), "--json", str(out))  # fmt: skip
     return json.loads(out.read_text())
 
@@ -121,8 +124,11 @@ def main() -> None:
     q = args.quick
     reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q, rounds=5, waves=16)]
     if not q:
-        # SmolLM2 steps are ~20x slower than tiny's: 32 requests one at a time, 4 waves at 64 and 128 (~15 min).
-        reports.append(online("smollm2", "1,64,128", 32, q, waves=4))
+        # SmolLM2 steps are ~20x slower than tiny's. One round of it swung by more than the bars' margins
+        # (2026-12-02: TTFT p50 at 1 from -13 to +12 ms of direct, inferq/openai at 128 0.98), so it runs 3
+        # paired rounds, made affordable (~25 min) by smaller runs: 24 requests one at a time, 2 waves at 64
+        # and 128, 8 warm-up requests (32 took 75 s per target at concurrency 1).
+        reports.append(online("smollm2", "1,64,128", 24, q, rounds=3, waves=2, warmup=8))
     for report in reports:
         plot(report, RESULTS / f"online-{report['model']}.png")
     inferq("bench", "bulk", "--model", "tiny", "--requests", "64" if q else "512", "--rounds", "1" if q else "3",
