@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.client import InferenceClient
-from producer.local import local_worker
+from producer.local import local_worker, stop_group
 from shared.benchstats import Prompt, Timing, environment, summarize
 from shared.errors import InferqError
 from shared.settings import Settings
@@ -216,13 +215,7 @@ async def openai_server(
                 await asyncio.sleep(0.5)
         yield url
     finally:
-        if proc.returncode is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 60)
-            except TimeoutError:
-                os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        await stop_group(proc, grace_s=60, whole_group=True)
 
 
 async def measure(

@@ -65,12 +65,36 @@ async def local_worker(
     try:
         yield LocalWorker(proc, name, log)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 120)
-            except TimeoutError:
-                os.killpg(proc.pid, signal.SIGKILL)  # the worker and its engine core
-                await proc.wait()
+        await stop_group(proc, grace_s=120)  # SIGTERM to the worker alone: it drains and stops its engine
         if proc.returncode == 0:
             os.unlink(log)  # a clean run's log says nothing; a failed one's is named in the error
+
+
+async def stop_group(proc: asyncio.subprocess.Process, *, grace_s: float, whole_group: bool = False) -> None:
+    """Stop a child that leads its own process group: SIGTERM (to it, or with `whole_group` to its group),
+    up to `grace_s` to exit, then SIGKILL to whatever is left of the group. The SIGKILL goes on every way out
+    (the child exited, crashed, timed out, or this wait was cancelled by Ctrl-C): a vLLM engine core left
+    behind by a worker that died holds a core and gigabytes of memory with nobody to stop it."""
+    try:
+        if proc.returncode is None:
+            _signal(proc, signal.SIGTERM, whole_group)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), grace_s)
+    finally:
+        # The group keeps the child's pid as its id while any member lives, so this reaches no one else.
+        _signal(proc, signal.SIGKILL, whole_group=True)
+        if proc.returncode is None:
+            await proc.wait()
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int, whole_group: bool) -> None:
+    try:
+        if whole_group:
+            try:
+                os.killpg(proc.pid, sig)
+                return
+            except ProcessLookupError:  # no group yet (a child that makes its own as it starts), or it is gone
+                pass
+        proc.send_signal(sig)
+    except ProcessLookupError:  # it has exited
+        pass

@@ -1,0 +1,75 @@
+"""vLLM as it ships against vLLM as inferq's worker sets it up (the model in the engine core, the spin window),
+in this process and without the queue: TTFT and TPOT of one request at a time, side by side. The two setups
+take turns, each round starting its engine afresh, so a slow minute of a shared machine lands on both.
+
+    python benchmarks/engine_setup.py --model smollm2 --rounds 3 --requests 16
+
+It tells an engine cost from a queue cost: `inferq bench online` measures both together, and
+benchmarks/ttft_breakdown.py what the queue adds to one request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common  # noqa: F401 - first: it puts the repo root on sys.path
+
+from producer.bench import fixed_prompts
+from shared import aio
+from shared.schemas import GenerationRequest
+from shared.settings import load_settings
+from worker.models import resolve_model
+from worker.vllm_engine import VllmEngine
+
+SETUPS = {"shipped": "vLLM as it ships", "inferq": "as inferq sets it up"}
+
+
+async def one_round(args: argparse.Namespace, setup: str, tag: str) -> tuple[float, float]:
+    """Start the engine, warm it up, run the requests one at a time; (TTFT p50, TPOT p50) in ms."""
+    settings = load_settings(model=args.model, max_inflight=8)
+    engine = VllmEngine(str(resolve_model(args.model, settings.data_dir)), settings, as_shipped=setup == "shipped")
+    await engine.start()
+    ttft, tpot = [], []
+    try:
+        for i, prompt in enumerate(fixed_prompts(args.warmup + args.requests, 16, args.output_len)):
+            request = GenerationRequest(
+                id=f"{tag}-{i}", model=args.model, prompt=prompt.text, max_tokens=prompt.max_tokens,
+                temperature=0, stream_interval=1,
+            )  # fmt: skip
+            sent, first, tokens = time.perf_counter(), 0.0, 0
+            async for delta in engine.generate(request):
+                first = first or time.perf_counter()
+                tokens += len(delta.token_ids)
+            if i >= args.warmup:
+                ttft.append(first - sent)
+                tpot.append((time.perf_counter() - first) / max(tokens - 1, 1))
+    finally:
+        await engine.stop()
+    return 1e3 * statistics.median(ttft), 1e3 * statistics.median(tpot)
+
+
+async def main(args: argparse.Namespace) -> None:
+    results: dict[str, list[tuple[float, float]]] = {setup: [] for setup in SETUPS}
+    for round_no in range(args.rounds):
+        order = list(SETUPS) if round_no % 2 == 0 else list(reversed(SETUPS))
+        for setup in order:
+            results[setup].append(await one_round(args, setup, f"{setup}{round_no}"))
+            print(f"round {round_no + 1}, {SETUPS[setup]}: TTFT p50 %.1f ms, TPOT p50 %.2f ms" % results[setup][-1])
+    print(f"model {args.model}, {args.requests} requests one at a time, {args.output_len} tokens, greedy; "
+          f"median of {args.rounds} rounds")  # fmt: skip
+    print(f"{'':<24}{'TTFT p50 ms':>12}{'TPOT p50 ms':>13}")
+    for setup, rounds in results.items():
+        ttft, tpot = (statistics.median(r[k] for r in rounds) for k in (0, 1))
+        print(f"{SETUPS[setup]:<24}{ttft:>12.1f}{tpot:>13.2f}")
+
+
+if __name__ == "__main__":  # vLLM spawns its engine core, which imports this module again
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--output-len", type=int, default=32)
+    aio.run(main(parser.parse_args()))
