@@ -12,42 +12,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import common  # noqa: F401 - first: it puts the repo root on sys.path
 
-from producer.bench import fixed_prompts
+from producer.bench import fixed_prompts, measure
 from shared import aio
-from shared.schemas import GenerationRequest
 from shared.settings import load_settings
+from worker.bench_direct import direct_sender
 from worker.models import resolve_model
-from worker.vllm_engine import VllmEngine
 
 SETUPS = {"shipped": "vLLM as it ships", "inferq": "as inferq sets it up"}
 
 
-async def one_round(args: argparse.Namespace, setup: str, tag: str) -> tuple[float, float]:
+async def one_round(args: argparse.Namespace, setup: str) -> tuple[float, float]:
     """Start the engine, warm it up, run the requests one at a time; (TTFT p50, TPOT p50) in ms."""
     settings = load_settings(model=args.model, max_inflight=8)
-    engine = VllmEngine(str(resolve_model(args.model, settings.data_dir)), settings, as_shipped=setup == "shipped")
-    await engine.start()
-    ttft, tpot = [], []
-    try:
-        for i, prompt in enumerate(fixed_prompts(args.warmup + args.requests, 16, args.output_len)):
-            request = GenerationRequest(
-                id=f"{tag}-{i}", model=args.model, prompt=prompt.text, max_tokens=prompt.max_tokens,
-                temperature=0, stream_interval=1,
-            )  # fmt: skip
-            sent, first, tokens = time.perf_counter(), 0.0, 0
-            async for delta in engine.generate(request):
-                first = first or time.perf_counter()
-                tokens += len(delta.token_ids)
-            if i >= args.warmup:
-                ttft.append(first - sent)
-                tpot.append((time.perf_counter() - first) / max(tokens - 1, 1))
-    finally:
-        await engine.stop()
-    return 1e3 * statistics.median(ttft), 1e3 * statistics.median(tpot)
+    path = str(resolve_model(args.model, settings.data_dir))
+    prompts = fixed_prompts(args.warmup + args.requests, 16, args.output_len)
+    async with direct_sender(path, settings, as_shipped=setup == "shipped") as send:
+        result = await measure(setup, send, prompts[args.warmup :], prompts[: args.warmup], concurrency=1, rate=None)
+    return result["ttft_ms"]["p50"], result["tpot_ms"]["p50"]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -55,7 +39,7 @@ async def main(args: argparse.Namespace) -> None:
     for round_no in range(args.rounds):
         order = list(SETUPS) if round_no % 2 == 0 else list(reversed(SETUPS))
         for setup in order:
-            results[setup].append(await one_round(args, setup, f"{setup}{round_no}"))
+            results[setup].append(await one_round(args, setup))
             print(f"round {round_no + 1}, {SETUPS[setup]}: TTFT p50 %.1f ms, TPOT p50 %.2f ms" % results[setup][-1])
     print(f"model {args.model}, {args.requests} requests one at a time, {args.output_len} tokens, greedy; "
           f"median of {args.rounds} rounds")  # fmt: skip

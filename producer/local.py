@@ -88,7 +88,7 @@ async def stop_group(proc: asyncio.subprocess.Process, *, grace_s: float, whole_
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int, whole_group: bool) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it has exited
         if whole_group:
             try:
                 os.killpg(proc.pid, sig)
@@ -96,5 +96,3 @@ def _signal(proc: asyncio.subprocess.Process, sig: int, whole_group: bool) -> No
             except ProcessLookupError:  # no group yet (a child that makes its own as it starts), or it is gone
                 pass
         proc.send_signal(sig)
-    except ProcessLookupError:  # it has exited
-        pass

@@ -17,8 +17,10 @@ Send = Callable[[Prompt, Timing], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def direct_sender(model_path: str, settings: Settings) -> AsyncIterator[Send]:
-    engine = VllmEngine(model_path, settings, as_shipped=True)  # the ceiling: vLLM as it ships
+async def direct_sender(model_path: str, settings: Settings, *, as_shipped: bool = True) -> AsyncIterator[Send]:
+    """The ceiling is vLLM as it ships; `as_shipped=False` sets it up as the worker does (benchmarks/engine_setup.py
+    sets the two side by side)."""
+    engine = VllmEngine(model_path, settings, as_shipped=as_shipped)
     await engine.start()
     ids = itertools.count()
 
