@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -21,8 +22,39 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` as the program. SIGTERM stops it as Ctrl-C does: its task is cancelled, so every `async with`
+    unwinds (a `--local` worker is stopped, an in-process engine shut down) instead of the process vanishing
+    and leaving those children running; then SystemExit(143), the shell's code for "ended by SIGTERM".
+    A worker replaces this handler with its own while it serves (first signal: drain)."""
+    sigterm = _SigtermCancels()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(coro)
+        try:
+            return runner.run(sigterm.guard(coro))
+        except asyncio.CancelledError:
+            if sigterm.received:
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
+
+
+class _SigtermCancels:
+    received = False
+
+    async def guard(self, coro: Coroutine[Any, Any, T]) -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+
+        def on_sigterm() -> None:
+            self.received = True
+            task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            return await coro
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)  # False if a worker's own handler has come and gone
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

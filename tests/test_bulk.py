@@ -4,6 +4,7 @@ killed job resumed without running anything twice, and OpenAI chat lines on real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -159,4 +160,42 @@ async def test_local_mode_starts_and_stops_its_own_worker(settings: Settings, re
     assert sorted(r["custom_id"] for r in read_lines(out)) == sorted(f"l{i}" for i in range(12))
     keys = Keys(settings.key_prefix)
     assert [k async for k in redis.scan_iter(match=keys.workers_pattern())] == []  # its worker is gone
+    assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+def running_with(marker: str) -> list[str]:
+    """The command lines of running processes that contain `marker`."""
+    found = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it ended while we looked
+            cmdline = path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if marker in cmdline:
+                found.append(cmdline)
+    return found
+
+
+async def test_local_job_stopped_by_sigterm_takes_its_worker_and_resumes(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    """SIGTERM to `bulk --local` stops it as Ctrl-C does: its worker (in a session of its own, beyond the
+    reach of a kill of the job's group) is stopped, not orphaned; the job resumes from where it was."""
+    path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(path, [{"custom_id": f"t{i}", "prompt": f"p{i}", "max_tokens": 1000} for i in range(30)])
+    keys = Keys(settings.key_prefix)
+    proc = bulk_process(settings, str(path), "-o", str(out), "-m", MODEL, "--local", "--engine", "standin")
+
+    async def worker_reading() -> bool:
+        return [k async for k in redis.scan_iter(match=keys.workers_pattern())] != []
+
+    await wait_until(worker_reading, 120, "the local worker to start reading")
+    assert proc.poll() is None, "the job must still be going when it is stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.to_thread(proc.communicate, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert [k async for k in redis.scan_iter(match=keys.workers_pattern())] == []  # it drained and left
+    assert running_with(f"local-{proc.pid}-") == [], "the local worker outlived its job"
+    again = bulk_process(settings, str(path), "-o", str(out), "-m", MODEL, "--local", "--engine", "standin")
+    _, err = await asyncio.to_thread(again.communicate, timeout=180)
+    assert again.returncode == 0, err.decode()
+    assert sorted(r["custom_id"] for r in read_lines(out)) == sorted(f"t{i}" for i in range(30))  # each once
     assert await drained(redis, settings, MODEL) == (0, 0)

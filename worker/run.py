@@ -1,4 +1,5 @@
-"""Running a worker process: engine up, worker up, signals, drain, exit code. Signal handling lives here only."""
+"""Running a worker process: engine up, worker up, signals, drain, exit code. A worker's signal handling lives
+here only (shared.aio.run just makes SIGTERM act as Ctrl-C for every command, until a worker takes it over)."""
 
 from __future__ import annotations
 
