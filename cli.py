@@ -97,10 +97,10 @@ def _settings(**overrides: Any) -> Settings:
         _die(str(exc), EXIT_USAGE)
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, *, sigterm_cancels: bool = True) -> Any:
     """Run a coroutine, turning inferq's errors into their exit codes and a one-line message."""
     try:
-        return aio.run(coro)
+        return aio.run(coro, sigterm_cancels=sigterm_cancels)
     except QueueFull as exc:
         _die(str(exc), EXIT_QUEUE_FULL)
     except RequestTimeout as exc:
@@ -345,7 +345,7 @@ def bulk_runner_command(redis_url: RedisUrl = None) -> None:
 
     settings = _settings(redis_url=redis_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise typer.Exit(_run(run_until_signalled(lambda: bulk_runner(settings))))
+    raise typer.Exit(_run(run_until_signalled(lambda: bulk_runner(settings)), sigterm_cancels=False))
 
 
 # ---- dead letters -----------------------------------------------------------------------------------
@@ -468,7 +468,8 @@ def worker(
     code = _run(
         serve(
             settings, make_engine(engine, path, settings), model=settings.model, consumer=consumer, alongside=alongside
-        )
+        ),
+        sigterm_cancels=False,  # serve() owns the worker's signals
     )
     # Everything is closed (Redis, engine). Tearing down torch and vLLM's modules at interpreter exit takes
     # seconds and cleans nothing more, so leave at once: `bulk --local` and supervisors wait on this exit.

@@ -21,15 +21,16 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop  # type: ignore[no-any-return]
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
+def run(coro: Coroutine[Any, Any, T], *, sigterm_cancels: bool = True) -> T:
     """Run `coro` as the program. SIGTERM stops it as Ctrl-C does: its task is cancelled, so every `async with`
     unwinds (a `--local` worker is stopped, an in-process engine shut down) instead of the process vanishing
     and leaving those children running; then SystemExit(143), the shell's code for "ended by SIGTERM".
-    A worker replaces this handler with its own while it serves (first signal: drain)."""
+    A worker passes `sigterm_cancels=False`: it owns its signals (worker/run.py), and while its engine loads
+    (blocking, minutes) SIGTERM must still end it at once, not when the load is done."""
     sigterm = _SigtermCancels()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         try:
-            return runner.run(sigterm.guard(coro))
+            return runner.run(sigterm.guard(coro) if sigterm_cancels else coro)
         except asyncio.CancelledError:
             if sigterm.received:
                 raise SystemExit(128 + signal.SIGTERM) from None
@@ -49,12 +50,14 @@ class _SigtermCancels:
 
         try:
             loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+            installed = True
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-            return await coro
+            installed = False
         try:
             return await coro
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)  # False if a worker's own handler has come and gone
+            if installed:
+                loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

@@ -100,8 +100,9 @@ async def test_strict_refuses_the_file_and_enqueues_nothing(
     assert not await redis.exists(Keys(settings.key_prefix).queue(MODEL))
 
 
-def bulk_process(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+def bulk_process(settings: Settings, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "INFERQ_REDIS_URL": settings.redis_url or "", "INFERQ_KEY_PREFIX": settings.key_prefix}
+    env.update(extra_env)  # a --local worker inherits it too
     return subprocess.Popen(
         [sys.executable, str(ROOT / "cli.py"), "bulk", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -163,14 +164,13 @@ async def test_local_mode_starts_and_stops_its_own_worker(settings: Settings, re
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 
-def running_with(marker: str) -> list[str]:
-    """The command lines of running processes that contain `marker`."""
+def running_with(marker: str) -> list[int]:
+    """The pids of running processes whose command line contains `marker`."""
     found = []
     for path in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it ended while we looked
-            cmdline = path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if marker in cmdline:
-                found.append(cmdline)
+            if marker.encode() in path.read_bytes():
+                found.append(int(path.parent.name))
     return found
 
 
@@ -178,24 +178,34 @@ async def test_local_job_stopped_by_sigterm_takes_its_worker_and_resumes(
     settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:
     """SIGTERM to `bulk --local` stops it as Ctrl-C does: its worker (in a session of its own, beyond the
-    reach of a kill of the job's group) is stopped, not orphaned; the job resumes from where it was."""
+    reach of a kill of the job's group) is stopped, not orphaned; the same command then finishes the job."""
     path, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_lines(path, [{"custom_id": f"t{i}", "prompt": f"p{i}", "max_tokens": 1000} for i in range(30)])
-    keys = Keys(settings.key_prefix)
-    proc = bulk_process(settings, str(path), "-o", str(out), "-m", MODEL, "--local", "--engine", "standin")
+    write_lines(path, [{"custom_id": f"t{i}", "prompt": f"p{i}", "max_tokens": 1000} for i in range(12)])
+    local = (str(path), "-o", str(out), "-m", MODEL, "--local", "--engine", "standin")
+    # Two at a time, ~1 s per pair: the job is still going when it is stopped.
+    proc = bulk_process(settings, *local, INFERQ_MAX_INFLIGHT="2")
+    marker = f"local-{proc.pid}-"
+    try:
 
-    async def worker_reading() -> bool:
-        return [k async for k in redis.scan_iter(match=keys.workers_pattern())] != []
+        async def some_written() -> bool:
+            return out.exists() and len(out.read_text().splitlines()) >= 2
 
-    await wait_until(worker_reading, 120, "the local worker to start reading")
-    assert proc.poll() is None, "the job must still be going when it is stopped"
-    proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.to_thread(proc.communicate, timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
-    assert [k async for k in redis.scan_iter(match=keys.workers_pattern())] == []  # it drained and left
-    assert running_with(f"local-{proc.pid}-") == [], "the local worker outlived its job"
-    again = bulk_process(settings, str(path), "-o", str(out), "-m", MODEL, "--local", "--engine", "standin")
+        await wait_until(some_written, 120, "the job to write some results")
+        assert proc.poll() is None, "the job must still be going when it is stopped"
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=180)
+        assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+        assert running_with(marker) == [], "the local worker outlived its job"
+        keys = Keys(settings.key_prefix)
+        assert [k async for k in redis.scan_iter(match=keys.workers_pattern())] == []  # it drained and left
+        assert 2 <= len(read_lines(out)) < 12  # stopped part way
+    finally:
+        proc.kill()
+        for pid in running_with(marker):  # only if the test failed: an orphan must not outlive the suite
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    again = bulk_process(settings, *local)
     _, err = await asyncio.to_thread(again.communicate, timeout=180)
     assert again.returncode == 0, err.decode()
-    assert sorted(r["custom_id"] for r in read_lines(out)) == sorted(f"t{i}" for i in range(30))  # each once
+    assert sorted(r["custom_id"] for r in read_lines(out)) == sorted(f"t{i}" for i in range(12))  # each once
     assert await drained(redis, settings, MODEL) == (0, 0)

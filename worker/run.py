@@ -1,5 +1,5 @@
 """Running a worker process: engine up, worker up, signals, drain, exit code. A worker's signal handling lives
-here only (shared.aio.run just makes SIGTERM act as Ctrl-C for every command, until a worker takes it over)."""
+here only (shared.aio.run makes SIGTERM act as Ctrl-C for the other commands; a worker opts out of that)."""
 
 from __future__ import annotations
 
