@@ -57,7 +57,8 @@ async def one_worker(
     prefix: str, model: str, args: list[str], extra_env: dict[str, str] | None = None
 ) -> AsyncIterator[InferenceClient]:
     """A fresh server, one worker `w` on it (`--model MODEL ARGS...`), and a client once the worker reads.
-    On exit the worker gets SIGINT (it drains as on SIGTERM; a profiler wrapping it saves on it)."""
+    On exit the worker gets SIGINT (it drains as on SIGTERM; a profiler wrapping it saves on it), then its
+    process group SIGKILL."""
     server, data = temp_server()
     log = data / "worker.log"
     worker = spawn_worker(server.url, prefix, "w", ["--model", model, *args], log, extra_env)
@@ -66,9 +67,15 @@ async def one_worker(
             await wait_ready(client.redis, prefix, "w", worker, log)
             yield client
     finally:
-        worker.send_signal(signal.SIGINT)
-        worker.wait(timeout=60)
-        server.stop()
+        try:
+            worker.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the group kill below ends it
+                worker.wait(timeout=60)
+        finally:  # whatever is left of its group (an engine core of a worker that died) goes too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+            server.stop()
 
 
 @dataclass

@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable
 from common import one_worker  # first: it puts the repo root on sys.path
 
 from shared import aio
-from shared.schemas import GenerationRequest
+from shared.benchstats import Prompt, Timing
 from shared.settings import load_settings
+from worker.bench_direct import direct_sender
 from worker.models import resolve_model
-from worker.vllm_engine import VllmEngine
 
 WORDS = "the queue holds requests until a worker is free and then runs them through the model".split()
 
@@ -47,21 +47,15 @@ async def drive(n: int, concurrency: int, one: Callable[[int], Awaitable[int]]) 
 
 async def run_direct(args: argparse.Namespace, model_path: str, texts: list[str]) -> tuple[float, int]:
     settings = load_settings(model=args.model, max_inflight=args.concurrency)
-    engine = VllmEngine(model_path, settings, as_shipped=args.direct_engine == "shipped")
-    await engine.start()
+    async with direct_sender(model_path, settings, as_shipped=args.direct_engine == "shipped") as send:
 
-    async def one(i: int) -> int:
-        req = GenerationRequest(
-            id=f"d{args.tag}{i}", model=args.model, prompt=texts[i], max_tokens=args.max_tokens, temperature=0
-        )
-        return sum([len(d.token_ids) async for d in engine.generate(req)])
+        async def one(i: int) -> int:
+            timing = Timing(sent=time.perf_counter())
+            await send(Prompt(texts[i], args.max_tokens), timing)
+            return timing.output_tokens
 
-    try:
         await drive(args.warmup, args.concurrency, one)
-        args.tag += 1
         return await drive(args.requests, args.concurrency, one)
-    finally:
-        await engine.stop()
 
 
 async def run_queue(args: argparse.Namespace, texts: list[str]) -> tuple[float, int]:
@@ -96,7 +90,6 @@ def main() -> None:
         "it up (INFERQ_ENGINE_MODEL_IN_CORE, INFERQ_ENGINE_SPIN_MS): then the ratio is what the queue alone costs",
     )
     args = p.parse_args()
-    args.tag = 0
     model_path = str(resolve_model(args.model, load_settings().data_dir))
     texts = prompts(args.requests + args.warmup, args.prompt_len)
 
