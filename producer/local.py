@@ -88,11 +88,9 @@ async def stop_group(proc: asyncio.subprocess.Process, *, grace_s: float, whole_
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int, whole_group: bool) -> None:
+    if whole_group:
+        with contextlib.suppress(ProcessLookupError):  # no group yet (a child that makes its own as it starts)
+            os.killpg(proc.pid, sig)
+            return
     with contextlib.suppress(ProcessLookupError):  # it has exited
-        if whole_group:
-            try:
-                os.killpg(proc.pid, sig)
-                return
-            except ProcessLookupError:  # no group yet (a child that makes its own as it starts), or it is gone
-                pass
         proc.send_signal(sig)

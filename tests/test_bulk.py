@@ -20,7 +20,7 @@ from producer.bulk import BulkJob
 from shared.errors import InvalidRequest
 from shared.keys import Keys
 from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, drained, wait_until
+from tests.conftest import ROOT, WorkerProcess, drained, wait_until, with_children_gone
 
 MODEL = "fake"
 
@@ -202,8 +202,7 @@ async def test_local_job_stopped_by_sigterm_takes_its_worker_and_resumes(
     finally:
         proc.kill()
         for pid in running_with(marker):  # only if the test failed: an orphan must not outlive the suite
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+            with_children_gone(pid)
     again = bulk_process(settings, *local)
     _, err = await asyncio.to_thread(again.communicate, timeout=180)
     assert again.returncode == 0, err.decode()
