@@ -31,7 +31,8 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# Every benchmark, side by side, then the figures into BENCHMARKS.md and a plot (~55 min on 2 cores).
+# Every benchmark, side by side, then the figures into BENCHMARKS.md and a plot
+# (~65 min on 2 cores; up to ~1 h 40 when the box runs slow).
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) scripts/bench_report.py

@@ -2,7 +2,7 @@
 `make bench` markers), the JSON into benchmarks/results/ and a plot of throughput and TTFT against
 concurrency for the three online targets (benchmarks/results/online-<model>.png).
 
-    python scripts/bench_report.py            # all of it (~55 min on 2 cores)
+    python scripts/bench_report.py            # all of it (~65 min on 2 cores; ~1 h 40 on a slow one)
     python scripts/bench_report.py --quick    # small runs, to check the harness end to end
 """
 
@@ -124,11 +124,12 @@ def main() -> None:
     q = args.quick
     reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q, rounds=5, waves=16)]
     if not q:
-        # SmolLM2 steps are ~20x slower than tiny's. One round of it swung by more than the bars' margins
-        # (2026-12-02: TTFT p50 at 1 from -13 to +12 ms of direct, inferq/openai at 128 0.98), so it runs 3
-        # paired rounds, made affordable (~25 min) by smaller runs: 24 requests one at a time, 2 waves at 64
-        # and 128, 8 warm-up requests (32 took 75 s per target at concurrency 1).
-        reports.append(online("smollm2", "1,64,128", 24, q, rounds=3, waves=2, warmup=8))
+        # SmolLM2 steps are ~20x slower than tiny's, and this box's speed drifts by a third within minutes
+        # (2026-12-02 23:37: 17 tok/s at concurrency 1 in one round, 10 in the next). Three paired rounds let
+        # one slow stretch decide a bar (inferq/openai at 128: 1.07 / 0.79 / 0.87), so it runs 5, on the same
+        # small workload as before: 24 requests one at a time, 2 waves at 64 and 128, 8 warm-up requests
+        # (32 took 75 s per target at concurrency 1). ~30 min on a fast box.
+        reports.append(online("smollm2", "1,64,128", 24, q, rounds=5, waves=2, warmup=8))
     for report in reports:
         plot(report, RESULTS / f"online-{report['model']}.png")
     inferq("bench", "bulk", "--model", "tiny", "--requests", "64" if q else "512", "--rounds", "1" if q else "3",
