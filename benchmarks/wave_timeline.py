@@ -8,6 +8,10 @@ they end together, so the next wave starts together too. Where the two targets d
 this shows in which phase. Both targets are started as `--local` starts them, stay up, and take turns:
 
     python benchmarks/wave_timeline.py --model smollm2 --concurrency 128 --rounds 8
+
+With `--waves 2` each run is a closed loop of two waves, as in `make bench`: every finished request is
+replaced at once, so the later cohorts show how each target hands the refill to the engine (the prefill
+phase and the decode steps are then measured to the last first token of the run).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import statistics
 
 from common import ROOT  # noqa: F401 - first: it puts the repo root on sys.path
@@ -50,9 +55,10 @@ def phases(timings: list[Timing], start: float, output_len: int) -> dict[str, ob
 async def main(args: argparse.Namespace) -> None:
     settings = load_settings(model=args.model, max_inflight=args.concurrency)
     path = str(resolve_model(settings.model, settings.data_dir, log=print))
-    prompts = fixed_prompts(args.concurrency + args.warmup, args.prompt_len, args.output_len)
+    prompts = fixed_prompts(args.waves * args.concurrency + args.warmup, args.prompt_len, args.output_len)
     wave, warmup = prompts[args.warmup :], prompts[: args.warmup]
     async with contextlib.AsyncExitStack() as stack:
+        dump = stack.enter_context(open(args.dump, "w")) if args.dump else None  # noqa: ASYNC230 - a small local file
         targets: dict[str, Send] = {
             "inferq": await stack.enter_async_context(
                 inferq_target(settings, settings.model, local_engine="vllm", max_inflight=args.concurrency)
@@ -66,7 +72,8 @@ async def main(args: argparse.Namespace) -> None:
         }  # fmt: skip
         for send in targets.values():
             await run_load(warmup, send, concurrency=args.concurrency)
-        print(f"model {settings.model}, one wave of {args.concurrency} requests a run, {args.output_len} tokens each")
+        print(f"model {settings.model}, {args.waves} wave(s) of {args.concurrency} requests a run in a closed loop, "
+              f"{args.output_len} tokens each")  # fmt: skip
         print(f"{'round':<6}{'target':<8}{'tok/s':>7}{'prefill s':>11}{'decode ms/step':>16}{'tail s':>8}"
               f"{'TTFT mean s':>13}  first-token cohorts (requests@time)")  # fmt: skip
         rates: dict[str, list[float]] = {name: [] for name in targets}
@@ -79,6 +86,10 @@ async def main(args: argparse.Namespace) -> None:
                 rate = sum(t.output_tokens for t in timings) / wall
                 rates[name].append(rate)
                 p = phases(timings, start, args.output_len)
+                if dump:  # one line a request, times in seconds from the run's first send
+                    for t in timings:
+                        at = [round(x - start, 4) if x is not None else None for x in (t.sent, t.first, t.done)]
+                        dump.write(json.dumps({"round": round_no, "target": name, "sent_first_done": at}) + "\n")
                 print(f"{round_no:<6}{name:<8}{rate:>7.0f}{p['prefill_s']:>11.2f}{p['decode_step_ms']:>16.0f}"
                       f"{p['tail_s']:>8.2f}{p['ttft_mean_s']:>13.2f}  {p['cohorts']}")  # fmt: skip
         ratios = [i / o for i, o in zip(rates["inferq"], rates["openai"], strict=True)]
@@ -91,7 +102,9 @@ if __name__ == "__main__":
     p.add_argument("--model", default="smollm2")
     p.add_argument("--concurrency", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--waves", type=int, default=1, help="requests a run: this many times the concurrency")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=16, help="words per prompt, as `inferq bench online`")
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--dump", help="write every request's send, first-token and done times to this JSONL file")
     aio.run(main(p.parse_args()))
