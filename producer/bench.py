@@ -290,8 +290,9 @@ async def bench_online(
     on_result: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
     """Every target is set up first, warmed up, and stays up. Then, for each round and each load, every target
-    in turn warms up and runs the workload (`run_size` of `prompts`); the order flips from one load to the
-    next and, for each load, from round to round. The targets' runs of one load so lie within a minute of
+    in turn warms up and runs the workload (`run_size` of `prompts`); the order rotates by one place from one
+    load to the next and, for each load, from round to round, so that no target always runs in the same place
+    (a flip would keep the middle one of three in the middle). The targets' runs of one load so lie within a minute of
     each other, and a slow minute of this machine lands on all of them rather than on one: `paired` holds,
     per load, each other target's output throughput over the first target's in each round, and their median.
 
@@ -308,7 +309,8 @@ async def bench_online(
             await run_load(warmup, send, concurrency=max((c or 1) for c in concurrencies))
         for round_no in range(1, rounds + 1):
             for level, concurrency in enumerate(concurrencies):
-                order = list(senders) if (round_no + level) % 2 else list(reversed(senders))
+                shift = (round_no - 1 + level) % len(senders)
+                order = [*senders][shift:] + [*senders][:shift]
                 for name in order:
                     await asyncio.sleep(SETTLE_S)  # a target ran just before: the warm-up pass, if nothing else
                     count = run_size(num_requests or len(prompts), waves, concurrency)
