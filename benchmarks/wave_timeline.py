@@ -56,7 +56,7 @@ async def main(args: argparse.Namespace) -> None:
     settings = load_settings(model=args.model, max_inflight=args.concurrency)
     path = str(resolve_model(settings.model, settings.data_dir, log=print))
     prompts = fixed_prompts(args.waves * args.concurrency + args.warmup, args.prompt_len, args.output_len)
-    wave, warmup = prompts[args.warmup :], prompts[: args.warmup]
+    measured, warmup = prompts[args.warmup :], prompts[: args.warmup]
     async with contextlib.AsyncExitStack() as stack:
         dump = stack.enter_context(open(args.dump, "w")) if args.dump else None  # noqa: ASYNC230 - a small local file
         targets: dict[str, Send] = {
@@ -81,7 +81,7 @@ async def main(args: argparse.Namespace) -> None:
             order = list(targets) if round_no % 2 else list(reversed(targets))
             for name in order:
                 await asyncio.sleep(SETTLE_S)
-                timings, wall = await run_load(wave, targets[name], concurrency=args.concurrency)
+                timings, wall = await run_load(measured, targets[name], concurrency=args.concurrency)
                 start = min(t.sent for t in timings)
                 rate = sum(t.output_tokens for t in timings) / wall
                 rates[name].append(rate)

@@ -292,9 +292,10 @@ async def bench_online(
     """Every target is set up first, warmed up, and stays up. Then, for each round and each load, every target
     in turn warms up and runs the workload (`run_size` of `prompts`); the order rotates by one place from one
     load to the next and, for each load, from round to round, so that no target always runs in the same place
-    (a flip would keep the middle one of three in the middle). The targets' runs of one load so lie within a minute of
-    each other, and a slow minute of this machine lands on all of them rather than on one: `paired` holds,
-    per load, each other target's output throughput over the first target's in each round, and their median.
+    (a flip would keep the middle one of three in the middle). The targets' runs of one load so lie within a
+    minute of each other, and a slow minute of this machine lands on all of them rather than on one: `paired`
+    holds, per load, each other target's output throughput over the first target's in each round, and their
+    median.
 
     An idle target sleeps (vLLM's engine blocks on its input, the inferq worker on XREAD), except that vLLM's
     model process busy-waits for up to a second after its last step: hence `SETTLE_S` between runs.
@@ -307,10 +308,11 @@ async def bench_online(
         # (direct 3.1k-3.2k tok/s at 64, against 3.9k-5.6k in later rounds).
         for send in senders.values():
             await run_load(warmup, send, concurrency=max((c or 1) for c in concurrencies))
+        names = list(senders)
         for round_no in range(1, rounds + 1):
             for level, concurrency in enumerate(concurrencies):
-                shift = (round_no - 1 + level) % len(senders)
-                order = [*senders][shift:] + [*senders][:shift]
+                shift = (round_no - 1 + level) % len(names)
+                order = names[shift:] + names[:shift]
                 for name in order:
                     await asyncio.sleep(SETTLE_S)  # a target ran just before: the warm-up pass, if nothing else
                     count = run_size(num_requests or len(prompts), waves, concurrency)
