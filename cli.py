@@ -605,10 +605,7 @@ def bench_bulk_command(
     from producer.bench_bulk import bench_bulk, bulk_table
 
     settings = _settings(model=model)
-    try:
-        report = bench_bulk(settings, _model_path(settings), requests=requests, max_tokens=max_tokens, rounds=rounds)
-    except InferqError as exc:
-        _die(str(exc), EXIT_FAILED)
+    report = _run(bench_bulk(settings, _model_path(settings), requests=requests, max_tokens=max_tokens, rounds=rounds))
     typer.echo(bulk_table(report))
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))

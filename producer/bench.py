@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.client import InferenceClient
-from producer.local import local_worker, stop_group
+from producer.local import in_own_group, local_worker, stop_group
 from shared.benchstats import Prompt, Timing, environment, summarize
 from shared.errors import InferqError
 from shared.settings import Settings
@@ -197,10 +197,8 @@ async def openai_server(
         # group, and vLLM's engine core busy-waits with sched_yield, which yields only within its group. In a
         # session of its own the server kept this client, its only client, off the CPU (1% of a core at
         # concurrency 16, and 667 tok/s against direct's 2,448). Direct's client shares its engine's group.
-        # (uvloop's subprocess takes no process_group: the child sets its group itself before it execs.)
-        in_own_group = [sys.executable, "-c", "import os, sys; os.setpgrp(); os.execv(sys.argv[1], sys.argv[1:])"]
         proc = await asyncio.create_subprocess_exec(
-            *in_own_group, *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
+            *in_own_group(cmd), env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -10,16 +10,17 @@ start swings by seconds on a shared machine); the verdict is the median of the r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from producer.local import in_own_group, stop_group
 from shared.embedded import temporary_server
 from shared.errors import InferqError
 from shared.settings import Settings
@@ -52,17 +53,26 @@ def output_tokens(path: Path) -> tuple[int, int]:
     return tokens, errors
 
 
-def _timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
+async def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Seconds from launching `cmd` to its exit. It leads a process group of its own, stopped on every way out
+    (SIGTERM to it, up to a minute for `inferq bulk --local` to stop its worker, then SIGKILL to the group): a
+    bench stopped by SIGTERM or Ctrl-C leaves no run-batch or engine core behind."""
     t0 = time.perf_counter()
-    with open(log, "wb") as fh:
-        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise InferqError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; its log: {log}")
+    with open(log, "wb") as fh:  # noqa: ASYNC230 - the child's log
+        proc = await asyncio.create_subprocess_exec(
+            *in_own_group(cmd), env=env, stdout=fh, stderr=asyncio.subprocess.STDOUT
+        )
+    try:
+        returncode = await proc.wait()
+        wall = time.perf_counter() - t0
+    finally:
+        await stop_group(proc, grace_s=60)
+    if returncode != 0:
+        raise InferqError(f"{' '.join(cmd[:4])} ... exited {returncode}; its log: {log}")
     return wall
 
 
-def bench_bulk(
+async def bench_bulk(
     settings: Settings, model_path: str, *, requests: int = 512, max_tokens: int = 32, rounds: int = 3
 ) -> dict[str, Any]:
     """Run both tools `rounds` times on one file; every run's wall time, tokens and the ratios."""
@@ -73,16 +83,16 @@ def bench_bulk(
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     base_env["INFERQ_DATA_DIR"] = str(settings.data_dir)
 
-    def run_batch(n: int) -> tuple[float, Path]:
+    async def run_batch(n: int) -> tuple[float, Path]:
         out = work / f"runbatch-{n}.out.jsonl"
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o", str(out),
             "--model", model_path, "--served-model-name", settings.model, "--dtype", "float32", "--enforce-eager",
             "--max-model-len", str(settings.max_model_len), "--disable-log-stats",
         ]  # fmt: skip
-        return _timed(cmd, {**base_env, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}, out.with_suffix(".log")), out
+        return await timed(cmd, {**base_env, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}, out.with_suffix(".log")), out
 
-    def inferq_bulk(n: int) -> tuple[float, Path]:
+    async def inferq_bulk(n: int) -> tuple[float, Path]:
         server = temporary_server()
         out = work / f"inferq-{n}.out.jsonl"
         env = {**base_env, "INFERQ_REDIS_URL": server.url, "INFERQ_KEY_PREFIX": "bulkbench"}
@@ -91,7 +101,7 @@ def bench_bulk(
         env["INFERQ_ENGINE_MODEL_IN_CORE"] = str(settings.engine_model_in_core).lower()
         cmd = [sys.executable, "-m", "cli", "bulk", str(batch), "-o", str(out), "--local", "-m", settings.model]
         try:
-            return _timed(cmd, env, out.with_suffix(".log")), out
+            return await timed(cmd, env, out.with_suffix(".log")), out
         finally:
             server.stop()
 
@@ -99,7 +109,7 @@ def bench_bulk(
     for n in range(rounds):
         order = [(RUN_BATCH, run_batch), (INFERQ, inferq_bulk)]
         for name, fn in order if n % 2 == 0 else order[::-1]:
-            runs[n][name] = fn(n)
+            runs[n][name] = await fn(n)
     rows = []
     for n, results in enumerate(runs):
         row: dict[str, Any] = {"round": n + 1}

@@ -70,6 +70,14 @@ async def local_worker(
             os.unlink(log)  # a clean run's log says nothing; a failed one's is named in the error
 
 
+def in_own_group(cmd: list[str]) -> list[str]:
+    """`cmd` (an absolute program path first) as the leader of a new process group in this session, so that
+    `stop_group` reaches its children too. In this session, not a new one: the kernel schedules a session as
+    one group (autogroup), and a child moved out of it would compete with this process differently.
+    (uvloop's subprocess takes no process_group: the child sets its group itself before it execs.)"""
+    return [sys.executable, "-c", "import os, sys; os.setpgrp(); os.execv(sys.argv[1], sys.argv[1:])", *cmd]
+
+
 async def stop_group(proc: asyncio.subprocess.Process, *, grace_s: float, whole_group: bool = False) -> None:
     """Stop a child that leads its own process group: SIGTERM (to it, or with `whole_group` to its group),
     up to `grace_s` to exit, then SIGKILL to whatever is left of the group. The SIGKILL goes on every way out

@@ -1,15 +1,19 @@
-"""`--local` children (a worker, vLLM's OpenAI server) are stopped whole: nothing of their process group outlives
-the command, whichever way it ends. The group here is a shell leading its own session, with a member that
-ignores SIGTERM, as a vLLM engine core left behind by a dead worker would outlive it."""
+"""`--local` children (a worker, vLLM's OpenAI server) and the bulk bench's tools are stopped whole: nothing of
+their process group outlives the command, whichever way it ends. The group here is a shell leading its own
+group, with a member that ignores SIGTERM, as a vLLM engine core left behind by a dead worker would outlive it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import select
+import shlex
+import sys
+from pathlib import Path
 
 import pytest
 
+from producer.bench_bulk import timed
 from producer.local import stop_group
 
 
@@ -52,3 +56,36 @@ async def test_the_group_is_killed_when_the_wait_is_cancelled() -> None:
         await stopping
     assert proc.returncode == -9
     assert gone(member)
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+async def test_bench_bulk_leaves_no_member_of_its_tools_group(tmp_path: Path, cancelled: bool) -> None:
+    """`inferq bench bulk` times each tool as a child leading its own group: when the child exits, or the bench
+    is cancelled (SIGTERM, Ctrl-C), a member that ignores SIGTERM (an engine core) does not outlive it."""
+    reported: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reported.set_result(int(await reader.read()))
+        writer.close()
+
+    sock = str(tmp_path / "member.sock")
+    member = (
+        "import os, signal, socket, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"s = socket.socket(socket.AF_UNIX); s.connect({sock!r}); s.sendall(str(os.getpid()).encode()); s.close(); "
+        "time.sleep(600)"
+    )
+    # The leader starts the member, then waits for it (cancelled) or exits once it has reported (not).
+    leader = f"{sys.executable} -c {shlex.quote(member)} & " + ("wait" if cancelled else f"read _ < {tmp_path}/go")
+    os.mkfifo(tmp_path / "go")
+    async with await asyncio.start_unix_server(on_connect, sock):
+        timing = asyncio.create_task(timed(["/bin/sh", "-c", leader], dict(os.environ), tmp_path / "log"))
+        pid = await asyncio.wait_for(reported, 60)
+        pidfd = os.pidfd_open(pid)
+        if cancelled:
+            timing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await timing
+        else:
+            (tmp_path / "go").write_text("\n")  # the leader reads it and exits 0, its member still running
+            assert await timing > 0
+    assert gone(pidfd)
