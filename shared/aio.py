@@ -5,7 +5,6 @@ uvloop makes each task wake-up cheaper; a worker or client does one per request 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -61,12 +60,17 @@ class _SigtermCancels:
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a background task and wait until it has stopped (its CancelledError is expected, not raised)."""
+    """Cancel a background task and wait until it has stopped. Its CancelledError is expected and not raised;
+    a cancel of the caller itself during the wait (a Ctrl-C, a caller's deadline) still is."""
     if task is None:
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        caller = asyncio.current_task()
+        if caller is not None and caller.cancelling():
+            raise
 
 
 async def first(work: Awaitable[T], stop: Awaitable[Any]) -> tuple[bool, T | None]:
