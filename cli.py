@@ -513,6 +513,13 @@ def bench_online_command(
             "median round's, and each target's output tok/s over the first target's is also given per round",
         ),
     ] = 1,
+    freeze_idle: Annotated[
+        bool,
+        typer.Option(
+            help="stop (SIGSTOP) the processes of the targets whose turn it is not, so each runs alone on the "
+            "machine (only targets this command started: --local, direct); else idle engines still take CPU",
+        ),
+    ] = True,
     prompt_len: Annotated[int, typer.Option(help="words per generated prompt")] = 16,
     output_len: Annotated[
         int, typer.Option(help="max_tokens per request (greedy, so every target makes the same)")
@@ -564,7 +571,7 @@ def bench_online_command(
         bench_online(
             {t: factories[t] for t in targets}, prompts[warmup:], prompts[:warmup], model=name,
             concurrencies=list(levels), rate=request_rate, num_requests=num_requests, waves=waves, rounds=rounds,
-            on_result=lambda r: typer.echo(
+            freeze_idle=freeze_idle, on_result=lambda r: typer.echo(
                 f"round {r['round']}, {r['target']}, {r['load']}: {r['output_throughput']:.0f} output tok/s", err=True
             ),
         )

@@ -21,6 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+from producer.bench_idle import IdleFreezer
 from producer.client import InferenceClient
 from producer.local import in_own_group, local_worker, stop_group
 from shared.benchstats import Prompt, Timing, environment, summarize
@@ -285,6 +286,7 @@ async def bench_online(
     num_requests: int | None = None,
     waves: int = 0,
     rounds: int = 1,
+    freeze_idle: bool = True,
     on_result: Callable[[dict[str, Any]], None] = lambda r: None,
 ) -> dict[str, Any]:
     """Every target is set up first, warmed up, and stays up. Then, for each round and each load, every target
@@ -295,16 +297,28 @@ async def bench_online(
     holds, per load, each other target's output throughput over the first target's in each round, and their
     median.
 
-    An idle target sleeps (vLLM's engine blocks on its input, the inferq worker on XREAD), except that vLLM's
-    model process busy-waits for up to a second after its last step: hence `SETTLE_S` between runs.
+    With `freeze_idle`, the processes of every target but the one whose turn it is are stopped (producer.
+    bench_idle): each runs alone on the machine. Without, an idle target is taken to sleep, and `SETTLE_S`
+    between runs waits out the busy-wait of vLLM's model process after its last step.
     `results` holds, per target and load, the round with the median output throughput (every round's figure
     in `rounds_output_throughput`); `runs` holds every run."""
     runs: list[dict[str, Any]] = []
+    freezer = IdleFreezer()
     async with contextlib.AsyncExitStack() as stack:
-        senders = {name: await stack.enter_async_context(target()) for name, target in targets.items()}
+        senders = {}
+        for name, target in targets.items():
+            async with freezer.setting_up(name):
+                senders[name] = await stack.enter_async_context(target())
+        stack.callback(freezer.thaw_all)  # first on the way out: a stopped target cannot shut down
+
+        async def alone(name: str) -> None:
+            if freeze_idle:
+                await freezer.alone(name)
+
         # Once through each before anything is measured: the first run after they all came up was slow
         # (direct 3.1k-3.2k tok/s at 64, against 3.9k-5.6k in later rounds).
-        for send in senders.values():
+        for name, send in senders.items():
+            await alone(name)
             await run_load(warmup, send, concurrency=max((c or 1) for c in concurrencies))
         names = list(senders)
         for round_no in range(1, rounds + 1):
@@ -312,6 +326,7 @@ async def bench_online(
                 shift = (round_no - 1 + level) % len(names)
                 order = names[shift:] + names[:shift]
                 for name in order:
+                    await alone(name)
                     await asyncio.sleep(SETTLE_S)  # a target ran just before: the warm-up pass, if nothing else
                     count = run_size(num_requests or len(prompts), waves, concurrency)
                     result = await measure(
@@ -321,8 +336,8 @@ async def bench_online(
                     runs.append(result)
                     on_result(result)
     return {
-        "model": model, "environment": environment(), "rounds": rounds, "results": medians(runs),
-        "paired": paired(runs, next(iter(targets))), "runs": runs,
+        "model": model, "environment": environment(), "rounds": rounds, "freeze_idle": freeze_idle,
+        "results": medians(runs), "paired": paired(runs, next(iter(targets))), "runs": runs,
     }  # fmt: skip
 
 

@@ -83,6 +83,8 @@ def pair(report: dict[str, Any], target: str, concurrency: int) -> dict[str, Any
 def online_md(report: dict[str, Any]) -> str:
     rounds = report.get("rounds", 1)
     how = f"median of {rounds} rounds, the targets taking turns at each load" if rounds > 1 else "one round"
+    if report.get("freeze_idle"):
+        how += ", each alone on the machine (the others' processes stopped)"
     how += f"; every target streams {report.get('stream_interval', 1)} tokens per event"
     if report.get("inferq_engine_spin_ms") is not None:
         how += f"; inferq's worker runs {engine_setup(report)}; direct and openai run vLLM as it ships (1 s)"
