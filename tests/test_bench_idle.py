@@ -19,15 +19,13 @@ import pytest
 from producer.bench import Send, Target, bench_online, fixed_prompts
 from shared.benchstats import Prompt, Timing
 
-# Sleeps; starts its child (which sleeps too) when a line arrives on stdin, and prints the child's pid.
+# Waits for signals; starts its child (which only waits too) when a line arrives on stdin, prints its pid.
 PARENT = """
-import subprocess, sys, time
-sleeper = [sys.executable, "-c", "import time\\nwhile True: time.sleep(0.02)"]
+import signal, subprocess, sys
 sys.stdin.readline()
-child = subprocess.Popen(sleeper)
+child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
 print(child.pid, flush=True)
-while True:
-    time.sleep(0.02)
+signal.pause()
 """
 
 
