@@ -28,13 +28,18 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, ... (the name may hold spaces and parentheses,
+    so split after its last ")"). OSError once the process is gone."""
+    return PROC.joinpath(str(pid), "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def parents() -> dict[int, int]:
     """Every live process's parent, from /proc (empty where there is none)."""
     tree = {}
     for entry in PROC.glob("[0-9]*") if PROC.is_dir() else ():
         with contextlib.suppress(OSError, ValueError, IndexError):
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after its last ")"
-            tree[int(entry.name)] = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            tree[int(entry.name)] = int(_stat(entry.name)[1])
     return tree
 
 
@@ -57,7 +62,7 @@ def descendants(roots: Iterable[int], tree: dict[int, int] | None = None) -> set
 def _state(pid: int) -> str | None:
     """The kernel's one-letter state of `pid` (T: stopped), or None once it is gone."""
     try:
-        return PROC.joinpath(str(pid), "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return _stat(pid)[0]
     except (OSError, IndexError):
         return None
 
