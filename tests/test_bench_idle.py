@@ -42,8 +42,10 @@ class Targets:
         self.children: dict[str, int] = {}
         self.seen: list[tuple[str, dict[str, str]]] = []  # per request: its target, every process's state
 
-    def pids(self) -> dict[str, int]:
-        return {**{n: p.pid for n, p in self.procs.items()}, **{f"{n}-child": c for n, c in self.children.items()}}
+    def states(self) -> dict[str, str]:
+        """Every live target process's state, by name ("a", "a-child", ...)."""
+        pids = {**{n: p.pid for n, p in self.procs.items()}, **{f"{n}-child": c for n, c in self.children.items()}}
+        return {n: state(pid) for n, pid in pids.items()}
 
     async def start_child(self, name: str) -> None:
         proc = self.procs[name]
@@ -67,14 +69,14 @@ class Targets:
                 await self.start_child(name)
 
             async def send(prompt: Prompt, timing: Timing) -> None:
-                self.seen.append((name, {n: state(pid) for n, pid in self.pids().items()}))
+                self.seen.append((name, self.states()))
                 timing.token(time.perf_counter(), prompt.max_tokens)
 
             try:
                 yield send
             finally:
                 # Stopped, it would not act on SIGTERM until continued: this wait would time out.
-                self.seen.append(("down", {n: state(pid) for n, pid in self.pids().items()}))
+                self.seen.append(("down", self.states()))
                 os.kill(self.children.pop(name), signal.SIGKILL)
                 proc.terminate()
                 await asyncio.wait_for(proc.wait(), 10)
