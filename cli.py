@@ -17,12 +17,12 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from shared import aio
-from shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
+from inferq.shared import aio
+from inferq.shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
 
 if TYPE_CHECKING:  # pydantic and the settings load on use: vLLM's spawned processes import this module too
-    from shared.schemas import Result
-    from shared.settings import Settings
+    from inferq.shared.schemas import Result
+    from inferq.shared.settings import Settings
 
 EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT = 1, 2, 3, 4
 
@@ -89,7 +89,7 @@ def _die(message: str, code: int) -> NoReturn:
 
 
 def _settings(**overrides: Any) -> Settings:
-    from shared.settings import load_settings
+    from inferq.shared.settings import load_settings
 
     try:
         return load_settings(**overrides)
@@ -145,7 +145,7 @@ def submit(
     The text goes to stdout; timings and token counts to stderr. A worker for the model must be running
     (`inferq worker --model M`). Example: inferq submit -m smollm2 -p "What is the capital of France?"
     """
-    from producer.console import submit_and_print
+    from inferq.console.commands import submit_and_print
 
     settings = _settings(redis_url=redis_url, model=model)
     if raw and system:
@@ -184,7 +184,7 @@ def result(
     redis_url: RedisUrl = None,
 ) -> None:
     """Show the stored result of a request: status, text, usage and timings."""
-    from producer.console import fetch_result
+    from inferq.console.commands import fetch_result
 
     stored: Result = _run(fetch_result(_settings(redis_url=redis_url), request_id))
     if as_json:
@@ -203,7 +203,7 @@ def cancel(
 ) -> None:
     """Cancel a request. Queued: it ends `cancelled` and is never run. Running: its worker aborts it in the
     engine and it ends `cancelled` with the text so far. Prints the status after the call."""
-    from producer.console import cancel_request
+    from inferq.console.commands import cancel_request
 
     typer.echo(_run(cancel_request(_settings(redis_url=redis_url), request_id)))
 
@@ -219,7 +219,7 @@ def status(
     """Queues and workers per model and lane: length, lag (unread), pending (being run), oldest pending age,
     consumers and their idle time, dead letters, live workers with in-flight/slots/capacity and tokens/s,
     and the recent completion rate. What an operator or an autoscaler watches."""
-    from producer.console import show_status
+    from inferq.console.commands import show_status
 
     _run(show_status(_settings(redis_url=redis_url), model or None, watch=watch, interval=interval, as_json=as_json))
 
@@ -246,7 +246,7 @@ def bulk_run(
     Workers for the model must be running (`inferq worker --model M`), or use --local: it starts one (and,
     without INFERQ_REDIS_URL, the embedded Redis) for this job only.
     """
-    from producer.console import run_bulk
+    from inferq.console.commands import run_bulk
 
     if engine not in ("vllm", "standin"):
         _die(f"unknown engine {engine!r}; use vllm or standin", EXIT_USAGE)
@@ -273,7 +273,7 @@ def bulk_submit(
     """Start a detached job: the input is copied into Redis and the worker fleet runs it (any `inferq worker`,
     or `inferq bulk runner`). Prints the job id; follow it with `bulk status`, fetch it with `bulk download`.
     The job goes on if the process running it dies: another runner takes it over."""
-    from producer.console import with_bulk_jobs
+    from inferq.console.commands import with_bulk_jobs
 
     settings = _settings(redis_url=redis_url, model=model)
     job = _run(with_bulk_jobs(settings, lambda jobs: jobs.submit(input_path, model=model)))
@@ -289,7 +289,7 @@ def bulk_status(
 ) -> None:
     """A job's state (validating, in_progress, finalizing, completed, failed, cancelling, cancelled), its
     counts, rate and ETA."""
-    from producer.console import describe_job, with_bulk_jobs
+    from inferq.console.commands import describe_job, with_bulk_jobs
 
     job = _run(with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.get(job_id)))
     typer.echo(json.dumps(job.to_dict()) if as_json else describe_job(job))
@@ -302,7 +302,7 @@ def bulk_list(
     redis_url: RedisUrl = None,
 ) -> None:
     """Bulk jobs, newest first (ended ones are kept INFERQ_BULK_TTL_S seconds)."""
-    from producer.console import describe_job, with_bulk_jobs
+    from inferq.console.commands import describe_job, with_bulk_jobs
 
     for job in _run(with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.list(limit))):
         typer.echo(json.dumps(job.to_dict()) if as_json else describe_job(job))
@@ -315,7 +315,7 @@ def bulk_cancel(
 ) -> None:
     """Stop a job: no more lines are queued, queued and running requests are cancelled; what finished is kept
     (`bulk download`). Prints the state after the call (cancelling, then cancelled once all is accounted for)."""
-    from producer.console import with_bulk_jobs
+    from inferq.console.commands import with_bulk_jobs
 
     typer.echo(_run(with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.cancel(job_id))))
 
@@ -328,7 +328,7 @@ def bulk_download(
     redis_url: RedisUrl = None,
 ) -> None:
     """Write a detached job's output: one line per input line, in the order they finished."""
-    from producer.console import with_bulk_jobs
+    from inferq.console.commands import with_bulk_jobs
 
     job, lines = _run(
         with_bulk_jobs(_settings(redis_url=redis_url), lambda jobs: jobs.download(job_id, output, wait=wait))
@@ -340,8 +340,8 @@ def bulk_download(
 def bulk_runner_command(redis_url: RedisUrl = None) -> None:
     """Run detached jobs only (no engine), until SIGTERM: for a fleet that keeps them off the GPU workers.
     Every `inferq worker` runs them too, unless started with --no-bulk-jobs."""
-    from producer.bulk_jobs import bulk_runner
-    from worker.run import run_until_signalled
+    from inferq.producer.bulk.detached import bulk_runner
+    from inferq.worker.run import run_until_signalled
 
     settings = _settings(redis_url=redis_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -357,7 +357,7 @@ def dlq_list(
     redis_url: RedisUrl = None,
 ) -> None:
     """List the model's dead letters: id, request id, deliveries, reason."""
-    from producer.console import with_dead_letters
+    from inferq.console.commands import with_dead_letters
 
     settings = _settings(redis_url=redis_url, model=model)
     letters = _run(with_dead_letters(settings, None, lambda d: d.list(count=count)))
@@ -378,7 +378,7 @@ def dlq_show(
     redis_url: RedisUrl = None,
 ) -> None:
     """Show one dead letter as JSON, with its original request (or, for poison, the raw payload size)."""
-    from producer.console import with_dead_letters
+    from inferq.console.commands import with_dead_letters
 
     settings = _settings(redis_url=redis_url, model=model)
     letter = _run(with_dead_letters(settings, None, lambda d: d.show(dead_letter_id)))
@@ -393,7 +393,7 @@ def dlq_retry(
     redis_url: RedisUrl = None,
 ) -> None:
     """Enqueue the original requests again (same request ids; their failed results are replaced)."""
-    from producer.console import with_dead_letters
+    from inferq.console.commands import with_dead_letters
 
     settings = _settings(redis_url=redis_url, model=model)
 
@@ -411,7 +411,7 @@ def dlq_purge(
     redis_url: RedisUrl = None,
 ) -> None:
     """Drop every dead letter of the model. Their `failed` results stay readable until they expire."""
-    from producer.console import with_dead_letters
+    from inferq.console.commands import with_dead_letters
 
     if not yes:
         _die("this drops every dead letter for good; add --yes to confirm", EXIT_USAGE)
@@ -442,8 +442,8 @@ def worker(
     Each flag has an environment variable, which the flag overrides: INFERQ_MODEL, INFERQ_MAX_INFLIGHT,
     INFERQ_MAX_MODEL_LEN, INFERQ_STREAM_INTERVAL, INFERQ_REDIS_URL (README, "Configuration", lists them all).
     """
-    from worker.models import resolve_model
-    from worker.run import make_engine, serve
+    from inferq.worker.models import resolve_model
+    from inferq.worker.run import make_engine, serve
 
     if engine not in ("vllm", "standin"):
         _die(f"unknown engine {engine!r}; use vllm or standin", EXIT_USAGE)
@@ -462,7 +462,7 @@ def worker(
         _die(str(exc), EXIT_USAGE)
     alongside = None
     if bulk_jobs:
-        from producer.bulk_jobs import bulk_runner
+        from inferq.producer.bulk.detached import bulk_runner
 
         alongside = lambda: bulk_runner(settings, name=consumer)  # noqa: E731
     code = _run(
@@ -539,8 +539,8 @@ def bench_online_command(
     """Throughput and latency of one workload on each target, like `vllm bench serve`: request and token
     throughput; TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99); errors. Prints the targets
     side by side. inferq needs running workers for the model, or --local; openai needs --url, or --local."""
-    from producer.bench import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target, run_size
-    from shared.benchstats import describe_environment, engine_setup, table
+    from inferq.bench.online import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target, run_size
+    from inferq.bench.stats import describe_environment, engine_setup, table
 
     targets = [t.strip() for t in target.split(",") if t.strip()]
     unknown = sorted(set(targets) - {"inferq", "direct", "openai"})
@@ -564,7 +564,7 @@ def bench_online_command(
         ),
     }  # fmt: skip
     if "direct" in targets:
-        from worker.bench_direct import direct_sender
+        from inferq.bench.direct import direct_sender
 
         factories["direct"] = lambda: direct_sender(path, settings)
     report = _run(
@@ -609,7 +609,7 @@ def bench_bulk_command(
 ) -> None:
     """The same OpenAI Batch file through `vllm run-batch` and `inferq bulk --local`, each from a cold start
     (launch to exit, engine load included): wall time, tokens/s and the ratio inferq / run-batch."""
-    from producer.bench_bulk import bench_bulk, bulk_table
+    from inferq.bench.bulk import bench_bulk, bulk_table
 
     settings = _settings(model=model)
     report = _run(bench_bulk(settings, _model_path(settings), requests=requests, max_tokens=max_tokens, rounds=rounds))
@@ -628,7 +628,7 @@ def bench_queue_command(
 ) -> None:
     """The queue alone, on a fresh embedded server with stand-in engines: requests/s end to end, the latency
     added outside the engine (p50/p99) and Redis CPU, by workers and producers; and raw XADD/s, the limit."""
-    from producer.bench_queue import bench_queue, queue_table
+    from inferq.bench.queue import bench_queue, queue_table
 
     report = _run(
         bench_queue(
@@ -646,7 +646,7 @@ def bench_queue_command(
 
 
 def _model_path(settings: Settings) -> str:
-    from worker.models import resolve_model
+    from inferq.worker.models import resolve_model
 
     try:
         return str(resolve_model(settings.model, settings.data_dir, log=lambda m: typer.echo(m, err=True)))
@@ -658,7 +658,7 @@ def _model_path(settings: Settings) -> str:
 @redis_app.command("start")
 def redis_start() -> None:
     """Start the embedded server (no-op if it runs already)."""
-    from shared.connection import embedded_server
+    from inferq.shared.connection import embedded_server
 
     server = embedded_server(_settings())
     try:
@@ -671,7 +671,7 @@ def redis_start() -> None:
 @redis_app.command("stop")
 def redis_stop() -> None:
     """Stop the embedded server (its AOF is flushed first)."""
-    from shared.connection import embedded_server
+    from inferq.shared.connection import embedded_server
 
     server = embedded_server(_settings())
     typer.echo("stopped" if server.stop() else "not running")
@@ -680,7 +680,7 @@ def redis_stop() -> None:
 @redis_app.command("status")
 def redis_status() -> None:
     """Say whether the embedded server runs, where, and with which pid. Exit 1 if it does not."""
-    from shared.connection import embedded_server
+    from inferq.shared.connection import embedded_server
 
     server = embedded_server(_settings())
     if server.ping():
@@ -696,7 +696,7 @@ def models_prepare(
     name: Annotated[str, typer.Argument(help="tiny or smollm2")],
 ) -> None:
     """Build a local model into INFERQ_DATA_DIR/models (idempotent; fast when already there)."""
-    from worker.models import KNOWN_MODELS, prepare_model
+    from inferq.worker.models import KNOWN_MODELS, prepare_model
 
     if name not in KNOWN_MODELS:
         _die(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}", EXIT_USAGE)
@@ -712,7 +712,7 @@ def models_prepare(
 @models_app.command("list")
 def models_list() -> None:
     """List the models inferq can build locally and whether they are prepared."""
-    from worker.models import KNOWN_MODELS, model_dir
+    from inferq.worker.models import KNOWN_MODELS, model_dir
 
     settings = _settings()
     for name, about in KNOWN_MODELS.items():

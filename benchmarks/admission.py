@@ -19,14 +19,14 @@ import platform
 import time
 import uuid
 
-from common import temp_server  # first: it puts the repo root on sys.path
+from common import temp_server
 
-from producer import InferenceClient
-from producer.admission import Admitter
-from shared import aio
-from shared.codec import pack
-from shared.schemas import GenerationRequest
-from shared.settings import load_settings
+from inferq.producer import InferenceClient
+from inferq.producer.admission import Admitter
+from inferq.shared import aio
+from inferq.shared.codec import pack
+from inferq.shared.schemas import GenerationRequest
+from inferq.shared.settings import load_settings
 
 
 def request(i: int, model: str) -> GenerationRequest:

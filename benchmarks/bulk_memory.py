@@ -16,11 +16,12 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import ROOT, spawn_worker, temp_server  # first: it puts the repo root on sys.path
+from common import spawn_worker, temp_server
+
+from inferq.producer.local import inferq_argv
 
 
 def write_input(path: Path, n: int) -> None:
@@ -63,7 +64,7 @@ def main() -> None:
     log = data / "bench.log"
     standin = ["--engine", "standin", "--model", "fake", "--max-inflight", "512"]
     workers = [spawn_worker(server.url, prefix, f"w{i}", standin, log) for i in range(args.workers)]
-    cli = [sys.executable, str(ROOT / "cli.py"), "bulk"]
+    cli = inferq_argv("bulk")
     rows = []
     try:
         for n in (int(x) for x in args.lines.split(",")):

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,14 +15,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from inferq.producer import InferenceClient
+from inferq.producer.local import worker_argv
+from inferq.shared.embedded import EmbeddedServer, temporary_server
+from inferq.shared.keys import Keys
+from inferq.shared.schemas import Timings
+from inferq.shared.settings import load_settings
 
-from producer import InferenceClient  # noqa: E402
-from shared.embedded import EmbeddedServer, temporary_server  # noqa: E402
-from shared.keys import Keys  # noqa: E402
-from shared.schemas import Timings  # noqa: E402
-from shared.settings import load_settings  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def temp_server() -> tuple[EmbeddedServer, Path]:
@@ -35,11 +34,11 @@ def temp_server() -> tuple[EmbeddedServer, Path]:
 def spawn_worker(
     url: str, prefix: str, name: str, args: list[str], log: Path, extra_env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """`cli.py worker --consumer NAME ARGS...` in its own process group (so a kill takes its engine core too).
+    """`inferq worker --consumer NAME ARGS...` in its own process group (so a kill takes its engine core too).
     INFERQ_BENCH_WORKER_PREFIX lets a profiler wrap it, e.g. "py-spy record -o w.txt --format raw --"."""
     wrap = os.environ.get("INFERQ_BENCH_WORKER_PREFIX", "").split()
     env = {**os.environ, "INFERQ_REDIS_URL": url, "INFERQ_KEY_PREFIX": prefix, **(extra_env or {})}
-    cmd = [*wrap, sys.executable, str(ROOT / "cli.py"), "worker", "--consumer", name, *args]
+    cmd = [*wrap, *worker_argv(name, *args)]
     with open(log, "ab") as fh:
         return subprocess.Popen(cmd, env=env, stdout=fh, stderr=fh, start_new_session=True)
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import common  # noqa: F401 - first: it puts the repo root on sys.path
-
-from producer.bench import fixed_prompts, measure
-from shared import aio
-from shared.settings import load_settings
-from worker.bench_direct import direct_sender
-from worker.models import resolve_model
+from inferq.bench.direct import direct_sender
+from inferq.bench.online import fixed_prompts, measure
+from inferq.shared import aio
+from inferq.shared.settings import load_settings
+from inferq.worker.models import resolve_model
 
 SETUPS = {"shipped": "vLLM as it ships", "inferq": "as inferq sets it up"}
 

@@ -17,13 +17,13 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
-from common import one_worker  # first: it puts the repo root on sys.path
+from common import one_worker
 
-from shared import aio
-from shared.benchstats import Prompt, Timing
-from shared.settings import load_settings
-from worker.bench_direct import direct_sender
-from worker.models import resolve_model
+from inferq.bench.direct import direct_sender
+from inferq.bench.stats import Prompt, Timing
+from inferq.shared import aio
+from inferq.shared.settings import load_settings
+from inferq.worker.models import resolve_model
 
 WORDS = "the queue holds requests until a worker is free and then runs them through the model".split()
 

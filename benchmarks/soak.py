@@ -22,14 +22,14 @@ import signal
 import time
 from collections import Counter
 
-from common import spawn_worker, temp_server, wait_ready  # first: it puts the repo root on sys.path
+from common import spawn_worker, temp_server, wait_ready
 
-from producer import InferenceClient, RequestHandle
-from shared import aio
-from shared.codec import unpack
-from shared.keys import Keys
-from shared.schemas import Result
-from shared.settings import load_settings
+from inferq.producer import InferenceClient, RequestHandle
+from inferq.shared import aio
+from inferq.shared.codec import unpack
+from inferq.shared.keys import Keys
+from inferq.shared.schemas import Result
+from inferq.shared.settings import load_settings
 
 PREFIX = "soak"
 

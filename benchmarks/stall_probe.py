@@ -12,11 +12,11 @@ import argparse
 import threading
 import time
 
-from common import first_event, one_worker  # first: it puts the repo root on sys.path
+from common import first_event, one_worker
 
-from producer.bench import fixed_prompts
-from shared import aio
-from shared.benchstats import spread
+from inferq.bench.online import fixed_prompts
+from inferq.bench.stats import spread
+from inferq.shared import aio
 
 LATE_S = 0.020  # a 2 ms sleep this late, or a first event this long after the worker had it, is a stall
 

@@ -16,10 +16,10 @@ import argparse
 import asyncio
 import itertools
 
-from common import Trip, one_worker, timed_request  # first: it puts the repo root on sys.path
+from common import Trip, one_worker, timed_request
 
-from shared import aio
-from shared.benchstats import spread
+from inferq.bench.stats import spread
+from inferq.shared import aio
 
 PARTS = (
     "admission", "pick-up", "engine to first token", "publish to client", "time to first token", "engine run",

@@ -22,13 +22,11 @@ import contextlib
 import json
 import statistics
 
-from common import ROOT  # noqa: F401 - first: it puts the repo root on sys.path
-
-from producer.bench import SETTLE_S, Send, fixed_prompts, inferq_target, openai_target, run_load
-from shared import aio
-from shared.benchstats import Timing
-from shared.settings import load_settings
-from worker.models import resolve_model
+from inferq.bench.online import SETTLE_S, Send, fixed_prompts, inferq_target, openai_target, run_load
+from inferq.bench.stats import Timing
+from inferq.shared import aio
+from inferq.shared.settings import load_settings
+from inferq.worker.models import resolve_model
 
 COHORT_GAP_S = 0.05  # first tokens closer than this came out of the same engine step
 

@@ -3,7 +3,7 @@
 Importing this never loads an engine: a service that enqueues work needs only Redis.
 """
 
-from producer.client import InferenceClient, RequestHandle
-from producer.sync import SyncInferenceClient
+from inferq.producer.client import InferenceClient, RequestHandle
+from inferq.producer.sync import SyncInferenceClient
 
 __all__ = ["InferenceClient", "RequestHandle", "SyncInferenceClient"]

@@ -18,15 +18,15 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from producer import stats
-from shared.batching import Batcher, ScriptRunner
-from shared.codec import pack, text
-from shared.errors import QueueFull
-from shared.keys import GROUP, Keys
-from shared.schemas import GenerationRequest
-from shared.settings import Settings
+from inferq.producer.ops import stats
+from inferq.shared.batching import Batcher, ScriptRunner
+from inferq.shared.codec import pack, text
+from inferq.shared.errors import QueueFull
+from inferq.shared.keys import GROUP, Keys
+from inferq.shared.schemas import GenerationRequest
+from inferq.shared.settings import Settings
 
-ADMIT_LUA = resources.files("producer").joinpath("admit.lua").read_text()
+ADMIT_LUA = resources.files("inferq.producer").joinpath("admit.lua").read_text()
 
 ADMITTED, REFUSED, EXISTS, TENANT_FULL = 1, 0, 2, 3
 

@@ -12,28 +12,28 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from producer import stats
-from producer.admission import EXISTS, Admission, Admitter
-from producer.dlq import DeadLetters
-from producer.replies import DEADLINE, TICK, ReplyListener, Signal
-from shared.batching import ScriptRunner
-from shared.codec import text
-from shared.connection import OUTAGE, connect
-from shared.errors import (
+from inferq.producer.admission import EXISTS, Admission, Admitter
+from inferq.producer.ops import stats
+from inferq.producer.ops.dead_letters import DeadLetters
+from inferq.producer.replies import DEADLINE, TICK, ReplyListener, Signal
+from inferq.shared.batching import ScriptRunner
+from inferq.shared.codec import text
+from inferq.shared.connection import OUTAGE, connect
+from inferq.shared.errors import (
     InvalidRequest,
     RedisUnavailable,
     RequestFailed,
     RequestNotFound,
     RequestTimeout,
 )
-from shared.keys import Keys
-from shared.lifecycle import AsyncLifecycle
-from shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
-from shared.settings import Settings, load_settings
+from inferq.shared.keys import Keys
+from inferq.shared.lifecycle import AsyncLifecycle
+from inferq.shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
+from inferq.shared.settings import Settings, load_settings
 
 # How often result() re-reads the stored result while waiting, in case a final event was lost.
 _RESULT_POLL_S = 2.0
-_CANCEL_LUA = resources.files("producer").joinpath("cancel.lua").read_text()
+_CANCEL_LUA = resources.files("inferq.producer").joinpath("cancel.lua").read_text()
 
 
 class RequestHandle:

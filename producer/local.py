@@ -20,11 +20,31 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shared.aio import first
-from shared.errors import InferqError
-from shared.settings import Settings
+from inferq.shared.aio import first
+from inferq.shared.errors import InferqError
+from inferq.shared.settings import Settings
 
 T = TypeVar("T")
+
+
+def inferq_argv(*args: str) -> list[str]:
+    """The command line of `inferq ARGS...` run by this interpreter: the command module, as the console script
+    runs it (the console script itself may not be on PATH, in a virtualenv that is not activated)."""
+    return [sys.executable, "-m", "inferq.cli", *args]
+
+
+def worker_argv(name: str, *args: str) -> list[str]:
+    """How every worker process is started (`--local`, the tests, the benchmarks): `inferq worker` with
+    consumer name `name` and `args` added."""
+    return inferq_argv("worker", "--consumer", name, *args)
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """This process's environment, pointed at the same Redis and key prefix as `settings`."""
+    env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix, **extra}
+    if settings.redis_url:
+        env["INFERQ_REDIS_URL"] = settings.redis_url
+    return env
 
 
 class LocalWorker:
@@ -52,15 +72,12 @@ async def local_worker(
     drains) and wait for it. Its log goes to a temp file, named in any error and removed after a clean exit."""
     name = f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     log = Path(tempfile.mkstemp(prefix="inferq-local-worker-", suffix=".log")[1])
-    env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix}
-    if settings.redis_url:
-        env["INFERQ_REDIS_URL"] = settings.redis_url
-    cmd = [sys.executable, "-m", "cli", "worker", "--model", model, "--consumer", name, "--engine", engine]
-    cmd += ["--no-bulk-jobs", *args]  # it serves this command's requests; detached jobs are for the fleet
+    # It serves this command's requests; detached jobs are for the fleet.
+    cmd = worker_argv(name, "--model", model, "--engine", engine, "--no-bulk-jobs", *args)
     with open(log, "wb") as out:  # noqa: ASYNC230 - opening a log file for the child
         # In its own session, so a kill of the group takes its vLLM engine core too.
         proc = await asyncio.create_subprocess_exec(
-            *cmd, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+            *cmd, env=worker_env(settings), stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
         )
     try:
         yield LocalWorker(proc, name, log)

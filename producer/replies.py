@@ -14,11 +14,11 @@ from typing import Final
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 
-from shared.aio import cancel_and_wait
-from shared.codec import unpack
-from shared.errors import BadPayload
-from shared.schemas import TokenEvent
-from shared.subscription import Subscription
+from inferq.shared.aio import cancel_and_wait
+from inferq.shared.codec import unpack
+from inferq.shared.errors import BadPayload
+from inferq.shared.schemas import TokenEvent
+from inferq.shared.subscription import Subscription
 
 log = logging.getLogger("inferq.client")
 

@@ -8,9 +8,9 @@ from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
-from producer.client import InferenceClient, RequestHandle
-from shared.schemas import Result, TokenEvent
-from shared.settings import Settings, load_settings
+from inferq.producer.client import InferenceClient, RequestHandle
+from inferq.shared.schemas import Result, TokenEvent
+from inferq.shared.settings import Settings, load_settings
 
 T = TypeVar("T")
 

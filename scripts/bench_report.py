@@ -11,21 +11,21 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from inferq.bench.stats import engine_setup
+from inferq.producer.local import inferq_argv
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from shared.benchstats import engine_setup  # noqa: E402 - the repo root is on the path only now
 
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
 
 
 def inferq(*args: str) -> None:
-    cmd = [sys.executable, str(ROOT / "cli.py"), *args]
+    cmd = inferq_argv(*args)
     print("$ inferq " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 

@@ -15,23 +15,19 @@ from pathlib import Path
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from inferq.producer.local import inferq_argv, worker_argv
+from inferq.shared.connection import embedded_server
+from inferq.shared.keys import Keys
+from inferq.shared.settings import load_settings
+from inferq.worker.models import prepare_model
 
-from shared.connection import embedded_server  # noqa: E402
-from shared.keys import Keys  # noqa: E402
-from shared.settings import load_settings  # noqa: E402
-from worker.models import prepare_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTION = "What is the capital of France?"
 
 
 def say(message: str) -> None:
     print(f"\033[1m==> {message}\033[0m", file=sys.stderr, flush=True)
-
-
-def inferq(*args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), *args]
 
 
 def wait_for_worker(url: str, key: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 600) -> None:
@@ -67,14 +63,14 @@ def main() -> int:
     say(f"starting a worker for smollm2 (vLLM on the CPU; ~30 s to load; log: {log})")
     env = {**os.environ, "INFERQ_REDIS_URL": url}
     with open(log, "wb") as fh:
-        worker = subprocess.Popen(
-            inferq("worker", "--model", "smollm2", "--consumer", name), env=env, stdout=fh, stderr=subprocess.STDOUT
-        )
+        worker = subprocess.Popen(worker_argv(name, "--model", "smollm2"), env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         wait_for_worker(url, Keys(settings.key_prefix).worker(name), worker, log)
         say(f"inferq submit --model smollm2 --temperature 0 --prompt {QUESTION!r}")
         code = subprocess.call(
-            inferq("submit", "--model", "smollm2", "--temperature", "0", "--max-tokens", "64", "--prompt", QUESTION),
+            inferq_argv(
+                "submit", "--model", "smollm2", "--temperature", "0", "--max-tokens", "64", "--prompt", QUESTION
+            ),
             env=env,
         )
     finally:

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from shared.aio import cancel_and_wait
+from inferq.shared.aio import cancel_and_wait
 
 C = TypeVar("C")  # what one caller asks for
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgpack
 
-from shared.errors import BadPayload
+from inferq.shared.errors import BadPayload
 
 
 def pack(obj: Any) -> bytes:

@@ -6,8 +6,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.embedded import EmbeddedServer
-from shared.settings import Settings
+from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.settings import Settings
 
 # What a Redis outage looks like to a caller: retry with Backoff; anything else is a real error.
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)

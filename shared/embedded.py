@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from shared.errors import RedisUnavailable
+from inferq.shared.errors import RedisUnavailable
 
 
 def valkey_binary() -> str:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.errors import BadPayload
+from inferq.shared.errors import BadPayload
 
 SCHEMA_VERSION = 1
 HARD_MAX_TOKENS = 1 << 20  # schema ceiling; the client also applies Settings.max_tokens_limit

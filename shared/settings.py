@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.errors import ConfigError
-from shared.keys import LANES
+from inferq.shared.errors import ConfigError
+from inferq.shared.keys import LANES
 
 
 def _default_data_dir() -> Path:

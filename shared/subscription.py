@@ -14,8 +14,8 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.aio import cancel_and_wait
-from shared.connection import Backoff
+from inferq.shared.aio import cancel_and_wait
+from inferq.shared.connection import Backoff
 
 log = logging.getLogger("inferq")
 

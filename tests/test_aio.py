@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from shared.aio import cancel_and_wait
+from inferq.shared.aio import cancel_and_wait
 
 
 async def test_the_tasks_own_cancel_is_not_raised() -> None:

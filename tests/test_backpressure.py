@@ -10,13 +10,13 @@ import json
 import pytest
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from shared.errors import QueueFull
-from shared.keys import Keys
-from shared.settings import Settings
+from inferq.producer import InferenceClient
+from inferq.shared.errors import QueueFull
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
+from inferq.worker.flow import EngineLoad, SlotControl
 from tests.conftest import drained
 from tests.test_cli import inferq
-from worker.flow import EngineLoad, SlotControl
 
 MODEL = "fake"
 

@@ -7,14 +7,14 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.settings import Settings
-from tests.conftest import MODELS_DIR, ROOT, drained
+from inferq.producer.local import inferq_argv
+from inferq.shared.settings import Settings
+from tests.conftest import MODELS_DIR, drained
 
 
 async def bench(settings: Settings, tmp_path: Path, *args: str, timeout: float = 600) -> dict[str, Any]:
@@ -25,7 +25,7 @@ async def bench(settings: Settings, tmp_path: Path, *args: str, timeout: float =
     }  # fmt: skip
     proc = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, str(ROOT / "cli.py"), "bench", *args, "--json", str(out)],
+        inferq_argv("bench", *args, "--json", str(out)),
         env=env, capture_output=True, timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()[-3000:] + proc.stdout.decode()[-2000:]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.bench import Send, Target, bench_online, fixed_prompts
-from shared.benchstats import Prompt, Timing
+from inferq.bench.online import Send, Target, bench_online, fixed_prompts
+from inferq.bench.stats import Prompt, Timing
 
 # Waits for signals; starts its child (which only waits too) when a line arrives on stdin, prints its pid.
 PARENT = """
@@ -87,7 +87,7 @@ class Targets:
 
 @pytest.mark.parametrize("freeze_idle", [True, False])
 async def test_each_target_runs_alone(freeze_idle: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("producer.bench.SETTLE_S", 0)  # nothing here busy-waits after its turn
+    monkeypatch.setattr("inferq.bench.online.SETTLE_S", 0)  # nothing here busy-waits after its turn
     targets = Targets()
     prompts = fixed_prompts(4, 3, 2)
     report = await bench_online(

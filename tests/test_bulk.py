@@ -9,18 +9,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from producer.bulk import BulkJob
-from shared.errors import InvalidRequest
-from shared.keys import Keys
-from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, drained, wait_until, with_children_gone
+from inferq.producer import InferenceClient
+from inferq.producer.bulk.attached import BulkJob
+from inferq.producer.local import inferq_argv
+from inferq.shared.errors import InvalidRequest
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
+from tests.conftest import WorkerProcess, drained, wait_until, with_children_gone
 
 MODEL = "fake"
 
@@ -103,9 +103,7 @@ async def test_strict_refuses_the_file_and_enqueues_nothing(
 def bulk_process(settings: Settings, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "INFERQ_REDIS_URL": settings.redis_url or "", "INFERQ_KEY_PREFIX": settings.key_prefix}
     env.update(extra_env)  # a --local worker inherits it too
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), "bulk", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    return subprocess.Popen(inferq_argv("bulk", *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 async def test_killed_job_resumes_without_running_anything_twice(

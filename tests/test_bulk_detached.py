@@ -7,19 +7,19 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from producer.bulk_jobs import BulkJobs
-from producer.bulk_state import CANCELLED, CANCELLING, COMPLETED, JobRecord
-from shared.errors import InferqError
-from shared.keys import Keys
-from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, drained, wait_until
+from inferq.producer import InferenceClient
+from inferq.producer.bulk.detached import BulkJobs
+from inferq.producer.bulk.state import CANCELLED, CANCELLING, COMPLETED, JobRecord
+from inferq.producer.local import inferq_argv
+from inferq.shared.errors import InferqError
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
+from tests.conftest import WorkerProcess, drained, wait_until
 from tests.test_bulk import chat, read_lines, write_lines
 
 FAST_STEPS = {"INFERQ_BULK_SLICE_S": "1", "INFERQ_BULK_WINDOW": "8"}  # quick takeover, a slow feed
@@ -62,7 +62,7 @@ async def test_detached_job_survives_its_runner_being_killed(tiny_worker: Worker
         out = tmp_path / "out.jsonl"
         proc = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, str(ROOT / "cli.py"), "bulk", "download", job.id, "-o", str(out)],
+            inferq_argv("bulk", "download", job.id, "-o", str(out)),
             env={**os.environ, "INFERQ_REDIS_URL": settings.redis_url or "", "INFERQ_KEY_PREFIX": settings.key_prefix},
             capture_output=True,
         )

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from producer.bulk_format import OPENAI, SIMPLE, BulkLine, LineError, error_record, output_record, parse_line
+from inferq.producer.bulk.formats import OPENAI, SIMPLE, BulkLine, LineError, error_record, output_record, parse_line
 
 
 def chat_line(custom_id: str = "a", **body: object) -> str:

@@ -6,14 +6,14 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from shared.embedded import EmbeddedServer
-from shared.settings import Settings
-from tests.conftest import ROOT, free_port
+from inferq.producer.local import inferq_argv
+from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.settings import Settings
+from tests.conftest import free_port
 
 MODEL = "fake"
 
@@ -27,7 +27,7 @@ async def inferq(settings: Settings, *args: str, **env: str) -> subprocess.Compl
     }
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, str(ROOT / "cli.py"), *args],
+        inferq_argv(*args),
         env=full_env,
         capture_output=True,
         text=True,
@@ -117,7 +117,7 @@ def test_embedded_server_reused_and_stopped(tmp_path: Path) -> None:
 
 
 async def test_cancel_and_dead_letter_commands(settings: Settings, client, redis) -> None:  # type: ignore[no-untyped-def]
-    from shared.keys import GROUP, Keys
+    from inferq.shared.keys import GROUP, Keys
 
     queued = await client.submit(prompt="not yet", model=MODEL, max_tokens=2)
     out = await inferq(settings, "cancel", queued.id)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from producer import InferenceClient, SyncInferenceClient
-from shared.errors import InvalidRequest, QueueFull, RequestNotFound, RequestTimeout
-from shared.keys import Keys
-from shared.settings import Settings
+from inferq.producer import InferenceClient, SyncInferenceClient
+from inferq.shared.errors import InvalidRequest, QueueFull, RequestNotFound, RequestTimeout
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
 
 
 async def _nothing_enqueued(redis: Redis, settings: Settings) -> None:

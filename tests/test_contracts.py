@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from shared.codec import pack, unpack
-from shared.errors import BadPayload, ConfigError, InferqError, QueueFull
-from shared.keys import Keys
-from shared.schemas import GenerationRequest, Result
-from shared.settings import load_settings
+from inferq.shared.codec import pack, unpack
+from inferq.shared.errors import BadPayload, ConfigError, InferqError, QueueFull
+from inferq.shared.keys import Keys
+from inferq.shared.schemas import GenerationRequest, Result
+from inferq.shared.settings import load_settings
 
 
 def test_keys_follow_design() -> None:

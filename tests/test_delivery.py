@@ -10,11 +10,11 @@ import signal
 import pytest
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from shared.codec import pack, unpack
-from shared.errors import RequestNotFound
-from shared.keys import GROUP, Keys
-from shared.settings import Settings
+from inferq.producer import InferenceClient
+from inferq.shared.codec import pack, unpack
+from inferq.shared.errors import RequestNotFound
+from inferq.shared.keys import GROUP, Keys
+from inferq.shared.settings import Settings
 from tests.conftest import drained, wait_until
 
 MODEL = "fake"

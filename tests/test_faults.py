@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from producer import InferenceClient, RequestHandle
-from shared.codec import unpack
-from shared.embedded import EmbeddedServer
-from shared.errors import RedisUnavailable
-from shared.keys import GROUP, Keys
-from shared.schemas import Result
-from shared.settings import Settings
+from inferq.producer import InferenceClient, RequestHandle
+from inferq.shared.codec import unpack
+from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.errors import RedisUnavailable
+from inferq.shared.keys import GROUP, Keys
+from inferq.shared.schemas import Result
+from inferq.shared.settings import Settings
 from tests.conftest import MODELS_DIR, drained, free_port, wait_until
 
 TINY = ("--model", "tiny", "--max-inflight", "64")

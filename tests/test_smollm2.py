@@ -7,9 +7,9 @@ import os
 import psutil
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from shared.schemas import GenerationRequest
-from shared.settings import Settings
+from inferq.producer import InferenceClient
+from inferq.shared.schemas import GenerationRequest
+from inferq.shared.settings import Settings
 from tests.conftest import drained
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write one sentence about the sea."]
@@ -17,7 +17,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write one
 
 async def as_vllm_ships(settings: Settings, model_path: str) -> tuple[list[str], list[str]]:
     """The answers of vLLM as it ships (its model in a process of its own) in this process, and its processes."""
-    from worker.vllm_engine import VllmEngine
+    from inferq.worker.vllm_engine import VllmEngine
 
     engine = VllmEngine(model_path, settings.merged(model="smollm2", max_inflight=8), as_shipped=True)
     await engine.start()
@@ -36,7 +36,7 @@ async def as_vllm_ships(settings: Settings, model_path: str) -> tuple[list[str],
 
 
 async def test_smollm2_answers_paris_through_the_queue(settings: Settings, redis: Redis, start_worker) -> None:
-    from worker.models import prepare_model
+    from inferq.worker.models import prepare_model
 
     path = prepare_model("smollm2", settings.data_dir)
     start_worker("--model", "smollm2", "--max-inflight", "8")

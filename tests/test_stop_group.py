@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.bench_bulk import timed
-from producer.local import stop_group
+from inferq.bench.bulk import timed
+from inferq.producer.local import stop_group
 
 
 async def leader_with_member(leader_ignores_term: bool) -> tuple[asyncio.subprocess.Process, int]:

@@ -10,10 +10,10 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from shared.codec import pack
-from shared.keys import Keys
-from shared.settings import Settings
+from inferq.producer import InferenceClient
+from inferq.shared.codec import pack
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
 from tests.conftest import WorkerProcess, drained
 
 

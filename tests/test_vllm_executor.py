@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from inferq.worker.vllm_executor import model_in_core
 from tests.conftest import MODELS_DIR
-from worker.vllm_executor import model_in_core
 
 OPENMP = ("OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
 
@@ -20,7 +20,7 @@ OPENMP = ("OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY",
 def tiny_config() -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from worker.models import prepare_model
+    from inferq.worker.models import prepare_model
 
     args = AsyncEngineArgs(model=str(prepare_model("tiny", MODELS_DIR)), enforce_eager=True, max_model_len=256)
     return args.create_engine_config()

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from inferq.worker.vllm_engine import envs_cache, fast_encode
 from tests.conftest import MODELS_DIR
-from worker.vllm_engine import envs_cache, fast_encode
 
 PROMPTS = [
     "The queue holds requests",
@@ -27,7 +27,7 @@ def tokenizer() -> Any:
     from vllm.tokenizers import get_tokenizer
     from vllm.tokenizers.hf import maybe_make_thread_pool
 
-    from worker.models import prepare_model
+    from inferq.worker.models import prepare_model
 
     return maybe_make_thread_pool(get_tokenizer(str(prepare_model("tiny", MODELS_DIR))))
 

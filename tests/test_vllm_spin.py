@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import vllm_spin
+from inferq.worker import vllm_spin
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ PROBE = """
 import logging, os, time
 import zmq
 logging.basicConfig(level=logging.INFO)  # vLLM's own logging is set up with its engine, not on import
-from worker import vllm_spin
+from inferq.worker import vllm_spin
 vllm_spin.apply()
 vllm_spin.apply()  # vLLM may load plugins more than once in a process: still one wrapper
 from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
@@ -76,7 +76,7 @@ def test_a_users_setting_alone_does_not_reach_other_vllm_runs() -> None:
 
 def test_the_plugin_is_registered_with_vllm() -> None:
     found = {ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert "worker.vllm_spin:apply" in found
+    assert "inferq.worker.vllm_spin:apply" in found
 
 
 @pytest.mark.parametrize("before", [None, "0.5"])

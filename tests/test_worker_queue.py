@@ -9,13 +9,13 @@ import signal
 import msgpack
 from redis.asyncio import Redis
 
-from producer import InferenceClient
-from shared.codec import pack, unpack
-from shared.keys import Keys
-from shared.settings import Settings
+from inferq.producer import InferenceClient
+from inferq.shared.codec import pack, unpack
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
+from inferq.worker.consumer import Worker
+from inferq.worker.standin import StandInEngine
 from tests.conftest import drained
-from worker.consumer import Worker
-from worker.standin import StandInEngine
 
 MODEL = "fake"
 
@@ -160,7 +160,7 @@ async def test_one_engine_step_is_one_redis_transaction(
 
 
 def test_sync_client_streams_and_waits(settings: Settings, start_worker) -> None:
-    from producer import SyncInferenceClient
+    from inferq.producer import SyncInferenceClient
 
     start_worker("--engine", "standin", "--model", MODEL)
     with SyncInferenceClient(settings) as client:

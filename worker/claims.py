@@ -12,10 +12,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.codec import text
-from shared.keys import GROUP, Keys
-from shared.settings import Settings
-from worker import scripts
+from inferq.shared.codec import text
+from inferq.shared.keys import GROUP, Keys
+from inferq.shared.settings import Settings
+from inferq.worker import scripts
 
 # (lane stream, entry id, fields, deliveries so far including this one)
 Entry = tuple[str, str, dict[bytes, bytes], int]

@@ -19,23 +19,23 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.aio import cancel_and_wait, unless
-from shared.batching import BatchedScript
-from shared.codec import text, unpack
-from shared.connection import OUTAGE, Backoff
-from shared.errors import BadPayload, EngineError
-from shared.keys import GROUP, Keys
-from shared.lifecycle import AsyncLifecycle
-from shared.schemas import GenerationRequest, salvage
-from shared.settings import Settings
-from shared.subscription import Subscription
-from worker import scripts
-from worker.claims import Claims, Entry, pairs
-from worker.engine import Engine, RequestRejected
-from worker.flow import SlotControl
-from worker.lanes import LaneShares
-from worker.outbox import Outbox
-from worker.requests import Generation, RequestWriter
+from inferq.shared.aio import cancel_and_wait, unless
+from inferq.shared.batching import BatchedScript
+from inferq.shared.codec import text, unpack
+from inferq.shared.connection import OUTAGE, Backoff
+from inferq.shared.errors import BadPayload, EngineError
+from inferq.shared.keys import GROUP, Keys
+from inferq.shared.lifecycle import AsyncLifecycle
+from inferq.shared.schemas import GenerationRequest, salvage
+from inferq.shared.settings import Settings
+from inferq.shared.subscription import Subscription
+from inferq.worker import scripts
+from inferq.worker.claims import Claims, Entry, pairs
+from inferq.worker.engine import Engine, RequestRejected
+from inferq.worker.flow import SlotControl
+from inferq.worker.lanes import LaneShares
+from inferq.worker.outbox import Outbox
+from inferq.worker.requests import Generation, RequestWriter
 
 log = logging.getLogger("inferq.worker")
 

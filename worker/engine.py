@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.errors import InferqError
-from shared.schemas import GenerationRequest
-from worker.flow import EngineLoad
+from inferq.shared.errors import InferqError
+from inferq.shared.schemas import GenerationRequest
+from inferq.worker.flow import EngineLoad
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from shared.keys import LANES
+from inferq.shared.keys import LANES
 
 
 class LaneShares:

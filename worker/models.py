@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # The whole project shares one error hierarchy; ModelError is defined there and re-exported here.
-from shared.errors import ModelError
+from inferq.shared.errors import ModelError
 
 __all__ = ["KNOWN_MODELS", "ModelError", "model_dir", "prepare_model", "resolve_model"]
 

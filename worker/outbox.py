@@ -16,10 +16,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.aio import cancel_and_wait
-from shared.codec import pack
-from shared.connection import OUTAGE, Backoff
-from shared.schemas import SCHEMA_VERSION
+from inferq.shared.aio import cancel_and_wait
+from inferq.shared.codec import pack
+from inferq.shared.connection import OUTAGE, Backoff
+from inferq.shared.schemas import SCHEMA_VERSION
 
 log = logging.getLogger("inferq.worker")
 

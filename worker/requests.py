@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.codec import pack
-from shared.keys import GROUP, Keys
-from shared.schemas import SCHEMA_VERSION, GenerationRequest
-from shared.settings import Settings
-from worker import scripts
-from worker.engine import Delta
-from worker.outbox import Command, Outbox
+from inferq.shared.codec import pack
+from inferq.shared.keys import GROUP, Keys
+from inferq.shared.schemas import SCHEMA_VERSION, GenerationRequest
+from inferq.shared.settings import Settings
+from inferq.worker import scripts
+from inferq.worker.engine import Delta
+from inferq.worker.outbox import Command, Outbox
 
 
 @dataclass

@@ -11,20 +11,20 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from shared.connection import connect
-from shared.settings import Settings
-from worker.consumer import Worker
-from worker.engine import Engine
+from inferq.shared.connection import connect
+from inferq.shared.settings import Settings
+from inferq.worker.consumer import Worker
+from inferq.worker.engine import Engine
 
 log = logging.getLogger("inferq.worker")
 
 
 def make_engine(kind: str, model_path: str, settings: Settings) -> Engine:
     if kind == "standin":
-        from worker.standin import StandInEngine
+        from inferq.worker.standin import StandInEngine
 
         return StandInEngine()
-    from worker.vllm_engine import VllmEngine
+    from inferq.worker.vllm_engine import VllmEngine
 
     return VllmEngine(model_path, settings)
 

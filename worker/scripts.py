@@ -6,7 +6,7 @@ from importlib import resources
 
 
 def lua(name: str) -> str:
-    return resources.files("worker").joinpath(name).read_text()
+    return resources.files("inferq.worker").joinpath(name).read_text()
 
 
 READ_LANES = lua("read_lanes.lua")

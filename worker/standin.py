@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from shared.errors import EngineError
-from shared.schemas import GenerationRequest
-from worker.engine import Delta, RequestRejected
+from inferq.shared.errors import EngineError
+from inferq.shared.schemas import GenerationRequest
+from inferq.worker.engine import Delta, RequestRejected
 
 
 class StandInEngine:

@@ -7,14 +7,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from shared.errors import EngineError
-from shared.schemas import GenerationRequest
-from shared.settings import Settings
-from worker import vllm_executor, vllm_spin
-from worker.cpu_share import yield_to_neighbours
-from worker.engine import Delta, RequestRejected
-from worker.flow import EngineLoad
-from worker.vllm_load import LoadState, stat_loggers
+from inferq.shared.errors import EngineError
+from inferq.shared.schemas import GenerationRequest
+from inferq.shared.settings import Settings
+from inferq.worker import vllm_executor, vllm_spin
+from inferq.worker.cpu_share import yield_to_neighbours
+from inferq.worker.engine import Delta, RequestRejected
+from inferq.worker.flow import EngineLoad
+from inferq.worker.vllm_load import LoadState, stat_loggers
 
 log = logging.getLogger("inferq.engine")
 _SHUTDOWN_GRACE_S = 0.0

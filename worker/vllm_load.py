@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.flow import EngineLoad
+from inferq.worker.flow import EngineLoad
 
 
 class LoadState:

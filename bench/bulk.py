@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from producer.local import in_own_group, stop_group
-from shared.embedded import temporary_server
-from shared.errors import InferqError
-from shared.settings import Settings
+from inferq.producer.local import in_own_group, inferq_argv, stop_group
+from inferq.shared.embedded import temporary_server
+from inferq.shared.errors import InferqError
+from inferq.shared.settings import Settings
 
 QUESTIONS = ["What is a queue?", "Name a city in France.", "Say hello.", "Count to five.", "What is Redis?"]
 RUN_BATCH, INFERQ = "vllm run-batch", "inferq bulk --local"
@@ -99,7 +99,7 @@ async def bench_bulk(
         env["INFERQ_KV_CACHE_GIB"] = str(kv_gib)
         env["INFERQ_ENGINE_SPIN_MS"] = f"{settings.engine_spin_ms:g}"  # inferq's own; run-batch's as vLLM ships
         env["INFERQ_ENGINE_MODEL_IN_CORE"] = str(settings.engine_model_in_core).lower()
-        cmd = [sys.executable, "-m", "cli", "bulk", str(batch), "-o", str(out), "--local", "-m", settings.model]
+        cmd = inferq_argv("bulk", str(batch), "-o", str(out), "--local", "-m", settings.model)
         try:
             return await timed(cmd, env, out.with_suffix(".log")), out
         finally:

@@ -13,12 +13,12 @@ import time
 import uuid
 from typing import Any
 
-from producer.client import InferenceClient
-from producer.local import local_worker
-from shared.codec import pack
-from shared.embedded import temporary_server
-from shared.schemas import GenerationRequest
-from shared.settings import Settings, load_settings
+from inferq.producer.client import InferenceClient
+from inferq.producer.local import local_worker
+from inferq.shared.codec import pack
+from inferq.shared.embedded import temporary_server
+from inferq.shared.schemas import GenerationRequest
+from inferq.shared.settings import Settings, load_settings
 
 MODEL = "benchq"
 

@@ -8,8 +8,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
-from producer.bulk_state import CHUNK_LINES, BulkStore
-from shared.errors import InferqError, InvalidRequest
+from inferq.producer.bulk.state import CHUNK_LINES, BulkStore
+from inferq.shared.errors import InferqError, InvalidRequest
 
 Numbered = tuple[int, str]  # (1-based line number in the file, the line)
 

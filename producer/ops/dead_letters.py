@@ -13,11 +13,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from producer.admission import EXISTS, REFUSED, TENANT_FULL, Admitter
-from shared.codec import text, unpack
-from shared.errors import BadPayload, InvalidRequest, QueueFull, RequestNotFound
-from shared.keys import Keys
-from shared.schemas import GenerationRequest
+from inferq.producer.admission import EXISTS, REFUSED, TENANT_FULL, Admitter
+from inferq.shared.codec import text, unpack
+from inferq.shared.errors import BadPayload, InvalidRequest, QueueFull, RequestNotFound
+from inferq.shared.keys import Keys
+from inferq.shared.schemas import GenerationRequest
 
 
 @dataclass(frozen=True)

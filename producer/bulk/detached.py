@@ -23,11 +23,11 @@ import msgpack
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
-from producer.bulk import runner_name
-from producer.bulk_lines import StagedLines, stage
-from producer.bulk_output import write_output
-from producer.bulk_run import BulkRunner, JobBusy, LeaseLost
-from producer.bulk_state import (
+from inferq.producer.bulk.attached import runner_name
+from inferq.producer.bulk.inputs import StagedLines, stage
+from inferq.producer.bulk.output import write_output
+from inferq.producer.bulk.running import BulkRunner, JobBusy, LeaseLost
+from inferq.producer.bulk.state import (
     CANCELLED,
     CANCELLING,
     COMPLETED,
@@ -39,11 +39,11 @@ from producer.bulk_state import (
     BulkStore,
     JobRecord,
 )
-from producer.client import InferenceClient
-from shared.connection import connect
-from shared.errors import InferqError, InvalidRequest, RequestNotFound
-from shared.keys import Keys
-from shared.settings import Settings
+from inferq.producer.client import InferenceClient
+from inferq.shared.connection import connect
+from inferq.shared.errors import InferqError, InvalidRequest, RequestNotFound
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
 
 log = logging.getLogger("inferq.bulk")
 STEP = "inferq_bulk_step"

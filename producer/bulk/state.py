@@ -21,10 +21,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.codec import pack, text, unpack
-from shared.keys import Keys
+from inferq.shared.codec import pack, text, unpack
+from inferq.shared.keys import Keys
 
-_LUA = resources.files("producer").joinpath("bulk_job.lua").read_text()
+_LUA = resources.files("inferq.producer.bulk").joinpath("job.lua").read_text()
 
 VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
 COMPLETED, FAILED, CANCELLING, CANCELLED = "completed", "failed", "cancelling", "cancelled"

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from producer.bulk_format import BulkLine, LineError, error_record, output_record
-from producer.bulk_state import BulkStore
-from shared import aio
+from inferq.producer.bulk.formats import BulkLine, LineError, error_record, output_record
+from inferq.producer.bulk.state import BulkStore
+from inferq.shared import aio
 
 
 def complete_lines(path: Path) -> int:

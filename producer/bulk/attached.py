@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from producer.bulk_format import LineError, duplicate, parse_line, refused
-from producer.bulk_lines import FileLines, count_lines, numbered_lines
-from producer.bulk_output import complete_lines, write_output
-from producer.bulk_run import LEASE_S, BulkRunner
-from producer.bulk_state import ATTACHED, CANCELLED, CANCELLING, COMPLETED, ENDED, BulkStore, JobRecord
-from producer.client import InferenceClient
-from shared.errors import InvalidRequest
+from inferq.producer.bulk.formats import LineError, duplicate, parse_line, refused
+from inferq.producer.bulk.inputs import FileLines, count_lines, numbered_lines
+from inferq.producer.bulk.output import complete_lines, write_output
+from inferq.producer.bulk.running import LEASE_S, BulkRunner
+from inferq.producer.bulk.state import ATTACHED, CANCELLED, CANCELLING, COMPLETED, ENDED, BulkStore, JobRecord
+from inferq.producer.client import InferenceClient
+from inferq.shared.errors import InvalidRequest
 
 
 def job_id(input_path: Path, output_path: Path, model: str) -> str:

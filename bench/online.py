@@ -21,12 +21,12 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from producer.bench_idle import IdleFreezer
-from producer.client import InferenceClient
-from producer.local import in_own_group, local_worker, stop_group
-from shared.benchstats import Prompt, Timing, environment, summarize
-from shared.errors import InferqError
-from shared.settings import Settings
+from inferq.bench.idle import IdleFreezer
+from inferq.bench.stats import Prompt, Timing, environment, summarize
+from inferq.producer.client import InferenceClient
+from inferq.producer.local import in_own_group, local_worker, stop_group
+from inferq.shared.errors import InferqError
+from inferq.shared.settings import Settings
 
 Send = Callable[[Prompt, Timing], Awaitable[None]]
 Target = Callable[[], AbstractAsyncContextManager[Send]]  # sets a target up (and down) around its runs

@@ -8,10 +8,10 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from shared.benchstats import Prompt, Timing
-from shared.schemas import GenerationRequest
-from shared.settings import Settings
-from worker.vllm_engine import VllmEngine
+from inferq.bench.stats import Prompt, Timing
+from inferq.shared.schemas import GenerationRequest
+from inferq.shared.settings import Settings
+from inferq.worker.vllm_engine import VllmEngine
 
 Send = Callable[[Prompt, Timing], Awaitable[None]]
 

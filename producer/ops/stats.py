@@ -8,8 +8,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.codec import text
-from shared.keys import GROUP, LANES, Keys
+from inferq.shared.codec import text
+from inferq.shared.keys import GROUP, LANES, Keys
 
 
 async def workers(redis: Redis, keys: Keys) -> list[dict[str, Any]]:

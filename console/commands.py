@@ -12,15 +12,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from producer.bulk import BulkJob
-from producer.bulk_jobs import BulkJobs
-from producer.bulk_state import JobRecord
-from producer.client import InferenceClient
-from producer.dlq import DeadLetters
-from producer.local import local_worker
-from producer.status_view import render_status
-from shared.schemas import Result
-from shared.settings import Settings
+from inferq.console.status import render_status
+from inferq.producer.bulk.attached import BulkJob
+from inferq.producer.bulk.detached import BulkJobs
+from inferq.producer.bulk.state import JobRecord
+from inferq.producer.client import InferenceClient
+from inferq.producer.local import local_worker
+from inferq.producer.ops.dead_letters import DeadLetters
+from inferq.shared.schemas import Result
+from inferq.shared.settings import Settings
 
 T = TypeVar("T")
 

@@ -20,14 +20,14 @@ from typing import Any
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
-from producer.admission import ADMITTED, EXISTS
-from producer.bulk_format import BulkLine, LineError, duplicate, parse_line, refused
-from producer.bulk_lines import LineSource, Numbered
-from producer.bulk_state import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, BulkStore, JobRecord, digest
-from producer.client import InferenceClient
-from shared.codec import text
-from shared.errors import InferqError, InvalidRequest
-from shared.schemas import SCHEMA_VERSION, GenerationRequest
+from inferq.producer.admission import ADMITTED, EXISTS
+from inferq.producer.bulk.formats import BulkLine, LineError, duplicate, parse_line, refused
+from inferq.producer.bulk.inputs import LineSource, Numbered
+from inferq.producer.bulk.state import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, BulkStore, JobRecord, digest
+from inferq.producer.client import InferenceClient
+from inferq.shared.codec import text
+from inferq.shared.errors import InferqError, InvalidRequest
+from inferq.shared.schemas import SCHEMA_VERSION, GenerationRequest
 
 BATCH = 256
 LEASE_S = 10.0  # a dead runner's lease lapses after this; a live one renews it every LEASE_S / 4

@@ -1,0 +1,1 @@
+"""What an operator reads and repairs: queue and worker numbers (`stats`) and dead letters (`dead_letters`)."""
