@@ -12,8 +12,7 @@ turn and before any target is shut down: a stopped process does not act on SIGTE
 
 A target's processes are those this process gained while the target was set up (the OpenAI server, the
 local worker, direct's engine core), with whatever they have started since. A target reached over the
-network (`--url`, running workers) has none here and is not frozen. Linux only (/proc); elsewhere nothing
-is frozen.
+network (`--url`, running workers) has none here and is not frozen. The process tree comes from psutil.
 """
 
 from __future__ import annotations
@@ -23,54 +22,36 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
 
-PROC = Path("/proc")
-
-
-def _stat(pid: int | str) -> list[str]:
-    """/proc/<pid>/stat after the command name: state, ppid, ... (the name may hold spaces and parentheses,
-    so split after its last ")"). OSError once the process is gone."""
-    return PROC.joinpath(str(pid), "stat").read_text().rsplit(")", 1)[1].split()
+import psutil
 
 
-def parents() -> dict[int, int]:
-    """Every live process's parent, from /proc (empty where there is none)."""
-    tree = {}
-    for entry in PROC.glob("[0-9]*") if PROC.is_dir() else ():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            tree[int(entry.name)] = int(_stat(entry.name)[1])
-    return tree
-
-
-def descendants(roots: Iterable[int], tree: dict[int, int] | None = None) -> set[int]:
+def descendants(roots: Iterable[int]) -> set[int]:
     """`roots` (those still alive) and every process below them."""
-    tree = parents() if tree is None else tree
-    children: dict[int, list[int]] = {}
-    for pid, ppid in tree.items():
-        children.setdefault(ppid, []).append(pid)
     found: set[int] = set()
-    todo = [r for r in roots if r in tree]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, ()))
+    for pid in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update([pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))])
     return found
 
 
-def _state(pid: int) -> str | None:
-    """The kernel's one-letter state of `pid` (T: stopped), or None once it is gone."""
+def _parent(pid: int) -> int | None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).ppid()
+    return None
+
+
+def _stopped_or_gone(pid: int) -> bool:
     try:
-        return _stat(pid)[0]
-    except (OSError, IndexError):
-        return None
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _resource_tracker(pid: int) -> bool:
     try:
-        return b"resource_tracker" in PROC.joinpath(str(pid), "cmdline").read_bytes()
-    except OSError:
+        return any("resource_tracker" in part for part in psutil.Process(pid).cmdline())
+    except psutil.Error:
         return False
 
 
@@ -86,13 +67,12 @@ class IdleFreezer:
         """Around a target's set-up: the processes that appear under this one during it are the target's."""
         before = descendants([os.getpid()])
         yield
-        tree = parents()
         # Not what a target set up before started meanwhile (a worker's engine may still be spawning when it
         # reports ready), nor this process's multiprocessing resource tracker, started by the first engine to
         # spawn: every later one here writes to it.
-        earlier = descendants({pid for roots in self.roots.values() for pid in roots}, tree)
-        new = descendants([os.getpid()], tree) - before - earlier
-        self.roots[name] = {pid for pid in new if tree.get(pid) not in new and not _resource_tracker(pid)}
+        earlier = descendants({pid for roots in self.roots.values() for pid in roots})
+        new = descendants([os.getpid()]) - before - earlier
+        self.roots[name] = {pid for pid in new if _parent(pid) not in new and not _resource_tracker(pid)}
 
     def pids(self, name: str) -> set[int]:
         return descendants(self.roots.get(name, ()))
@@ -106,7 +86,7 @@ class IdleFreezer:
         self.frozen.update(others)
         # A process stops only when it next runs and takes the signal: wait for it (state "T"), for up to 1 s.
         for _ in range(1000):
-            stopping = {pid for pid in stopping if _state(pid) not in ("T", None)}
+            stopping = {pid for pid in stopping if not _stopped_or_gone(pid)}
             if not stopping:
                 return
             await asyncio.sleep(0.001)

@@ -1,9 +1,9 @@
 """`inferq bench online` (issue 6), modelled on `vllm bench serve`: one workload, sent at a fixed concurrency
-or at a Poisson request rate, to a target; every request timed alike (shared.benchstats).
+or at a Poisson request rate, to a target; every request timed alike (bench.stats).
 
 Targets here are the ones a client reaches over the network: inferq through Redis, and vLLM's OpenAI server
-(streaming completions). The direct AsyncLLM ceiling is in worker.bench_direct (it loads an engine, which
-the producer never does); cli.py hands whichever target was asked for to `run_load`.
+(streaming completions). The direct AsyncLLM ceiling is in bench.direct (it loads an engine, which
+the producer never does); bench.cli hands whichever target was asked for to `run_load`.
 """
 
 from __future__ import annotations
@@ -297,8 +297,8 @@ async def bench_online(
     holds, per load, each other target's output throughput over the first target's in each round, and their
     median.
 
-    With `freeze_idle`, the processes of every target but the one whose turn it is are stopped (producer.
-    bench_idle): each runs alone on the machine. Without, an idle target is taken to sleep, and `SETTLE_S`
+    With `freeze_idle`, the processes of every target but the one whose turn it is are stopped (bench.
+    idle): each runs alone on the machine. Without, an idle target is taken to sleep, and `SETTLE_S`
     between runs waits out the busy-wait of vLLM's model process after its last step.
     `results` holds, per target and load, the round with the median output throughput (every round's figure
     in `rounds_output_throughput`); `runs` holds every run."""

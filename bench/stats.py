@@ -1,6 +1,6 @@
 """What `inferq bench online` measures, for every target alike (issue 6): one timing record per request and
 the summary `vllm bench serve` reports (request and token throughput; TTFT, TPOT, ITL and end-to-end
-latency as mean / p50 / p90 / p99; errors). Targets (producer.bench, worker.bench_direct) fill the records;
+latency as mean / p50 / p90 / p99; errors). Targets (bench.online, bench.direct) fill the records;
 nothing here knows how a request was sent."""
 
 from __future__ import annotations

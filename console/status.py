@@ -1,9 +1,32 @@
-"""`inferq status` as text: one block per model, a row per lane and per worker."""
+"""`inferq status` as text: one block per model, a row per lane and per worker; once, or again and again."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from typing import Any
+
+from inferq.producer.client import InferenceClient
+from inferq.shared.settings import Settings
+
+
+async def show_status(
+    settings: Settings, models: list[str] | None, *, watch: bool, interval: float, as_json: bool
+) -> None:
+    """`inferq status`: print the report once, or again every `interval` seconds until interrupted."""
+    async with InferenceClient(settings) as client:
+        while True:
+            report = await client.stats(models)
+            if as_json:
+                print(json.dumps(report), flush=True)
+            else:
+                if watch:
+                    print("\x1b[2J\x1b[H", end="")  # clear the screen between refreshes
+                print(render_status(report), flush=True)
+            if not watch:
+                return
+            await asyncio.sleep(interval)
 
 
 def _age(seconds: float | None) -> str:

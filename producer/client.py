@@ -325,11 +325,11 @@ class InferenceClient(AsyncLifecycle):
         return [text(status) for status in statuses]
 
     def dead_letters(self, model: str | None = None) -> DeadLetters:
-        """The model's dead-letter stream: list, show, retry, purge (producer.dlq)."""
+        """The model's dead-letter stream: list, show, retry, purge (inferq.producer.ops.dead_letters)."""
         return DeadLetters(self.redis, self.keys, self._admitter, model or self.settings.model)
 
     async def stats(self, models: list[str] | None = None) -> dict[str, Any]:
-        """Queue and worker numbers per model and lane: what `inferq status` shows (producer.stats.collect)."""
+        """Queue and worker numbers per model and lane: what `inferq status` shows (ops.stats.collect)."""
         return await stats.collect(self.redis, self.keys, models)
 
     async def get(self, request_id: str) -> Result:

@@ -1,5 +1,5 @@
 """`inferq bench online` runs each target alone: the processes of the targets whose turn it is not are stopped
-(producer.bench_idle), and every one runs again before the targets are shut down. The targets here are real
+(inferq.bench.idle), and every one runs again before the targets are shut down. The targets here are real
 processes with a child each (as a vLLM engine core has its model process), one of which starts its child
 only while the next target is being set up (as a worker's engine may still be spawning when it says ready)."""
 

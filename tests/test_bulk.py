@@ -4,13 +4,13 @@ killed job resumed without running anything twice, and OpenAI chat lines on real
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 from redis.asyncio import Redis
 
@@ -164,12 +164,7 @@ async def test_local_mode_starts_and_stops_its_own_worker(settings: Settings, re
 
 def running_with(marker: str) -> list[int]:
     """The pids of running processes whose command line contains `marker`."""
-    found = []
-    for path in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it ended while we looked
-            if marker.encode() in path.read_bytes():
-                found.append(int(path.parent.name))
-    return found
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or ())]
 
 
 async def test_local_job_stopped_by_sigterm_takes_its_worker_and_resumes(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from inferq.producer.local import inferq_argv
+from inferq.producer.local import inferq_argv, worker_env
 from inferq.shared.embedded import EmbeddedServer
 from inferq.shared.settings import Settings
 from tests.conftest import free_port
@@ -19,19 +19,8 @@ MODEL = "fake"
 
 
 async def inferq(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {
-        **os.environ,
-        "INFERQ_REDIS_URL": settings.redis_url or "",
-        "INFERQ_KEY_PREFIX": settings.key_prefix,
-        **env,
-    }
     return await asyncio.to_thread(
-        subprocess.run,
-        inferq_argv(*args),
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        subprocess.run, inferq_argv(*args), env=worker_env(settings, **env), capture_output=True, text=True, timeout=120
     )
 
 
@@ -156,3 +145,15 @@ async def test_cancel_and_dead_letter_commands(settings: Settings, client, redis
     purged = await inferq(settings, "dlq", "purge", "-m", MODEL, "--yes")
     assert purged.returncode == 0 and "purged 1 dead letters" in purged.stdout
     assert await redis.xlen(keys.dlq(MODEL)) == 0
+
+
+def test_bench_without_its_extra_says_how_to_get_it() -> None:
+    """The harness's dependencies come with the `bench` extra; without them every other command works and
+    `inferq bench ...` says what to install (here psutil is made unimportable)."""
+    code = "import sys; sys.modules['psutil'] = None; from inferq.cli import app; app(sys.argv[1:])"
+    for args in (["bench", "online", "--target", "direct"], ["bench"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert "pip install 'inferq[bench]'" in out.stderr and "psutil" in out.stderr
+    listed = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "submit" in listed.stdout and "bench" in listed.stdout

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from redis.asyncio import Redis
 
@@ -138,15 +139,7 @@ async def test_redis_killed_and_restarted_mid_run_every_admitted_request_ends(
 
 def engine_core_pids(worker_pid: int) -> list[int]:
     """The worker's child processes (vLLM's engine core is spawned as one)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == worker_pid:
-            children.append(int(stat.parent.name))
-    return children
+    return [child.pid for child in psutil.Process(worker_pid).children()]
 
 
 async def test_engine_core_death_stops_the_worker_and_leaves_work_pending(

@@ -1,7 +1,7 @@
 """Attached bulk jobs (issue 5): a JSONL file through the queue, results to a JSONL file, resumable.
 
 The job id comes from the input and output paths and the model, so running the same command again finds the
-job: its state is in Redis (producer.bulk_state), the feed resumes at its cursor (lines fed before are
+job: its state is in Redis (bulk.state), the feed resumes at its cursor (lines fed before are
 never fed again, so a finished line never runs twice), and the output resumes at its line count. While the
 job runs, a BulkRunner feeds and counts and the output writer follows the reply stream; both keep nothing
 per line in memory, so memory stays flat however long the file is.

@@ -2,7 +2,7 @@
 the worker fleet runs it; `status`, `list`, `cancel` and `download` work from any machine.
 
 A job runs as a chain of arq steps of `bulk_slice_s` each: a step feeds and counts under the job's lease
-(producer.bulk_run), then enqueues the next. arq re-runs a step whose process died once that step's
+(bulk.running), then enqueues the next. arq re-runs a step whose process died once that step's
 in-progress mark lapses (its timeout plus 10 s), so a job outlives any one runner, and since every feed and
 count commit is compare-and-set on the job's state, a re-run step picks up exactly where the dead one
 committed. arq jobs are serialized with msgpack, never pickle.

@@ -1,4 +1,4 @@
--- The writes that move a bulk job forward (producer/bulk_state.py). Each one checks where the job stands
+-- The writes that move a bulk job forward (producer/bulk/state.py). Each one checks where the job stands
 -- first (compare-and-set), so a runner that lost its lease to another one writes nothing twice.
 -- KEYS[1] the job's hash, KEYS[2] its reply stream. ARGV[1] the operation:
 --

@@ -1,7 +1,7 @@
 """Running a bulk job: feed its input lines into the queue and count the records that come back, under the
 job's lease, so exactly one process moves a job at a time and any process can take it over (issue 5).
 
-Feeding goes a batch at a time: parse and validate each line (producer.bulk_format, the client's own
+Feeding goes a batch at a time: parse and validate each line (bulk.formats, the client's own
 rules), find duplicate custom_ids in Redis, admit the valid requests (a full queue is waited out, never an
 error; admission is idempotent, so a batch replayed after a crash adds nothing twice), then commit the
 batch: its error records and the feed cursor in one script call. Counting reads the job's reply stream in

@@ -1,0 +1,191 @@
+"""`inferq bench`: the commands of the benchmark harness. `inferq.cli` adds them as its `bench` group when the
+harness's dependencies (the `bench` extra) are installed, and says how to get them when they are not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import psutil  # noqa: F401 - the bench extra's: importing this module is how the CLI knows it is installed
+import typer
+
+from inferq.console import base
+from inferq.console.options import JsonOut, Model, RedisUrl, StreamInterval
+
+app = typer.Typer(
+    help="Benchmarks side by side, on this machine, in one run: inferq against vLLM called directly, vLLM's "
+    "OpenAI server and `vllm run-batch`; and the queue alone. `make bench` runs them all and writes BENCHMARKS.md's "
+    "figures and plot."
+)
+
+
+def numbers(value: str, what: str) -> list[int]:
+    try:
+        numbers = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        base.die(f"{what} must be comma-separated whole numbers, e.g. 1,16,64")
+    if not numbers or min(numbers) < 1:
+        base.die(f"{what} must be at least 1")
+    return numbers
+
+
+@app.command("online")
+def bench_online_command(
+    target: Annotated[
+        str, typer.Option(help="comma-separated: inferq, direct (AsyncLLM in this process), openai")
+    ] = "inferq",
+    model: Model = None,
+    concurrency: Annotated[str, typer.Option(help="requests in flight at once; a list runs each in turn")] = "64",
+    request_rate: Annotated[
+        float | None, typer.Option(help="start requests at Poisson times at this rate per second (concurrency caps it)")
+    ] = None,
+    num_requests: Annotated[int, typer.Option("--num-requests", "-n", help="measured requests per run")] = 256,
+    waves: Annotated[
+        int, typer.Option(help="at least this many times the concurrency in requests per run (0: just -n)")
+    ] = 0,
+    warmup: Annotated[int, typer.Option(help="requests sent first and not measured")] = 16,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="run everything this many times, the targets taking turns at each load; each figure is the "
+            "median round's, and each target's output tok/s over the first target's is also given per round",
+        ),
+    ] = 1,
+    freeze_idle: Annotated[
+        bool,
+        typer.Option(
+            help="stop (SIGSTOP) the processes of the targets whose turn it is not, so each runs alone on the "
+            "machine (only targets this command started: --local, direct); else idle engines still take CPU",
+        ),
+    ] = True,
+    prompt_len: Annotated[int, typer.Option(help="words per generated prompt")] = 16,
+    output_len: Annotated[
+        int, typer.Option(help="max_tokens per request (greedy, so every target makes the same)")
+    ] = 32,
+    dataset: Annotated[
+        Path | None, typer.Option(help='JSONL of {"prompt", "max_tokens"?} instead of generated prompts')
+    ] = None,
+    local: Annotated[
+        bool, typer.Option(help="inferq: start a worker for the bench; openai: start vLLM's server")
+    ] = False,
+    engine: Annotated[str, typer.Option(help="with --local, inferq's worker engine: vllm, or standin")] = "vllm",
+    url: Annotated[str | None, typer.Option(help="the OpenAI server's base URL (without --local)")] = None,
+    stream_interval: StreamInterval = None,
+    json_out: JsonOut = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Throughput and latency of one workload on each target, like `vllm bench serve`: request and token
+    throughput; TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99); errors. Prints the targets
+    side by side. inferq needs running workers for the model, or --local; openai needs --url, or --local."""
+    from inferq.bench.online import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target, run_size
+    from inferq.bench.stats import describe_environment, engine_setup, table
+
+    targets = [t.strip() for t in target.split(",") if t.strip()]
+    unknown = sorted(set(targets) - {"inferq", "direct", "openai"})
+    if unknown:
+        base.die(f"unknown target(s) {', '.join(unknown)}; use inferq, direct, openai")
+    if "openai" in targets and not (url or local):
+        base.die("--target openai needs --url of a running server, or --local to start one")
+    levels = numbers(concurrency, "--concurrency")
+    settings = base.settings(
+        redis_url=redis_url, model=model, max_inflight=max(levels), stream_interval=stream_interval
+    )
+    name = settings.model
+    path = (
+        "" if ("direct" not in targets and "openai" not in targets and engine != "vllm") else base.model_path(settings)
+    )
+    total = max(run_size(num_requests, waves, c) for c in levels) + warmup
+    prompts = dataset_prompts(dataset, total, output_len) if dataset else fixed_prompts(total, prompt_len, output_len)
+    factories = {
+        "inferq": lambda: inferq_target(
+            settings, name, local_engine=engine if local else None, max_inflight=max(levels)
+        ),
+        "openai": lambda: openai_target(
+            None if local else url, name, path, max_num_seqs=max(levels), max_model_len=settings.max_model_len,
+            kv_gib=max(1, round(settings.kv_cache_gib)), stream_interval=settings.stream_interval,
+        ),
+    }  # fmt: skip
+    if "direct" in targets:
+        from inferq.bench.direct import direct_sender
+
+        factories["direct"] = lambda: direct_sender(path, settings)
+    report = base.run(
+        bench_online(
+            {t: factories[t] for t in targets}, prompts[warmup:], prompts[:warmup], model=name,
+            concurrencies=list(levels), rate=request_rate, num_requests=num_requests, waves=waves, rounds=rounds,
+            freeze_idle=freeze_idle, on_result=lambda r: typer.echo(
+                f"round {r['round']}, {r['target']}, {r['load']}: {r['output_throughput']:.0f} output tok/s", err=True
+            ),
+        )
+    )  # fmt: skip
+    # Every target streams the same way; without --local, only if the running workers (or the server at --url)
+    # were started with the same interval.
+    report["stream_interval"] = settings.stream_interval
+    # direct and openai run vLLM as it ships (the ceiling); inferq's workers with their own engine settings,
+    # known only for the worker --local starts (INFERQ_ENGINE_SPIN_MS, INFERQ_ENGINE_MODEL_IN_CORE).
+    tuned = local and engine == "vllm"
+    report["inferq_engine_spin_ms"] = settings.engine_spin_ms if tuned else None
+    report["inferq_model_in_core"] = settings.engine_model_in_core if tuned else None
+    where = describe_environment(report["environment"])
+    ours = f"inferq's worker: {engine_setup(report)}; vLLM as it ships elsewhere; " if tuned else ""
+    typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event; {ours}on {where}")
+    typer.echo(table(report["results"]))
+    for row in report["paired"] if rounds > 1 else ():
+        each = " / ".join(f"{x:.2f}" for x in row["ratios"])
+        typer.echo(f"{row['target']} / {row['base']}, {row['load']}: {each} by round, median {row['median']:.3f}")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+    if any(r["errors"] for r in report["results"]):
+        raise typer.Exit(base.EXIT_FAILED)
+
+
+@app.command("bulk")
+def bench_bulk_command(
+    model: Model = None,
+    requests: Annotated[int, typer.Option(help="OpenAI Batch chat lines in the file")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens per line (greedy)")] = 32,
+    rounds: Annotated[
+        int, typer.Option(help="rounds, alternating which tool goes first; the verdict is the median")
+    ] = 3,
+    json_out: JsonOut = None,
+) -> None:
+    """The same OpenAI Batch file through `vllm run-batch` and `inferq bulk --local`, each from a cold start
+    (launch to exit, engine load included): wall time, tokens/s and the ratio inferq / run-batch."""
+    from inferq.bench.bulk import bench_bulk, bulk_table
+
+    settings = base.settings(model=model)
+    report = base.run(
+        bench_bulk(settings, base.model_path(settings), requests=requests, max_tokens=max_tokens, rounds=rounds)
+    )
+    typer.echo(bulk_table(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
+@app.command("queue")
+def bench_queue_command(
+    workers: Annotated[str, typer.Option(help="stand-in worker counts to measure, comma-separated")] = "1,2,4,8",
+    producers: Annotated[str, typer.Option(help="closed-loop producer counts, comma-separated")] = "1,8,64",
+    seconds: Annotated[float, typer.Option(help="seconds per (workers, producers) cell")] = 5.0,
+    max_tokens: Annotated[int, typer.Option(help="tokens per request (the stand-in makes one per ms)")] = 16,
+    json_out: JsonOut = None,
+) -> None:
+    """The queue alone, on a fresh embedded server with stand-in engines: requests/s end to end, the latency
+    added outside the engine (p50/p99) and Redis CPU, by workers and producers; and raw XADD/s, the limit."""
+    from inferq.bench.queue import bench_queue, queue_table
+
+    report = base.run(
+        bench_queue(
+            base.settings(), workers=numbers(workers, "--workers"), producers=numbers(producers, "--producers"),
+            seconds=seconds, max_tokens=max_tokens,
+            on_row=lambda r: typer.echo(f"{r['workers']} workers, {r['producers']} producers: "
+                                        f"{r['requests_per_s']:.0f} requests/s", err=True),
+        )
+    )  # fmt: skip
+    typer.echo(queue_table(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+    if any(r["errors"] for r in report["rows"]):
+        raise typer.Exit(base.EXIT_FAILED)

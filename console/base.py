@@ -1,0 +1,79 @@
+"""What every command shares: exit codes, one-line errors, settings, and running a coroutine.
+
+Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import typer
+
+from inferq.shared import aio
+from inferq.shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
+
+if TYPE_CHECKING:  # pydantic and the settings load on use: vLLM's spawned processes import the CLI too
+    from inferq.shared.settings import Settings
+
+EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT = 1, 2, 3, 4
+
+
+def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def say(message: str) -> None:
+    """A line for the person at the terminal (stderr: stdout carries the answer)."""
+    typer.echo(message, err=True)
+
+
+def settings(**overrides: Any) -> Settings:
+    """The settings (environment, then the flags that were given); a bad value exits 2 with its name."""
+    from inferq.shared.settings import load_settings
+
+    try:
+        return load_settings(**overrides)
+    except InferqError as exc:
+        die(str(exc))
+
+
+def run(coro: Coroutine[Any, Any, Any], *, sigterm_cancels: bool = True) -> Any:
+    """Run a coroutine, turning inferq's errors into their exit codes and a one-line message."""
+    try:
+        return aio.run(coro, sigterm_cancels=sigterm_cancels)
+    except QueueFull as exc:
+        die(str(exc), EXIT_QUEUE_FULL)
+    except RequestTimeout as exc:
+        die(str(exc), EXIT_TIMEOUT)
+    except (RequestFailed, RequestNotFound) as exc:
+        die(str(exc), EXIT_FAILED)
+    except InferqError as exc:
+        die(str(exc), EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED)
+
+
+def model_path(config: Settings) -> str:
+    """Where the configured model is on disk, building a known local model first if needed."""
+    from inferq.worker.models import resolve_model
+
+    try:
+        return str(resolve_model(config.model, config.data_dir, log=say))
+    except InferqError as exc:
+        die(str(exc))
+
+
+def one_of(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        die(f"unknown {what} {value!r}; use {' or '.join(choices)}")
+    return value
+
+
+def missing_extra(app: typer.Typer, extra: str, module: str | None) -> None:
+    """Add `inferq EXTRA ...` as a command that only says how to install the extra it needs."""
+
+    def needs_extra() -> None:
+        die(f"`inferq {extra}` needs the {extra} extra ({module} is not installed): pip install 'inferq[{extra}]'")
+
+    settings = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+    app.command(extra, context_settings=settings, help=f"(not installed: pip install 'inferq[{extra}]')")(needs_extra)

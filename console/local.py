@@ -1,0 +1,51 @@
+"""What lives on this machine: the embedded Redis-compatible server and the locally built models."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from inferq.console.base import EXIT_FAILED, die, one_of, say
+from inferq.shared.connection import embedded_server
+from inferq.shared.errors import InferqError
+from inferq.shared.settings import Settings
+from inferq.worker.models import KNOWN_MODELS, model_dir, prepare_model
+
+
+def redis_start(settings: Settings) -> None:
+    server = embedded_server(settings)
+    try:
+        started = server.start()
+    except InferqError as exc:
+        die(str(exc), EXIT_FAILED)
+    typer.echo(f"{'started' if started else 'already running'}: {server.url} (data in {server.dir})")
+
+
+def redis_stop(settings: Settings) -> None:
+    typer.echo("stopped" if embedded_server(settings).stop() else "not running")
+
+
+def redis_status(settings: Settings) -> None:
+    """Whether the embedded server runs, where, with which pid; exit 1 if it does not."""
+    server = embedded_server(settings)
+    if not server.ping():
+        typer.echo(f"not running (would listen on {server.url}, data in {server.dir})")
+        raise typer.Exit(1)
+    typer.echo(f"running: {server.url} pid {server.pid()} (data in {server.dir})")
+
+
+def models_prepare(settings: Settings, name: str) -> None:
+    one_of(name, tuple(KNOWN_MODELS), "model")
+    t0 = time.monotonic()
+    try:
+        path = prepare_model(name, settings.data_dir, log=say)
+    except InferqError as exc:
+        die(str(exc), EXIT_FAILED)
+    typer.echo(f"{name}: {path} ({time.monotonic() - t0:.1f}s)")
+
+
+def models_list(settings: Settings) -> None:
+    for name, about in KNOWN_MODELS.items():
+        ready = (model_dir(settings.data_dir, name) / ".complete").exists()
+        typer.echo(f"{name:10} {'ready   ' if ready else 'missing '} {about}")

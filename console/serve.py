@@ -1,0 +1,44 @@
+"""The long-running commands: `inferq worker` and `inferq bulk runner`. They log instead of printing, and
+their signals are owned by `inferq.worker.run` (the first SIGTERM drains, a second stops at once)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from inferq.console.base import model_path, run
+from inferq.producer.bulk.detached import bulk_runner
+from inferq.shared.settings import Settings
+from inferq.worker.run import make_engine, run_until_signalled, serve
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_worker(settings: Settings, *, engine: str, consumer: str | None, bulk_jobs: bool) -> None:
+    """Serve the model's requests (and, with `bulk_jobs`, steps of detached bulk jobs) until signalled; exits
+    the process with the worker's code."""
+    _log_to_stderr()
+    path = model_path(settings) if engine == "vllm" else settings.model
+    alongside = (lambda: bulk_runner(settings, name=consumer)) if bulk_jobs else None
+    code = run(
+        serve(
+            settings, make_engine(engine, path, settings), model=settings.model, consumer=consumer, alongside=alongside
+        ),
+        sigterm_cancels=False,
+    )
+    # Everything is closed (Redis, engine). Tearing down torch and vLLM's modules at interpreter exit takes
+    # seconds and cleans nothing more, so leave at once: `bulk --local` and supervisors wait on this exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_bulk_runner(settings: Settings) -> int:
+    """Run detached bulk jobs only (no engine) until signalled; returns the exit code."""
+    _log_to_stderr()
+    code: int = run(run_until_signalled(lambda: bulk_runner(settings)), sigterm_cancels=False)
+    return code
