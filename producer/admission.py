@@ -13,20 +13,20 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
 
 from inferq.producer.ops import stats
-from inferq.shared.batching import Batcher, ScriptRunner
+from inferq.shared.batching import Batcher
 from inferq.shared.codec import pack, text
 from inferq.shared.errors import QueueFull
 from inferq.shared.keys import GROUP, Keys
+from inferq.shared.lua import LuaScript
 from inferq.shared.schemas import GenerationRequest
 from inferq.shared.settings import Settings
 
-ADMIT_LUA = resources.files("inferq.producer").joinpath("admit.lua").read_text()
+ADMIT = LuaScript("inferq.producer", "admit.lua")
 
 ADMITTED, REFUSED, EXISTS, TENANT_FULL = 1, 0, 2, 3
 
@@ -58,7 +58,6 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self._script = ScriptRunner(redis, ADMIT_LUA)
         self._rates: dict[str, tuple[float, float]] = {}  # model -> (measured at, requests/s)
 
     async def admit(self, request: GenerationRequest, *, replacing_dead_letter: str | None = None) -> Admission:
@@ -84,7 +83,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             by_lane.setdefault(group if dead_letter is None else ("retry", str(i)), []).append(i)
         # At most _MAX_PER_CALL per script call: one call blocks the server while it runs.
         groups = [p[at : at + _MAX_PER_CALL] for p in by_lane.values() for at in range(0, len(p), _MAX_PER_CALL)]
-        replies = await self._script.run_all([self._call([items[i] for i in positions]) for positions in groups])
+        replies = await ADMIT.run_all(self.redis, [self._call([items[i] for i in positions]) for positions in groups])
         results: list[Any] = [None] * len(items)
         for positions, reply in zip(groups, replies, strict=True):
             for n, i in enumerate(positions):

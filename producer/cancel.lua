@@ -7,7 +7,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return ''
 end
-if status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+if FINAL[status] then
   return status
 end
 redis.call('HSET', KEYS[1], 'cancel', '1')

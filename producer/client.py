@@ -6,7 +6,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from importlib import resources
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -16,7 +15,6 @@ from inferq.producer.admission import EXISTS, Admission, Admitter
 from inferq.producer.ops import stats
 from inferq.producer.ops.dead_letters import DeadLetters
 from inferq.producer.replies import DEADLINE, TICK, ReplyListener, Signal
-from inferq.shared.batching import ScriptRunner
 from inferq.shared.codec import text
 from inferq.shared.connection import OUTAGE, connect
 from inferq.shared.errors import (
@@ -28,12 +26,13 @@ from inferq.shared.errors import (
 )
 from inferq.shared.keys import Keys
 from inferq.shared.lifecycle import AsyncLifecycle
+from inferq.shared.lua import LuaScript
 from inferq.shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
 from inferq.shared.settings import Settings, load_settings
 
 # How often result() re-reads the stored result while waiting, in case a final event was lost.
 _RESULT_POLL_S = 2.0
-_CANCEL_LUA = resources.files("inferq.producer").joinpath("cancel.lua").read_text()
+CANCEL = LuaScript("inferq.producer", "cancel.lua")
 
 
 class RequestHandle:
@@ -163,7 +162,6 @@ class InferenceClient(AsyncLifecycle):
         self._own_redis = redis is None
         self._replies: ReplyListener
         self._admitter: Admitter
-        self._cancel_runner: ScriptRunner
         self._started = False
 
     @classmethod
@@ -185,7 +183,6 @@ class InferenceClient(AsyncLifecycle):
             self._redis = await asyncio.to_thread(connect, self.settings)
         self._admitter = Admitter(self.redis, self.settings)
         self._admitter.start()
-        self._cancel_runner = ScriptRunner(self.redis, _CANCEL_LUA)
         self._replies = ReplyListener(self.redis, self.channel)
         await self._replies.start()
         self._started = True
@@ -318,7 +315,7 @@ class InferenceClient(AsyncLifecycle):
         such request: never submitted, or its result expired)."""
         await self.start()
         calls = [([self.keys.result(r), self.keys.cancel()], [r, repr(time.time())]) for r in request_ids]
-        statuses = await self._cancel_runner.run_all(calls)
+        statuses = await CANCEL.run_all(self.redis, calls)
         for status in statuses:
             if isinstance(status, Exception):
                 raise status

@@ -1,20 +1,21 @@
 """Calls made by many coroutines at once, sent to Redis together.
 
 Calls made in the same event-loop turn (128 submits answering at once, a worker starting the batch of
-entries it just read) are collected and sent as one batch: one write and one round trip for the lot
-instead of one each. `Batcher` does the collecting; a subclass says how a batch is sent.
+entries it just read, every request task of one engine step) are collected and sent as one batch: one
+write and one round trip for the lot instead of one each. `Batcher` does the collecting, one batch at a
+time and in order; a subclass says how a batch is sent (the admission script, the start script, the
+worker's outbox).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from inferq.shared.aio import cancel_and_wait
+from inferq.shared.lua import Call, LuaScript
 
 C = TypeVar("C")  # what one caller asks for
 
@@ -36,15 +37,28 @@ class Batcher(Generic[C]):
             fut.cancel()
         self._calls = []
 
-    async def call(self, item: C) -> Any:
-        """Queue one call and wait for its answer; an error of the batch (connection lost) or of this call
-        (a script error) is raised to this caller."""
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    @property
+    def pending(self) -> int:
+        """Calls queued and not yet sent."""
+        return len(self._calls)
+
+    def submit(self, item: C) -> asyncio.Future[Any]:
+        """Queue one call; the future resolves with its answer."""
         if self._task is None:
             raise RuntimeError(f"{self.name} batcher not started")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls.append((item, fut))
         self._wake.set()
-        return await fut
+        return fut
+
+    async def call(self, item: C) -> Any:
+        """Queue one call and wait for its answer; an error of the batch (connection lost) or of this call
+        (a script error) is raised to this caller."""
+        return await self.submit(item)
 
     async def send(self, items: list[C]) -> list[Any]:
         """Send a batch; one answer (or exception instance) per item, in order."""
@@ -76,38 +90,16 @@ class Batcher(Generic[C]):
                     fut.set_result(result)
 
 
-class ScriptRunner:
-    """A Lua script run by SHA in pipelines; a NOSCRIPT reply (first use on a server, or the server
-    restarted) loads it and sends the pipeline again: NOSCRIPT means that call did nothing, so repeating
-    it is safe."""
-
-    def __init__(self, redis: Redis, source: str) -> None:
-        self.redis = redis
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def run_all(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        for attempt in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    pipe.evalsha(self.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self.redis.script_load(self.source)
-                continue
-            return list(results)
-        raise AssertionError("unreachable")
-
-
-class BatchedScript(Batcher[tuple[list[str], list[Any]]]):
+class BatchedScript(Batcher[Call]):
     """One Lua script; concurrent calls go out as one pipeline of EVALSHA."""
 
-    def __init__(self, redis: Redis, source: str, name: str) -> None:
-        super().__init__(name)
-        self._runner = ScriptRunner(redis, source)
+    def __init__(self, redis: Redis, script: LuaScript) -> None:
+        super().__init__(script.name)
+        self.redis = redis
+        self.script = script
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
         return await self.call((keys, args))
 
-    async def send(self, items: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        return await self._runner.run_all(items)
+    async def send(self, items: list[Call]) -> list[Any]:
+        return await self.script.run_all(self.redis, items)

@@ -1,4 +1,4 @@
-"""Every Redis key and channel name inferq uses. Nothing else formats a key (DESIGN.md, "Data plane")."""
+"""Every Redis key and channel name inferq uses. Nothing else formats a key (docs/CONTRACTS.md, "Keys")."""
 
 from __future__ import annotations
 
@@ -63,8 +63,13 @@ class Keys:
         return f"{self.prefix}:bulks"
 
     def arq_queue(self) -> str:
-        """arq's queue of bulk-job steps (arq keeps its own job keys under `arq:`; our job ids carry the prefix)."""
+        """Sorted set: arq's queue of bulk-job steps (its health-check key is this name + `:health-check`)."""
         return f"{self.prefix}:arq"
+
+    def arq_own(self, arq_key: str) -> str:
+        """One of arq's own keys (`arq:job:ID`, `arq:result:ID`, `arq:retry:ID`, `arq:in-progress:ID`,
+        `arq:abort`), moved under the prefix (producer/bulk/arq_keys.py)."""
+        return f"{self.prefix}:arq:{arq_key.removeprefix('arq:')}"
 
     def arq_step(self, job: str, step: int) -> str:
         return f"{self.prefix}:bulk:{job}:step:{step}"

@@ -84,13 +84,8 @@ class WorkerProcess:
     ) -> None:
         """`inferq worker --consumer NAME ARGS...`; with `command` ("bulk", "runner") for instance, `inferq
         bulk runner ARGS...` (no consumer name: only a worker has one)."""
-        env = worker_env(
-            settings,
-            INFERQ_DATA_DIR=str(settings.data_dir),
-            INFERQ_HEARTBEAT_S="0.5",
-            INFERQ_KV_CACHE_GIB="1",
-            **(env or {}),
-        )
+        defaults = {"INFERQ_DATA_DIR": str(settings.data_dir), "INFERQ_HEARTBEAT_S": "0.5", "INFERQ_KV_CACHE_GIB": "1"}
+        env = worker_env(settings, **{**defaults, **(env or {})})
         self.settings = settings
         self.name = name
         self.log_path = log_path

@@ -112,3 +112,7 @@ async def test_status_list_cancel_and_download(
     # A second download of the same file adds nothing; it ends where the first did.
     assert (await jobs.download(job.id, out))[1] == lines and len(read_lines(out)) == lines
     assert await drained(redis, settings, "fake") == (0, 0)
+    # arq's own keys (here the kept results of the job's steps) are under the prefix too; none under `arq:`.
+    steps = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}:arq:result:*")]
+    assert steps and all(k.decode().endswith(tuple(f":step:{n}" for n in range(1000))) for k in steps)
+    assert [k async for k in redis.scan_iter(match="arq:*")] == []

@@ -1,18 +1,22 @@
 """The contracts in shared/: schemas refuse bad input with a clear reason, the codec never unpickles,
-key names follow DESIGN.md."""
+key names follow docs/CONTRACTS.md, Lua scripts take their constants and keys from one place."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 
 from inferq.shared.codec import pack, unpack
 from inferq.shared.errors import BadPayload, ConfigError, InferqError, QueueFull
 from inferq.shared.keys import Keys
-from inferq.shared.schemas import GenerationRequest, Result
+from inferq.shared.schemas import FINAL_STATES, GenerationRequest, Result
 from inferq.shared.settings import load_settings
+from tests.conftest import ROOT
 
 
-def test_keys_follow_design() -> None:
+def test_keys_follow_the_contract() -> None:
     k = Keys("inferq")
     assert k.queues("tiny") == ["inferq:q:tiny:high", "inferq:q:tiny:normal", "inferq:q:tiny:low"]
     assert k.result("abc") == "inferq:r:abc"
@@ -90,3 +94,29 @@ def test_errors_share_one_root() -> None:
     err = QueueFull("tiny", 10, 3, 1.5)
     assert isinstance(err, InferqError)
     assert "retry in ~1.5s" in str(err)
+
+
+LUA_SCRIPTS = sorted((ROOT / "producer").rglob("*.lua")) + sorted((ROOT / "worker").rglob("*.lua"))
+
+
+@pytest.mark.parametrize("path", LUA_SCRIPTS, ids=lambda p: p.name)
+def test_lua_scripts_neither_spell_out_the_final_states_nor_build_key_names(path: Path) -> None:
+    """The final states are defined once (schemas.FINAL_STATES; scripts get them as FINAL from shared.lua),
+    and every key a script touches comes in as KEYS, formatted by keys.py."""
+    source = re.sub(r"--.*", "", path.read_text())  # the code, without its comments
+    spelled = {state for state in FINAL_STATES if f"'{state}'" in source or f'"{state}"' in source}
+    assert len(spelled) <= 1, f"{path.name} spells out final states {sorted(spelled)}: use FINAL[status]"
+    assert not re.search(r"redis\.call\([^)]*\.\.", source), f"{path.name} builds a key name"
+    assert "cmsgpack.pack" not in source, f"{path.name} builds a record: the caller builds every record"
+
+
+async def test_every_script_loads_and_runs_by_sha(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A server that knows no script (a fresh or restarted one): the first call loads it, by its sha."""
+    from redis.asyncio import Redis
+
+    from inferq.producer.client import CANCEL
+
+    async with Redis.from_url(redis_server.url) as r:
+        await r.script_flush()
+        assert await CANCEL(r, ["t-lua:r:none", "t-lua:cancel"], ["none", "0"]) == b""
+        assert (await r.script_exists(CANCEL.sha)) == [True]

@@ -5,6 +5,7 @@ in the product imports the benchmark harness)."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,22 +46,18 @@ def test_importing_the_client_loads_no_engine_and_no_terminal_library(tmp_path: 
 
 
 def test_the_wheel_installs_only_the_inferq_namespace(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
+    # Built from a copy of the checkout's files: setuptools builds inside the source tree, and an earlier
+    # build's leftovers there would end up in the wheel.
+    source = tmp_path / "src"
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True
     )
+    for name in listed.stdout.split():
+        if (ROOT / name).is_symlink() or (ROOT / name).exists():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name, follow_symlinks=False)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    subprocess.run([*pip, str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("inferq-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"inferq", wheel.name.split("-py3")[0] + ".dist-info"}

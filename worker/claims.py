@@ -7,10 +7,12 @@ Redis for that long) and any worker with a free slot takes it over with XAUTOCLA
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from inferq.shared.codec import text
 from inferq.shared.keys import GROUP, Keys
@@ -34,9 +36,6 @@ class Claims:
         self.idle_ms = settings.claim_idle_ms
         # Renew three times per idle window (and at least every heartbeat): two missed renewals are harmless.
         self.renew_interval_s = min(settings.heartbeat_s, settings.claim_idle_ms / 3000)
-        self._claim = redis.register_script(scripts.CLAIM)
-        self._renew = redis.register_script(scripts.RENEW)
-        self._reap = redis.register_script(scripts.REAP)
         self._next_takeover = 0.0  # monotonic time of the next look for abandoned entries
         self._next_reap = 0.0
 
@@ -45,7 +44,7 @@ class Claims:
 
     async def take_over(self, free: int) -> list[Entry]:
         """Up to `free` entries idle longer than claim_idle_ms, now ours, highest lane first."""
-        found = await self._claim(keys=self.streams, args=[GROUP, self.consumer, self.idle_ms, free])
+        found = await scripts.CLAIM(self.redis, self.streams, [GROUP, self.consumer, self.idle_ms, free])
         # Full haul: there may be more, look again next time; otherwise look again in half an idle window.
         wait_s = 0.0 if len(found) >= free else self.idle_ms / 2000
         self._next_takeover = time.monotonic() + wait_s
@@ -55,10 +54,8 @@ class Claims:
         """Reset the idle time of the entries we run; returns (stream, id) of those another worker took over."""
         if not owned:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in owned.items():
-                await self._renew(keys=[stream], args=[GROUP, self.consumer, *ids], client=pipe)
-            replies = await pipe.execute()
+        calls = [([stream], [GROUP, self.consumer, *ids]) for stream, ids in owned.items()]
+        replies = await scripts.RENEW.run_all(self.redis, calls, raise_errors=True)
         return [(stream, text(eid)) for stream, lost in zip(owned, replies, strict=True) for eid in lost]
 
     async def reap(self) -> list[str]:
@@ -66,5 +63,18 @@ class Claims:
         if time.monotonic() < self._next_reap:
             return []
         self._next_reap = time.monotonic() + self.idle_ms / 1000
-        removed = await self._reap(keys=self.streams, args=[GROUP, self.idle_ms, self.keys.worker(""), self.consumer])
+        # Candidates from XINFO here; the script checks each again (and its heartbeat key, passed as a KEY)
+        # and deletes it in one step, so no entry can be handed to it in between.
+        candidates: set[str] = set()
+        for stream in self.streams:
+            with contextlib.suppress(ResponseError):  # no stream or group yet
+                for c in await self.redis.xinfo_consumers(stream, GROUP):
+                    name = text(c["name"])
+                    if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > self.idle_ms:
+                        candidates.add(name)
+        if not candidates:
+            return []
+        names = sorted(candidates)
+        keys = [*self.streams, *(self.keys.worker(name) for name in names)]
+        removed = await scripts.REAP(self.redis, keys, [GROUP, self.idle_ms, len(self.streams), *names])
         return [text(name) for name in removed]

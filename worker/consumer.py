@@ -78,8 +78,7 @@ class Worker(AsyncLifecycle):
         self.writer = RequestWriter(self.outbox, self.keys, settings, self.name, model)
         self.claims = Claims(redis, settings, self.streams, self.name)
         self.lanes = LaneShares(settings.lane_min_share)
-        self._read_script = redis.register_script(scripts.READ_LANES)
-        self._start_script = BatchedScript(redis, scripts.START, "start")
+        self._start_script = BatchedScript(redis, scripts.START)
         self._cancels = Subscription(redis, self.keys.cancel(), self._on_cancel)
         # (lane stream, entry id) -> job: ids are unique per stream only (two lanes can hand out the same id)
         self._jobs: dict[tuple[str, str], Job] = {}
@@ -179,7 +178,7 @@ class Worker(AsyncLifecycle):
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
                 return taken
         reserved = self.lanes.reservations(free)
-        found, tails = await self._read_script(keys=self.streams, args=[GROUP, self.name, free, *reserved])
+        found, tails = await scripts.READ_LANES(self.redis, self.streams, [GROUP, self.name, free, *reserved])
         got = [0] * len(self.streams)
         for i, _, _ in found:
             got[int(i) - 1] += 1

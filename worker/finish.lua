@@ -1,17 +1,18 @@
 -- End a request: store its final state once, then acknowledge and delete its entry (DESIGN.md "Delivery").
 -- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] the model's tenant counters, KEYS[4] the model's DLQ,
 -- KEYS[5] (optional) the request's reply stream.
--- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] durable record (msgpack, for the reply stream),
--- [5] worker name, [6] tenant ('' for none), [7] request id, [8] n = how many result field/value items
--- follow, [9 .. 8+n] the final state's fields and values, then (to dead-letter the entry) the DLQ entry's
--- fields and values.
+-- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] the reply-stream record of this run (msgpack),
+-- [5] worker name, [6] tenant ('' for none), [7] the reply-stream record of a request cancelled while queued
+-- (msgpack; '' without a reply stream), [8] n = how many result field/value items follow, [9 .. 8+n] the
+-- final state's fields and values, then (to dead-letter the entry) the DLQ entry's fields and values.
+-- The worker builds both records (worker/requests.py): this script only picks the one that is true.
 -- Idempotent: if another delivery of the same request already stored a final state, that one stands (a
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
 -- run is only counted in `duplicates`. A request cancelled while queued has a final state but no run (no
 -- `ended_by`): its one reply-stream record is written here, when a worker acknowledges its entry.
 -- Returns 1 if this call stored the result, 0 if one was there already.
 local status = redis.call('HGET', KEYS[1], 'status')
-local final = status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired'
+local final = FINAL[status]
 local n = tonumber(ARGV[8])
 local wrote = 0
 if not final then
@@ -31,13 +32,9 @@ if not final then
   wrote = 1
 elseif status == 'cancelled' and redis.call('HEXISTS', KEYS[1], 'ended_by') == 0 then
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
+  -- This run's record may say 'expired' (the entry was read past its deadline), but the stored state stands.
   if KEYS[5] then
-    local record = {v = 1, id = ARGV[7], status = 'cancelled', finish_reason = 'cancelled', text = '',
-                    prompt_tokens = 0, completion_tokens = 0}
-    -- The worker's record may say 'expired' (it read the entry past its deadline), but the stored state
-    -- stands; only its tag (a bulk job's note of which line this was) is carried over.
-    record.tag = cmsgpack.unpack(ARGV[4]).tag
-    redis.call('XADD', KEYS[5], '*', 'm', cmsgpack.pack(record))
+    redis.call('XADD', KEYS[5], '*', 'm', ARGV[7])
   end
 else
   redis.call('HINCRBY', KEYS[1], 'duplicates', 1)

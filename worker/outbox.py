@@ -1,9 +1,9 @@
 """Every Redis write of one engine step goes out in one transaction: never one round trip per token.
 
-Request tasks add commands and token events without waiting; a single flusher task wakes once per event
-loop turn, gathers everything the step produced and sends it as one MULTI/EXEC pipeline, with the events
-for each reply channel packed into a single PUBLISH. Callers that must know their write landed (the final
-result + ack) await the future `add` returns. Batches are sent one at a time, in order.
+Request tasks add commands and token events without waiting; the batcher (shared.batching) wakes once per
+event loop turn, gathers everything the step produced and sends it as one MULTI/EXEC pipeline, with the
+events for each reply channel packed into a single PUBLISH. Callers that must know their write landed (the
+final result + ack) await the future `add` returns. Batches are sent one at a time, in order.
 """
 
 from __future__ import annotations
@@ -14,73 +14,60 @@ from collections import defaultdict
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from inferq.shared.aio import cancel_and_wait
+from inferq.shared.batching import Batcher
 from inferq.shared.codec import pack
 from inferq.shared.connection import OUTAGE, Backoff
+from inferq.shared.lua import reload_missing
 from inferq.shared.schemas import SCHEMA_VERSION
 
 log = logging.getLogger("inferq.worker")
 
 Command = tuple[Any, ...]
+Event = tuple[str, dict[str, Any]]  # (reply channel, token event)
 
 
-class Outbox:
+class Outbox(Batcher[tuple[tuple[Command, ...], tuple[Event, ...]]]):
     def __init__(self, redis: Redis) -> None:
+        super().__init__("outbox")
         self.redis = redis
-        self._commands: list[Command] = []
-        self._events: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
-        self._waiters: list[asyncio.Future[None]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.batches = 0  # how many transactions were sent (for stats and tests)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="inferq-outbox")
-
-    async def stop(self, timeout_s: float | None = None) -> None:
+    async def stop(self, timeout_s: float | None = None) -> None:  # type: ignore[override]
         """Send what is queued (waiting at most `timeout_s` for Redis), then stop."""
-        if self._task is None:
+        if not self.running:
             return
         try:
             await asyncio.wait_for(self.flush(), timeout_s)
         except TimeoutError:
-            log.error("could not write %d queued commands before stopping (redis down?)", len(self._commands))
-        await cancel_and_wait(self._task)
-        self._task = None
+            log.error("could not write %d queued writes before stopping (redis down?)", self.pending)
+        await super().stop()
 
     def publish(self, channel: str, event: dict[str, Any]) -> None:
-        self._events[channel].append(event)
-        self._wake.set()
+        self.submit(((), ((channel, event),)))
 
-    def add(self, *commands: Command, events: tuple[tuple[str, dict[str, Any]], ...] = ()) -> asyncio.Future[None]:
+    def add(self, *commands: Command, events: tuple[Event, ...] = ()) -> asyncio.Future[None]:
         """Queue commands (and events after them); the future resolves once they are written."""
-        self._commands.extend(commands)
-        for channel, event in events:
-            self._events[channel].append(event)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._wake.set()
-        return waiter
+        return self.submit((commands, events))
 
     async def flush(self) -> None:
-        if self._commands or self._events:
-            await self.add()
+        """Until everything queued before this call is written."""
+        await self.add()
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(0)  # let every request task of this engine step add its output first
-            commands, events, waiters = self._commands, self._events, self._waiters
-            self._commands, self._events, self._waiters = [], defaultdict(list), []
-            await self._send(commands, events)
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+    async def send(self, items: list[tuple[tuple[Command, ...], tuple[Event, ...]]]) -> list[None]:
+        commands = [command for batch, _ in items for command in batch]
+        events: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        for _, batch_events in items:
+            for channel, event in batch_events:
+                events[channel].append(event)
+        while commands or events:
+            results = await self._send(commands, events)
+            # A script the server did not know (it restarted) ran nothing: load it and send those calls again.
+            commands, events = [commands[i] for i in await reload_missing(self.redis, commands, results)], {}
+        return [None] * len(items)
 
-    async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> None:
+    async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> list[Any]:
         backoff = Backoff()
         while True:
             try:
@@ -92,9 +79,9 @@ class Outbox:
                     results = await pipe.execute(raise_on_error=False)
                 self.batches += 1
                 for command, result in zip(commands, results, strict=False):
-                    if isinstance(result, Exception):  # a bug, not an outage: say so, don't retry forever
-                        log.error("redis rejected %s: %s", command[0], result)
-                return
+                    if isinstance(result, Exception) and not isinstance(result, NoScriptError):
+                        log.error("redis rejected %s: %s", command[0], result)  # a bug, not an outage: no retry
+                return list(results)
             except (*OUTAGE, ResponseError) as exc:
                 # Final results must not be lost: retry until Redis is back, or takes writes again (a refused
                 # transaction, e.g. OOM or READONLY after a failover, wrote nothing). A repeated token event

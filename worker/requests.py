@@ -13,7 +13,7 @@ from inferq.shared.schemas import SCHEMA_VERSION, GenerationRequest
 from inferq.shared.settings import Settings
 from inferq.worker import scripts
 from inferq.worker.engine import Delta
-from inferq.worker.outbox import Command, Outbox
+from inferq.worker.outbox import Outbox
 
 
 @dataclass
@@ -45,6 +45,20 @@ class Generation:
         event = {"id": request_id, "seq": self.seq, "text": delta.text, "token_ids": delta.token_ids}
         self.seq += 1
         return event
+
+
+# What a request cancelled while it was queued ends with: it never ran (cancel.lua stored its state).
+CANCELLED_WHILE_QUEUED: dict[str, Any] = {
+    "status": "cancelled", "finish_reason": "cancelled", "text": "", "prompt_tokens": 0, "completion_tokens": 0,
+}  # fmt: skip
+
+
+def reply_record(request: GenerationRequest, outcome: dict[str, Any]) -> bytes:
+    """The one record a request leaves in its reply stream (a bulk job's output line is made from it)."""
+    record: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request.id, **outcome}
+    if request.tag is not None:
+        record["tag"] = request.tag  # the bulk job's note on which line this was
+    return pack(record)
 
 
 class RequestWriter:
@@ -84,17 +98,15 @@ class RequestWriter:
         if error:
             record["error"] = error
         keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model), self.dlq]
+        durable = cancelled = b""
         if request.reply_stream:
             keys.append(request.reply_stream)
-        durable_record: dict[str, Any] = {"v": SCHEMA_VERSION, "id": request.id, **record}
-        if request.tag is not None:
-            durable_record["tag"] = request.tag  # the bulk job's note on which line this was
-        durable = pack(durable_record)
+            durable, cancelled = reply_record(request, record), reply_record(request, CANCELLED_WHILE_QUEUED)
         fields = [x for kv in record.items() for x in (kv[0], str(kv[1]))]
-        finish: Command = (
-            "EVAL", scripts.FINISH, len(keys), *keys,
-            GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "",
-            request.id, len(fields), *fields, *dead_letter,
+        finish = scripts.FINISH.command(
+            keys,
+            [GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "", cancelled,
+             len(fields), *fields, *dead_letter],
         )  # fmt: skip
         streaming = request.stream and request.reply_channel
         last = gen.last if streaming and status == "done" else None

@@ -1,17 +1,12 @@
-"""The worker's Lua scripts, read once from the package (each file's header says what it does)."""
+"""The worker's Lua scripts (each file's header says what it does), loaded the one way (shared.lua)."""
 
 from __future__ import annotations
 
-from importlib import resources
+from inferq.shared.lua import LuaScript
 
-
-def lua(name: str) -> str:
-    return resources.files("inferq.worker").joinpath(name).read_text()
-
-
-READ_LANES = lua("read_lanes.lua")
-CLAIM = lua("claim.lua")
-RENEW = lua("renew.lua")
-REAP = lua("reap.lua")
-START = lua("start.lua")
-FINISH = lua("finish.lua")
+READ_LANES = LuaScript("inferq.worker", "read_lanes.lua")
+CLAIM = LuaScript("inferq.worker", "claim.lua")
+RENEW = LuaScript("inferq.worker", "renew.lua")
+REAP = LuaScript("inferq.worker", "reap.lua")
+START = LuaScript("inferq.worker", "start.lua")
+FINISH = LuaScript("inferq.worker", "finish.lua")

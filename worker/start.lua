@@ -4,7 +4,7 @@
 -- Returns the status the worker must act on: 'running' (go), 'cancelled' (a cancel is pending: end it
 -- cancelled), or a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge).
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'done' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+if FINAL[status] then
   return status
 end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then

@@ -23,6 +23,7 @@ import msgpack
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
+from inferq.producer.bulk.arq_keys import PrefixedArqRedis
 from inferq.producer.bulk.attached import runner_name
 from inferq.producer.bulk.inputs import StagedLines, stage
 from inferq.producer.bulk.output import write_output
@@ -51,10 +52,10 @@ STEP = "inferq_bulk_step"
 
 def _arq_redis(settings: Settings) -> ArqRedis:
     pool = connect(settings, max_connections=16).connection_pool
-    return ArqRedis(
-        pool, job_serializer=msgpack.packb, job_deserializer=msgpack.unpackb,
-        default_queue_name=Keys(settings.key_prefix).arq_queue(),
-    )  # fmt: skip
+    keys = Keys(settings.key_prefix)
+    return PrefixedArqRedis(
+        keys, pool, job_serializer=msgpack.packb, job_deserializer=msgpack.unpackb, default_queue_name=keys.arq_queue()
+    )
 
 
 async def _enqueue_step(arq: ArqRedis, keys: Keys, job: str, step: int) -> None:

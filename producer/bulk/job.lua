@@ -1,6 +1,6 @@
 -- The writes that move a bulk job forward (producer/bulk/state.py). Each one checks where the job stands
 -- first (compare-and-set), so a runner that lost its lease to another one writes nothing twice.
--- KEYS[1] the job's hash, KEYS[2] its reply stream. ARGV[1] the operation:
+-- KEYS[1] the job's hash, KEYS[2] its reply stream (only for 'feed'). ARGV[1] the operation:
 --
 -- 'feed', expected fed, lines, requests, feed_done (0/1), error records...: one fed batch. The batch's error
 --   records (lines that never became a request) go to the reply stream, then `fed` and `submitted` advance.

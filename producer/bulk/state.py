@@ -16,15 +16,15 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
-from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
 
 from inferq.shared.codec import pack, text, unpack
 from inferq.shared.keys import Keys
+from inferq.shared.lua import LuaScript
 
-_LUA = resources.files("inferq.producer.bulk").joinpath("job.lua").read_text()
+JOB = LuaScript("inferq.producer.bulk", "job.lua")
 
 VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
 COMPLETED, FAILED, CANCELLING, CANCELLED = "completed", "failed", "cancelling", "cancelled"
@@ -109,7 +109,6 @@ class BulkStore:
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
-        self._script = redis.register_script(_LUA)
 
     async def get(self, job: str) -> JobRecord | None:
         raw = await self.redis.hgetall(self.keys.bulk(job))
@@ -133,20 +132,20 @@ class BulkStore:
     async def change_state(self, job: str, new: str, allowed: frozenset[str] | set[str]) -> str:
         """Move the job to `new` if its state is one of `allowed`; returns the state after the call ('' if
         there is no such job)."""
-        return text(await self._script(keys=[self.keys.bulk(job), ""], args=["state", new, *sorted(allowed)]))
+        return text(await JOB(self.redis, [self.keys.bulk(job)], ["state", new, *sorted(allowed)]))
 
     async def commit_feed(
         self, job: str, expected_fed: int, lines: int, requests: int, feed_done: bool, errors: list[dict[str, Any]]
     ) -> bool:
         """Record a fed batch and append its error records; False if another runner moved the job on."""
         args = ["feed", expected_fed, lines, requests, int(feed_done), *(pack(e) for e in errors)]
-        return bool(await self._script(keys=[self.keys.bulk(job), self.keys.done(job)], args=args))
+        return bool(await JOB(self.redis, [self.keys.bulk(job), self.keys.done(job)], args))
 
     async def commit_tally(self, job: str, expected: str, to: str, counts: dict[str, int]) -> bool:
         args: list[Any] = ["tally", expected, to]
         for name, n in counts.items():
             args += [name, n]
-        return bool(await self._script(keys=[self.keys.bulk(job), ""], args=args))
+        return bool(await JOB(self.redis, [self.keys.bulk(job)], args))
 
     async def first_lines(self, job: str, numbered: list[tuple[str, int]]) -> list[int]:
         """For each (custom_id, line number), the first line the custom_id was seen on (this one if new)."""

@@ -1,0 +1,74 @@
+"""The one way inferq loads and calls its Lua scripts.
+
+A script is a `.lua` file in the package that uses it, read once, behind a preamble that defines the
+contract's constants for it (`FINAL` the final states, `SCHEMA_VERSION`), so no script spells them out.
+Calls go by EVALSHA, never with the script's text: alone (`await script(redis, keys, args)`), many in one
+pipeline (`script.run_all`), or as a command in someone else's transaction (`script.command`, then
+`reload_missing` for the calls a NOSCRIPT refused). A NOSCRIPT reply (first use on a server, or a server
+that restarted) means the call did nothing, so loading the script and sending the call again is safe.
+
+Keys reach a script only as KEYS, formatted by `shared.keys`: a script never builds a key name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, ClassVar
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from inferq.shared.schemas import FINAL_STATES, SCHEMA_VERSION
+
+Call = tuple[Sequence[str], Sequence[Any]]  # (keys, args)
+
+
+def _preamble() -> str:
+    final = ", ".join(f"{state} = true" for state in sorted(FINAL_STATES))
+    return f"local FINAL = {{{final}}}\nlocal SCHEMA_VERSION = {SCHEMA_VERSION}\n"
+
+
+class LuaScript:
+    _loaded: ClassVar[dict[str, LuaScript]] = {}  # sha -> script: what a NOSCRIPT reply names
+
+    def __init__(self, package: str, filename: str) -> None:
+        self.name = filename
+        self.source = _preamble() + resources.files(package).joinpath(filename).read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        LuaScript._loaded[self.sha] = self
+
+    async def __call__(self, redis: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        (reply,) = await self.run_all(redis, [(keys, args)], raise_errors=True)
+        return reply
+
+    async def run_all(self, redis: Redis, calls: Sequence[Call], *, raise_errors: bool = False) -> list[Any]:
+        """Many calls in one pipeline (no transaction): one reply each, in order; a call's error is its reply
+        (or raised, with `raise_errors`)."""
+        for attempt in range(2):
+            async with redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(self.sha, len(keys), *keys, *args)
+                replies = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                await redis.script_load(self.source)
+                continue
+            errors = [r for r in replies if isinstance(r, Exception)]
+            if raise_errors and errors:
+                raise errors[0]
+            return list(replies)
+        raise AssertionError("unreachable")
+
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The call as a raw command, for a pipeline or transaction built elsewhere (the worker's outbox)."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+async def reload_missing(redis: Redis, commands: Sequence[tuple[Any, ...]], replies: Sequence[Any]) -> list[int]:
+    """After a pipeline of `command()`s: load every script a NOSCRIPT reply refused; returns the positions of
+    those calls, which did nothing and can be sent again."""
+    refused = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    for sha in {commands[i][1] for i in refused}:
+        await redis.script_load(LuaScript._loaded[sha].source)
+    return refused
