@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: setup demo test lint bench bench-online clean
+.PHONY: setup demo test unit lint bench bench-online clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The pure logic alone (lane shares, flow control, the retry-after estimate, backoff): a second or so.
+unit: setup
+	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,4 +1,4 @@
-"""`inferq bench bulk` (issues 5 and 6): the same OpenAI Batch file through `vllm run-batch` and through
+"""`inferq bench bulk`: the same OpenAI Batch file through `vllm run-batch` and through
 `inferq bulk --local`, each from a cold start (process launch to exit, engine load included), side by side.
 
 run-batch: `python -m vllm.entrypoints.openai.run_batch -i IN -o OUT --model PATH --served-model-name M`

@@ -1,4 +1,4 @@
-"""The ceiling for `inferq bench online --target direct` (issue 6): the same requests on vLLM's AsyncLLM,
+"""The ceiling for `inferq bench online --target direct`: the same requests on vLLM's AsyncLLM,
 called in this process with the worker's own engine settings (worker.vllm_engine), no queue in between."""
 
 from __future__ import annotations

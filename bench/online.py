@@ -1,4 +1,4 @@
-"""`inferq bench online` (issue 6), modelled on `vllm bench serve`: one workload, sent at a fixed concurrency
+"""`inferq bench online`, modelled on `vllm bench serve`: one workload, sent at a fixed concurrency
 or at a Poisson request rate, to a target; every request timed alike (bench.stats).
 
 Targets here are the ones a client reaches over the network: inferq through Redis, and vLLM's OpenAI server

@@ -1,4 +1,4 @@
-"""`inferq bench queue` (issue 6): what the Redis layer costs, with no model in the way. Stand-in workers
+"""`inferq bench queue`: what the Redis layer costs, with no model in the way. Stand-in workers
 (a deterministic fake engine: one token per millisecond) serve closed-loop producers; for 1, 2, 4, 8 workers
 and 1, 8, 64 producers it reports requests/s end to end, the latency added outside the engine per request
 (end to end minus the engine's own time, p50/p99) and Redis's CPU. Next to it, raw pipelined XADD/s on the

@@ -1,4 +1,4 @@
-"""What `inferq bench online` measures, for every target alike (issue 6): one timing record per request and
+"""What `inferq bench online` measures, for every target alike: one timing record per request and
 the summary `vllm bench serve` reports (request and token throughput; TTFT, TPOT, ITL and end-to-end
 latency as mean / p50 / p90 / p99; errors). Targets (bench.online, bench.direct) fill the records;
 nothing here knows how a request was sent."""

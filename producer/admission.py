@@ -1,4 +1,4 @@
-"""Atomic admission (DESIGN.md "Admission / backpressure"): cap check, XADD and the queued result in one step.
+"""Atomic admission: cap check, XADD and the queued result in one step (docs/CONTRACTS.md, "Admission").
 
 Every submit runs through `admit.lua`; the submits of one event-loop turn go out together, one script call
 per lane (shared.batching). A dead letter that is
@@ -48,6 +48,16 @@ def _admission(reply: list[Any]) -> Admission:
 _RATE_TTL_S = 1.0  # how long a measured drain rate is reused: refusals under a flood must stay cheap
 _MIN_RETRY_S, _MAX_RETRY_S, _NO_WORKER_RETRY_S = 0.05, 30.0, 2.0
 _MAX_PER_CALL = 256
+
+
+def estimate_retry_after(queue_len: int, cap: int, drain_rate: float, *, tenant_full: bool) -> float | None:
+    """Seconds until a refused submit is likely to get in: what stands over the cap (for a full tenant, one
+    of its own requests) drained at the model's recent completions per second, within [50 ms, 30 s]. None
+    when nothing drains: no estimate can be made."""
+    if drain_rate <= 0:
+        return None
+    excess = 1 if tenant_full else max(queue_len - cap + 1, 1)
+    return min(max(excess / drain_rate, _MIN_RETRY_S), _MAX_RETRY_S)
 
 
 class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
@@ -133,10 +143,8 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         if time.monotonic() - measured_at > _RATE_TTL_S:
             rate = await stats.drain_rate(self.redis, self.keys, model)
             self._rates[model] = (time.monotonic(), rate)
-        if rate <= 0:
+        cap = self.settings.lane_cap(request.priority)
+        estimate = estimate_retry_after(admission.queue_len, cap, rate, tenant_full=admission.code == TENANT_FULL)
+        if estimate is None:
             return _NO_WORKER_RETRY_S, f" (no worker for model {model!r} finished anything lately: is one running?)"
-        if admission.code == TENANT_FULL:
-            excess = 1
-        else:
-            excess = max(admission.queue_len - self.settings.lane_cap(request.priority) + 1, 1)
-        return min(max(excess / rate, _MIN_RETRY_S), _MAX_RETRY_S), ""
+        return estimate, ""

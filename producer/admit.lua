@@ -1,4 +1,4 @@
--- Atomic admission (DESIGN.md "Admission / backpressure"): refuse at the caps, else enqueue. Never trims.
+-- Atomic admission (docs/CONTRACTS.md, "Admission and backpressure"): refuse at the caps, else enqueue. Never trims.
 -- One call admits a batch of requests for one lane, in order, each checked against the caps as they stand
 -- after the ones before it (one script call per batch: the Lua call overhead is paid once).
 -- KEYS[1] lane stream, KEYS[2] the model's tenant counters (hash tenant -> unfinished requests),

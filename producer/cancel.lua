@@ -1,4 +1,4 @@
--- Cancel a request (DESIGN.md "Cancellation and deadlines").
+-- Cancel a request (docs/CONTRACTS.md, "Cancellation and deadlines").
 -- KEYS[1] the result hash, KEYS[2] the cancel channel. ARGV: request id, now (unix seconds).
 -- A queued request becomes `cancelled` at once (a worker skips it when it reads it); a running one gets a
 -- `cancel` mark and a broadcast, and its worker aborts it in the engine. Returns the status after the call,

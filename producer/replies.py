@@ -1,7 +1,7 @@
 """One pub/sub subscription per client process, routing token events to requests by id.
 
 The channel is subscribed once, before any request is added, so no event can be missed and there is no
-SUBSCRIBE/UNSUBSCRIBE per request (DESIGN.md "Streaming"). If the connection drops, every open request is
+SUBSCRIBE/UNSUBSCRIBE per request (docs/CONTRACTS.md, "Streaming"). If the connection drops, every open request is
 told it may have missed events (GAP) and falls back to its stored result (shared.subscription).
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -14,21 +15,25 @@ OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class Backoff:
-    """How long to wait before talking to Redis again: 50 ms, doubling, at most 2 s; reset on success."""
+    """How long to wait before talking to Redis again: about 50 ms, doubling, at most 2 s; reset on success.
+
+    Jittered (redis-py's EqualJitterBackoff: each wait is between half and all of the doubled one), so a
+    fleet that lost Redis at the same moment does not reconnect in lockstep."""
 
     FIRST_S, MAX_S = 0.05, 2.0
 
     def __init__(self) -> None:
-        self._delay = self.FIRST_S
+        self._strategy = EqualJitterBackoff(cap=self.MAX_S, base=self.FIRST_S)
+        self._failures = 0
 
     def next(self) -> float:
-        """The wait before the next attempt (each call doubles the one after)."""
-        delay = self._delay
-        self._delay = min(delay * 2, self.MAX_S)
+        """The wait before the next attempt (each call doubles the one after, up to MAX_S)."""
+        delay = self._strategy.compute(self._failures)
+        self._failures += 1
         return delay
 
     def reset(self) -> None:
-        self._delay = self.FIRST_S
+        self._failures = 0
 
 
 def embedded_server(settings: Settings) -> EmbeddedServer:
@@ -46,7 +51,7 @@ def resolve_url(settings: Settings) -> str:
 
 def connect(settings: Settings, *, max_connections: int = 64, url: str | None = None) -> Redis:
     """An asyncio client over a blocking pool: callers wait for a free connection instead of failing
-    with MaxConnectionsError when many coroutines issue commands at once (ENVIRONMENT.md)."""
+    with MaxConnectionsError when many coroutines issue commands at once."""
     pool = BlockingConnectionPool.from_url(
         url or resolve_url(settings),
         max_connections=max_connections,

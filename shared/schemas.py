@@ -1,4 +1,4 @@
-"""The messages that cross process boundaries, validated by pydantic at both ends (DESIGN.md, "Data plane").
+"""The messages that cross process boundaries, validated by pydantic at both ends (docs/CONTRACTS.md, "Messages").
 
 Queue entries and token events travel as msgpack (shared.codec); stored results are flat Redis hashes.
 Every queue entry carries `v`, the schema version, so a worker can refuse what it does not understand.

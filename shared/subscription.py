@@ -1,7 +1,7 @@
 """One pub/sub channel that survives a lost connection: resubscribed with backoff, gaps reported.
 
 Pub/sub does not queue: whatever is published while the connection is down is gone. So after a reconnect
-the owner is told (`on_gap`) and falls back to what is stored (DESIGN.md "Streaming").
+the owner is told (`on_gap`) and falls back to what is stored (docs/CONTRACTS.md, "Streaming").
 """
 
 from __future__ import annotations

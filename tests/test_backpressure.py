@@ -14,7 +14,6 @@ from inferq.producer import InferenceClient
 from inferq.shared.errors import QueueFull
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
-from inferq.worker.flow import EngineLoad, SlotControl
 from tests.conftest import drained
 from tests.test_cli import inferq
 
@@ -174,19 +173,6 @@ async def test_status_shows_lanes_workers_and_dead_letters(
     assert table.returncode == 0 and MODEL in table.stdout and "w0" in table.stdout
     for h in running:
         await h.cancel()
-
-
-def test_slot_control_backs_off_on_pressure_and_recovers() -> None:
-    flow = SlotControl(capacity=64)
-    assert not flow.update(None, 64) and flow.slots == 64  # an engine that reports nothing: no change
-    assert flow.update(EngineLoad(kv_cache_usage=0.95, preemptions=0, running=64, waiting=0), 64)
-    assert flow.slots == 48
-    assert flow.update(EngineLoad(kv_cache_usage=0.8, preemptions=3, running=48, waiting=5), 48)
-    assert flow.slots == 36  # preempted since the last look: back off again
-    assert not flow.update(EngineLoad(kv_cache_usage=0.8, preemptions=3, running=36, waiting=0), 36)
-    for _ in range(10):
-        flow.update(EngineLoad(kv_cache_usage=0.3, preemptions=3, running=30, waiting=0), 30)
-    assert flow.slots == 64  # room again: raised back step by step, never past the capacity
 
 
 async def test_lag_cap_refuses_when_too_much_is_unread(settings: Settings, redis: Redis) -> None:

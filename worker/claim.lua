@@ -1,4 +1,4 @@
--- Take over entries that other (dead) consumers left idle longer than ARGV[3] ms (DESIGN.md "Delivery").
+-- Take over entries that other (dead) consumers left idle longer than ARGV[3] ms (docs/CONTRACTS.md, "Delivery").
 -- KEYS: the model's lane streams in priority order.
 -- ARGV: group, consumer, min_idle_ms, count.
 -- Returns {{lane_index, entry_id, fields, deliveries}, ...}: at most `count` entries, highest lane first.

@@ -1,4 +1,4 @@
-"""Who owns which entry (DESIGN.md "Delivery"): renew our claims, take over the dead's, remove the dead.
+"""Who owns which entry (docs/CONTRACTS.md, "Delivery"): renew our claims, take over the dead's, remove the dead.
 
 A running worker resets the idle time of every entry it runs several times per `claim_idle_ms`, so a long
 generation is never taken over; an entry idle longer than that belongs to a consumer that died (or lost

@@ -1,5 +1,5 @@
 """The consumer-group worker: read as many entries as there are free slots, run them on the engine,
-stream their tokens, and end each with one atomic step (result + ack + delete) (DESIGN.md "Delivery").
+stream their tokens, and end each with one atomic step (result + ack + delete) (docs/CONTRACTS.md, "Delivery").
 
 Every entry ends in exactly one stored final state: `done`, `failed` (and dead-lettered), `cancelled` or
 `expired`; or it stays pending, owned by this worker, until another worker takes it over.

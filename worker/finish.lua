@@ -1,4 +1,4 @@
--- End a request: store its final state once, then acknowledge and delete its entry (DESIGN.md "Delivery").
+-- End a request: store its final state once, then acknowledge and delete its entry (docs/CONTRACTS.md, "Delivery").
 -- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] the model's tenant counters, KEYS[4] the model's DLQ,
 -- KEYS[5] (optional) the request's reply stream.
 -- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] the reply-stream record of this run (msgpack),

@@ -1,4 +1,4 @@
-"""Priority lanes with a floor (DESIGN.md "Admission / backpressure", issue: priority lanes).
+"""Priority lanes with a floor (docs/CONTRACTS.md, "Delivery").
 
 Free slots are filled from the high lane first, then normal, then low; but while a lower lane has work it
 is owed at least `lane_min_share` of the starts, so a flood of high-priority work slows it down without

@@ -1,4 +1,4 @@
--- Read up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] (DESIGN.md "Delivery").
+-- Read up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] (docs/CONTRACTS.md, "Delivery").
 -- KEYS: the model's lane streams in priority order (high, normal, low).
 -- ARGV[4..]: per lane, how many of the slots are reserved for it first (anti-starvation: a lower lane
 -- that has work still gets its minimum share). Then the remaining slots are filled highest lane first.

@@ -1,5 +1,5 @@
 """How a request ends, written to Redis: the stored result, the ack + delete, the reply-stream record and
-the final token event, all in one transaction through the outbox (DESIGN.md "Delivery", "Poison input")."""
+the final token event, all in one transaction through the outbox (docs/CONTRACTS.md, "Delivery")."""
 
 from __future__ import annotations
 

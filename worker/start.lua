@@ -1,4 +1,4 @@
--- Mark a request running, unless it already ended or was cancelled while queued (DESIGN.md "Cancellation").
+-- Mark a request running, unless it already ended or was cancelled while queued (docs/CONTRACTS.md, "Cancellation and deadlines").
 -- KEYS[1] the result hash. ARGV: worker name, started_at (unix seconds), result_ttl_s, model, queued_at
 -- (unix seconds, from the entry id: the admission writes only the status, to stay cheap).
 -- Returns the status the worker must act on: 'running' (go), 'cancelled' (a cancel is pending: end it

@@ -1,4 +1,4 @@
-"""Attached bulk jobs (issue 5): a JSONL file through the queue, results to a JSONL file, resumable.
+"""Attached bulk jobs: a JSONL file through the queue, results to a JSONL file, resumable.
 
 The job id comes from the input and output paths and the model, so running the same command again finds the
 job: its state is in Redis (bulk.state), the feed resumes at its cursor (lines fed before are

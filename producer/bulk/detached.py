@@ -1,4 +1,4 @@
-"""Detached bulk jobs (issue 5): `inferq bulk submit` stages the input in Redis and hands the job to arq;
+"""Detached bulk jobs: `inferq bulk submit` stages the input in Redis and hands the job to arq;
 the worker fleet runs it; `status`, `list`, `cancel` and `download` work from any machine.
 
 A job runs as a chain of arq steps of `bulk_slice_s` each: a step feeds and counts under the job's lease

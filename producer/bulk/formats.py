@@ -1,4 +1,4 @@
-"""The lines of a bulk job: two input formats in, the matching output records out (issue 5).
+"""The lines of a bulk job: two input formats in, the matching output records out.
 
 Simple lines: {"custom_id"?, "prompt" | "messages", "max_tokens", "temperature", ...}; the line number is the
 custom_id when none is given. Output: {"custom_id", "text", "finish_reason", "usage", "error"}.

@@ -1,4 +1,4 @@
-"""A bulk job's output file: its reply stream, in order, one output line per record (issue 5).
+"""A bulk job's output file: its reply stream, in order, one output line per record.
 
 The output is always a prefix of the reply stream, so writing resumes by counting the lines already in the
 file (a last line cut off by a crash is removed first) and skipping that many records: no custom_id is held

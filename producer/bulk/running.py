@@ -1,5 +1,5 @@
 """Running a bulk job: feed its input lines into the queue and count the records that come back, under the
-job's lease, so exactly one process moves a job at a time and any process can take it over (issue 5).
+job's lease, so exactly one process moves a job at a time and any process can take it over.
 
 Feeding goes a batch at a time: parse and validate each line (bulk.formats, the client's own
 rules), find duplicate custom_ids in Redis, admit the valid requests (a full queue is waited out, never an

@@ -1,4 +1,4 @@
-"""A bulk job's state, kept in Redis so that any process can pick the job up (issue 5).
+"""A bulk job's state, kept in Redis so that any process can pick the job up.
 
 The job hash (`Keys.bulk`) says where the job stands: how many input lines were fed (`fed`, a cursor into
 the input), how many became requests, how far the reply stream has been counted (`tallied_to`) and the

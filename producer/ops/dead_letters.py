@@ -1,4 +1,4 @@
-"""The dead-letter stream `{p}:dlq:{model}` (DESIGN.md "Poison input"): list, show, retry, purge.
+"""The dead-letter stream `{p}:dlq:{model}` (docs/CONTRACTS.md, "Delivery"): list, show, retry, purge.
 
 A worker dead-letters an entry it cannot decode or validate, one the engine refused or failed on, and one
 delivered more than `max_deliveries` times; the request's stored result is then `failed` with the reason.
