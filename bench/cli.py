@@ -13,6 +13,7 @@ import typer
 from inferq.console import base
 from inferq.console.options import JsonOut, Model, RedisUrl, StreamInterval
 
+TARGETS = ("inferq", "direct", "direct-inferq", "openai")
 app = typer.Typer(
     help="Benchmarks side by side, on this machine, in one run: inferq against vLLM called directly, vLLM's "
     "OpenAI server and `vllm run-batch`; and the queue alone. `make bench` runs them all and writes BENCHMARKS.md's "
@@ -33,7 +34,12 @@ def numbers(value: str, what: str) -> list[int]:
 @app.command("online")
 def bench_online_command(
     target: Annotated[
-        str, typer.Option(help="comma-separated: inferq, direct (AsyncLLM in this process), openai")
+        str,
+        typer.Option(
+            help="comma-separated: inferq; direct (AsyncLLM in this process, as vLLM ships); direct-inferq (the "
+            "same, set up exactly as inferq's worker sets up its engine: the queue's cost alone is inferq over "
+            "it); openai (vLLM's OpenAI server). Ratios are given over the first listed"
+        ),
     ] = "inferq",
     model: Model = None,
     concurrency: Annotated[str, typer.Option(help="requests in flight at once; a list runs each in turn")] = "64",
@@ -83,9 +89,9 @@ def bench_online_command(
     from inferq.bench.stats import describe_environment, engine_setup, table
 
     targets = [t.strip() for t in target.split(",") if t.strip()]
-    unknown = sorted(set(targets) - {"inferq", "direct", "openai"})
+    unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
-        base.die(f"unknown target(s) {', '.join(unknown)}; use inferq, direct, openai")
+        base.die(f"unknown target(s) {', '.join(unknown)}; use {', '.join(TARGETS)}")
     if "openai" in targets and not (url or local):
         base.die("--target openai needs --url of a running server, or --local to start one")
     levels = numbers(concurrency, "--concurrency")
@@ -93,9 +99,7 @@ def bench_online_command(
         redis_url=redis_url, model=model, max_inflight=max(levels), stream_interval=stream_interval
     )
     name = settings.model
-    path = (
-        "" if ("direct" not in targets and "openai" not in targets and engine != "vllm") else base.model_path(settings)
-    )
+    path = "" if set(targets) == {"inferq"} and engine != "vllm" else base.model_path(settings)
     total = max(run_size(num_requests, waves, c) for c in levels) + warmup
     prompts = dataset_prompts(dataset, total, output_len) if dataset else fixed_prompts(total, prompt_len, output_len)
     factories = {
@@ -107,10 +111,11 @@ def bench_online_command(
             kv_gib=max(1, round(settings.kv_cache_gib)), stream_interval=settings.stream_interval,
         ),
     }  # fmt: skip
-    if "direct" in targets:
+    if {"direct", "direct-inferq"} & set(targets):
         from inferq.bench.direct import direct_sender
 
-        factories["direct"] = lambda: direct_sender(path, settings)
+        factories["direct"] = lambda: direct_sender(path, settings, as_shipped=True)
+        factories["direct-inferq"] = lambda: direct_sender(path, settings, as_shipped=False)
     report = base.run(
         bench_online(
             {t: factories[t] for t in targets}, prompts[warmup:], prompts[:warmup], model=name,
@@ -123,13 +128,13 @@ def bench_online_command(
     # Every target streams the same way; without --local, only if the running workers (or the server at --url)
     # were started with the same interval.
     report["stream_interval"] = settings.stream_interval
-    # direct and openai run vLLM as it ships (the ceiling); inferq's workers with their own engine settings,
-    # known only for the worker --local starts (INFERQ_ENGINE_SPIN_MS, INFERQ_ENGINE_MODEL_IN_CORE).
-    tuned = local and engine == "vllm"
+    # direct and openai run vLLM as it ships; inferq's workers and direct-inferq with inferq's engine settings,
+    # known for the worker only when --local starts it (INFERQ_ENGINE_SPIN_MS, INFERQ_ENGINE_MODEL_IN_CORE).
+    tuned = (local and engine == "vllm") or "direct-inferq" in targets
     report["inferq_engine_spin_ms"] = settings.engine_spin_ms if tuned else None
     report["inferq_model_in_core"] = settings.engine_model_in_core if tuned else None
     where = describe_environment(report["environment"])
-    ours = f"inferq's worker: {engine_setup(report)}; vLLM as it ships elsewhere; " if tuned else ""
+    ours = f"inferq's engine setup: {engine_setup(report)}; vLLM as it ships elsewhere; " if tuned else ""
     typer.echo(f"model {name}, {settings.stream_interval} tokens per streamed event; {ours}on {where}")
     typer.echo(table(report["results"]))
     for row in report["paired"] if rounds > 1 else ():

@@ -1,8 +1,8 @@
 """`make bench`: every benchmark in one run on this machine, then the figures into BENCHMARKS.md (between its
 `make bench` markers), the JSON into benchmarks/results/ and a plot of throughput and TTFT against
-concurrency for the three online targets (benchmarks/results/online-<model>.png).
+concurrency for the online targets (benchmarks/results/online-<model>.png).
 
-    python scripts/bench_report.py            # all of it (~65 min on 2 cores; ~1 h 40 on a slow one)
+    python scripts/bench_report.py            # all of it (~1 h on 2 cores)
     python scripts/bench_report.py --quick    # small runs, to check the harness end to end
 """
 
@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inferq.bench.stats import engine_setup
 from inferq.producer.local import inferq_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+# The first is the base of every paired ratio: the same engine, set up as inferq's worker sets it up, called
+# directly. inferq over it is the cost of the queue alone; direct and openai are vLLM as it ships.
+TARGETS = ("direct-inferq", "inferq", "direct", "openai")
 
 
 def inferq(*args: str) -> None:
@@ -37,7 +39,7 @@ def online(
     after `warmup` requests at that concurrency; with rounds, the targets take turns and each figure is the
     median round's."""
     out = RESULTS / f"online-{model}.json"
-    inferq("bench", "online", "--target", "direct,inferq,openai", "--local", "--model", model, "--concurrency", levels,
+    inferq("bench", "online", "--target", ",".join(TARGETS), "--local", "--model", model, "--concurrency", levels,
            "-n", str(n), "--waves", "2" if quick else str(waves), "--warmup", "8" if quick else str(warmup),
            "--rounds", "1" if quick else str(rounds), "--json", str(out))  # fmt: skip
     return json.loads(out.read_text())
@@ -50,7 +52,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (tput, ttft) = plt.subplots(1, 2, figsize=(10, 4))
-    for target in ("direct", "inferq", "openai"):
+    for target in TARGETS:
         rows = [r for r in report["results"] if r["target"] == target]
         xs = [r["concurrency"] for r in rows]
         tput.plot(xs, [r["output_throughput"] for r in rows], marker="o", label=target)
@@ -70,49 +72,49 @@ def by(report: dict[str, Any], target: str, concurrency: int) -> dict[str, Any] 
     return next((r for r in report["results"] if r["target"] == target and r["concurrency"] == concurrency), None)
 
 
-def _trio(*runs: dict[str, Any]) -> Any:
-    return lambda key, stat: " / ".join(f"{r[key][stat]:.1f}" for r in runs)
-
-
 def pair(report: dict[str, Any], target: str, concurrency: int) -> dict[str, Any] | None:
-    """`target` / direct at this concurrency, round by round (in each round the targets ran one after another)."""
+    """`target` / direct-inferq at this concurrency, round by round (in each round the targets ran one after
+    another)."""
     load = f"concurrency {concurrency}"
     return next((p for p in report["paired"] if p["load"] == load and p["target"] == target), None)
 
 
+def paired_over(report: dict[str, Any], target: str, other: str, concurrency: int) -> float:
+    """The median of the rounds' own `target` / `other` ratios (both runs of a round against the same base)."""
+    a, b = pair(report, target, concurrency), pair(report, other, concurrency)
+    if not (a and b):
+        return 0.0
+    ratios = sorted(x / y for x, y in zip(a["ratios"], b["ratios"], strict=True))
+    return ratios[(len(ratios) - 1) // 2]
+
+
 def online_md(report: dict[str, Any]) -> str:
     rounds = report.get("rounds", 1)
-    how = f"median of {rounds} rounds, the targets taking turns at each load" if rounds > 1 else "one round"
+    how = f"median of {rounds} rounds, the targets taking turns" if rounds > 1 else "one round"
     if report.get("freeze_idle"):
-        how += ", each alone on the machine (the others' processes stopped)"
-    how += f"; every target streams {report.get('stream_interval', 1)} tokens per event"
-    if report.get("inferq_engine_spin_ms") is not None:
-        how += f"; inferq's worker runs {engine_setup(report)}; direct and openai run vLLM as it ships (1 s)"
+        how += ", each alone on the machine"
+    how += f"; {report.get('stream_interval', 1)} tokens per streamed event"
     lines = [
-        f"**{report['model']}** ({how}): output tok/s, TTFT p50 / p99 ms, TPOT p50 ms; ratios of output tok/s,",
-        "of the median rounds and, *paired*, the median of the rounds' own ratios (in each round the targets ran "
-        "one after another at each load).",
+        f"**{report['model']}** ({how}). Output tok/s; *queue cost* is inferq over direct-inferq and *vs server* "
+        "inferq over openai, each the median of the rounds' own ratios; TTFT and TPOT p50 in ms for "
+        "direct-inferq / inferq / direct / openai.",
         "",
-        "| concurrency | direct tok/s | inferq tok/s | openai tok/s | inferq/direct | inferq/direct by round "
-        "| inferq/direct paired | inferq/openai | inferq/openai paired | TTFT p50 direct / inferq / openai "
-        "| TTFT p99 direct / inferq / openai | TPOT p50 direct / inferq / openai | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concurrency | direct-inferq | inferq | queue cost | direct | openai | vs server | TTFT p50 | TPOT p50 "
+        "| errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in sorted({r["concurrency"] for r in report["results"]}):
-        d, q, o = by(report, "direct", c), by(report, "inferq", c), by(report, "openai", c)
-        if not (d and q and o):
+        runs = [by(report, t, c) for t in TARGETS]
+        if not all(runs):
             continue
-        trio = _trio(d, q, o)
-        tput = [x["output_throughput"] for x in (d, q, o)]
-        qd, od = pair(report, "inferq", c), pair(report, "openai", c)
-        # inferq/openai paired: both ratios are over the same direct run of their round
-        qo = sorted(a / b for a, b in zip(qd["ratios"], od["ratios"], strict=True)) if qd and od else []
+        tput = [f"{r['output_throughput']:,.0f}" for r in runs]  # type: ignore[index]
+        queue_cost = pair(report, "inferq", c)
+        ttft = " / ".join(f"{r['ttft_ms']['p50']:.0f}" for r in runs)  # type: ignore[index]
+        tpot = " / ".join(f"{r['tpot_ms']['p50']:.1f}" for r in runs)  # type: ignore[index]
+        errors = sum(r["errors"] for r in runs)  # type: ignore[index]
         lines.append(
-            f"| {c} | {tput[0]:,.0f} | {tput[1]:,.0f} | {tput[2]:,.0f} | {tput[1] / tput[0]:.3f} "
-            f"| {' / '.join(f'{x:.2f}' for x in qd['ratios']) if qd else ''} | {qd['median'] if qd else 0:.3f} "
-            f"| {tput[1] / tput[2]:.3f} | {qo[(len(qo) - 1) // 2] if qo else 0:.3f} "
-            f"| {trio('ttft_ms', 'p50')} | {trio('ttft_ms', 'p99')} | {trio('tpot_ms', 'p50')} "
-            f"| {d['errors'] + q['errors'] + o['errors']} |"
+            f"| {c} | {tput[0]} | {tput[1]} | {queue_cost['median'] if queue_cost else 0:.3f} | {tput[2]} "
+            f"| {tput[3]} | {paired_over(report, 'inferq', 'openai', c):.3f} | {ttft} | {tpot} | {errors} |"
         )
     return "\n".join(lines)
 
@@ -124,14 +126,12 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     q = args.quick
-    reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q, rounds=5, waves=16)]
+    reports = [online("tiny", "1,16" if q else "1,16,64,128", 32 if q else 256, q, rounds=3, waves=16)]
     if not q:
-        # SmolLM2 steps are ~20x slower than tiny's, and this box's speed drifts by a third within minutes
-        # (2026-12-02 23:37: 17 tok/s at concurrency 1 in one round, 10 in the next). Three paired rounds let
-        # one slow stretch decide a bar (inferq/openai at 128: 1.07 / 0.79 / 0.87), so it runs 5, on the same
-        # small workload as before: 24 requests one at a time, 2 waves at 64 and 128, 8 warm-up requests
-        # (32 took 75 s per target at concurrency 1). ~30 min on a fast box.
-        reports.append(online("smollm2", "1,64,128", 24, q, rounds=5, waves=2, warmup=8))
+        # SmolLM2 steps are ~20x slower than tiny's, and this box's speed drifts by a third within minutes:
+        # paired ratios (each round's targets back to back) carry the comparison. A small workload: 24
+        # requests one at a time, 2 waves at 64 and 128, 8 warm-up requests. ~30 min with four targets.
+        reports.append(online("smollm2", "1,64,128", 24, q, rounds=3, waves=2, warmup=8))
     for report in reports:
         plot(report, RESULTS / f"online-{report['model']}.png")
     inferq("bench", "bulk", "--model", "tiny", "--requests", "64" if q else "512", "--rounds", "1" if q else "3",
@@ -147,7 +147,7 @@ def main() -> None:
         f"Generated by `make bench` on {started}: {env['machine']}, {env['cpus']} CPUs, Python {env['python']}, "
         f"{versions}. Raw figures: `benchmarks/results/*.json`.",
         "",
-        "### Online (`inferq bench online --target direct,inferq,openai --local`)",
+        f"### Online (`inferq bench online --target {','.join(TARGETS)} --local`)",
         "",
     ]
     for report in reports:
@@ -184,7 +184,7 @@ def main() -> None:
     if BEGIN in text and END in text:
         text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
     else:
-        text = text.rstrip() + "\n\n## Latest `make bench`\n\n" + section + "\n"
+        text = text.rstrip() + "\n\n## Figures\n\n" + section + "\n"
     doc.write_text(text)
     print(f"BENCHMARKS.md updated; figures in {RESULTS}")
 

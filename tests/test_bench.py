@@ -65,40 +65,42 @@ async def test_online_rounds_report_the_median_round(settings: Settings, redis: 
     assert await drained(redis, settings, "fake") == (0, 0)
 
 
-async def test_online_three_targets_on_vllm(redis_server: Any, tmp_path: Path) -> None:
+async def test_online_four_targets_on_vllm(redis_server: Any, tmp_path: Path) -> None:
     settings = Settings(redis_url=redis_server.url, key_prefix="bench-vllm", model="tiny", data_dir=MODELS_DIR)
+    names = ["direct-inferq", "inferq", "direct", "openai"]
     report = await bench(
-        settings, tmp_path, "online", "--target", "direct,inferq,openai", "--local", "--model", "tiny",
+        settings, tmp_path, "online", "--target", ",".join(names), "--local", "--model", "tiny",
         "-n", "8", "--warmup", "2", "--concurrency", "2,4", "--output-len", "6", "--rounds", "2",
         "--stream-interval", "3",
     )  # fmt: skip
     assert report["stream_interval"] == 3 and "3 tokens per streamed event" in report["stdout"]
-    # All three stay up; at each load they take turns, the order rotating by one from load to load and round to
+    assert "inferq's engine setup: the model in vLLM's engine core" in report["stdout"]
+    # All stay up; at each load they take turns, the order rotating by one from load to load and round to
     # round, so that each target runs in every place.
-    names = ["direct", "inferq", "openai"]
     assert [(r["round"], r["concurrency"], r["target"]) for r in report["runs"]] == [
         (n, c, t) for n, c, shift in ((1, 2, 0), (1, 4, 1), (2, 2, 1), (2, 4, 2))
         for t in names[shift:] + names[:shift]
     ]  # fmt: skip
-    assert len(report["results"]) == 6
+    assert len(report["results"]) == 8
     for r in report["runs"]:
         assert (r["requests"], r["completed"], r["errors"]) == (8, 8, 0)
         assert 0 < r["output_tokens"] <= 8 * 6
-    # Greedy, same engine settings: the queue returns exactly the tokens AsyncLLM makes directly, in as many
-    # events: the first token alone, then up to 3 at a time.
+    # Greedy: the queue returns exactly the tokens AsyncLLM makes directly, set up the same way or as it ships,
+    # in as many events: the first token alone, then up to 3 at a time.
     by_target = {r["target"]: r for r in report["results"] if r["concurrency"] == 4}
+    assert by_target["inferq"]["output_tokens"] == by_target["direct-inferq"]["output_tokens"]
     assert by_target["inferq"]["output_tokens"] == by_target["direct"]["output_tokens"]
-    assert by_target["inferq"]["output_chunks"] == by_target["direct"]["output_chunks"] <= 8 * 3
+    assert by_target["inferq"]["output_chunks"] == by_target["direct-inferq"]["output_chunks"] <= 8 * 3
     # Each other target against the first listed, round by round: the ratios of the runs, and their median.
     tput = {(r["round"], r["concurrency"], r["target"]): r["output_throughput"] for r in report["runs"]}
     assert [(p["load"], p["target"], p["base"]) for p in report["paired"]] == [
-        (f"concurrency {c}", t, "direct") for c in (2, 4) for t in ("inferq", "openai")
+        (f"concurrency {c}", t, "direct-inferq") for c in (2, 4) for t in names[1:]
     ]
     for p in report["paired"]:
         c = int(p["load"].split()[-1])
-        assert p["ratios"] == [tput[(n, c, p["target"])] / tput[(n, c, "direct")] for n in (1, 2)]
+        assert p["ratios"] == [tput[(n, c, p["target"])] / tput[(n, c, "direct-inferq")] for n in (1, 2)]
         assert p["median"] == min(p["ratios"])
-        assert f"{p['target']} / direct, {p['load']}: " in report["stdout"]
+        assert f"{p['target']} / direct-inferq, {p['load']}: " in report["stdout"]
 
 
 async def test_queue_bench_reports_each_cell(settings: Settings, tmp_path: Path) -> None:
