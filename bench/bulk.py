@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inferq.bench.server import temporary_server
 from inferq.producer.local import in_own_group, inferq_argv, stop_group
-from inferq.shared.embedded import temporary_server
 from inferq.shared.errors import InferqError
 from inferq.shared.settings import Settings
 

@@ -13,10 +13,10 @@ import time
 import uuid
 from typing import Any
 
+from inferq.bench.server import temporary_server
 from inferq.producer.client import InferenceClient
 from inferq.producer.local import local_worker
 from inferq.shared.codec import pack
-from inferq.shared.embedded import temporary_server
 from inferq.shared.schemas import GenerationRequest
 from inferq.shared.settings import Settings, load_settings
 

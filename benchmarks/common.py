@@ -15,9 +15,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from inferq.bench.server import temporary_server
 from inferq.producer import InferenceClient
 from inferq.producer.local import worker_argv
-from inferq.shared.embedded import EmbeddedServer, temporary_server
+from inferq.shared.embedded import EmbeddedServer
 from inferq.shared.keys import Keys
 from inferq.shared.schemas import Timings
 from inferq.shared.settings import load_settings

@@ -126,17 +126,3 @@ class EmbeddedServer:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def temporary_server() -> EmbeddedServer:
-    """A fresh server (AOF on) on a free loopback port in a new temp dir, started: benchmarks never touch
-    the user's data. The caller stops it."""
-    import socket
-    import tempfile
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = EmbeddedServer(Path(tempfile.mkdtemp(prefix="inferq-bench-")), port)
-    server.start()
-    return server
