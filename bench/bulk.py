@@ -123,18 +123,3 @@ async def bench_bulk(
         "median_ratio": statistics.median(r["ratio"] for r in rows), "inferq_engine_spin_ms": settings.engine_spin_ms,
         "inferq_model_in_core": settings.engine_model_in_core,
     }  # fmt: skip
-
-
-def bulk_table(report: dict[str, Any]) -> str:
-    lines = [f"{'round':<6}{'target':<22}{'wall s':>8}{'out tokens':>12}{'tok/s':>9}{'errors':>8}{'ratio':>8}"]
-    for row in report["rounds"]:
-        for name in (RUN_BATCH, INFERQ):
-            r = row[name]
-            ratio = f"{row['ratio']:.3f}" if name == INFERQ else ""
-            lines.append(
-                f"{row['round']:<6}{name:<22}{r['wall_s']:>8.1f}{r['output_tokens']:>12}{r['tok_per_s']:>9.0f}"
-                f"{r['errors']:>8}{ratio:>8}"
-            )
-    lines.append(f"ratio inferq / run-batch (tok/s, wall included), median of {len(report['rounds'])}: "
-                 f"{report['median_ratio']:.3f}")  # fmt: skip
-    return "\n".join(lines)

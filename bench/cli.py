@@ -86,7 +86,7 @@ def bench_online_command(
     throughput; TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99); errors. Prints the targets
     side by side. inferq needs running workers for the model, or --local; openai needs --url, or --local."""
     from inferq.bench.online import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target, run_size
-    from inferq.bench.stats import describe_environment, engine_setup, table
+    from inferq.bench.tables import describe_environment, engine_setup, table
 
     targets = [t.strip() for t in target.split(",") if t.strip()]
     unknown = sorted(set(targets) - set(TARGETS))
@@ -158,7 +158,8 @@ def bench_bulk_command(
 ) -> None:
     """The same OpenAI Batch file through `vllm run-batch` and `inferq bulk --local`, each from a cold start
     (launch to exit, engine load included): wall time, tokens/s and the ratio inferq / run-batch."""
-    from inferq.bench.bulk import bench_bulk, bulk_table
+    from inferq.bench.bulk import bench_bulk
+    from inferq.bench.tables import bulk_table
 
     settings = base.settings(model=model)
     report = base.run(
@@ -179,7 +180,8 @@ def bench_queue_command(
 ) -> None:
     """The queue alone, on a fresh embedded server with stand-in engines: requests/s end to end, the latency
     added outside the engine (p50/p99) and Redis CPU, by workers and producers; and raw XADD/s, the limit."""
-    from inferq.bench.queue import bench_queue, queue_table
+    from inferq.bench.queue import bench_queue
+    from inferq.bench.tables import queue_table
 
     report = base.run(
         bench_queue(

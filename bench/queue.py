@@ -116,17 +116,3 @@ async def bench_queue(
     finally:
         server.stop()
     return {"raw_xadd_per_s": raw, "tokens_per_request": max_tokens, "seconds_per_cell": seconds, "rows": rows}
-
-
-def queue_table(report: dict[str, Any]) -> str:
-    lines = [
-        f"raw pipelined XADD on this server: {report['raw_xadd_per_s']:,.0f}/s (the limit)",
-        f"{'workers':>8}{'producers':>10}{'requests/s':>12}{'added p50 ms':>14}{'added p99 ms':>14}"
-        f"{'redis CPU %':>13}{'errors':>8}",
-    ]
-    for r in report["rows"]:
-        lines.append(
-            f"{r['workers']:>8}{r['producers']:>10}{r['requests_per_s']:>12,.0f}{r['added_ms_p50']:>14.2f}"
-            f"{r['added_ms_p99']:>14.2f}{r['redis_cpu_pct']:>13.0f}{r['errors']:>8}"
-        )
-    return "\n".join(lines)

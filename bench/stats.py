@@ -100,38 +100,3 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(terse=True),
         "versions": versions,
     }
-
-
-def describe_environment(env: dict[str, Any]) -> str:
-    versions = ", ".join(f"{name} {v}" for name, v in env["versions"].items())
-    return f"{env['machine']}, {env['cpus']} CPUs, Python {env['python']}, {env['platform']}; {versions}"
-
-
-def engine_setup(report: dict[str, Any]) -> str:
-    """How inferq's own worker ran vLLM in a bench report (INFERQ_ENGINE_MODEL_IN_CORE, INFERQ_ENGINE_SPIN_MS)."""
-    where = "in vLLM's engine core" if report.get("inferq_model_in_core") else "in a process of its own"
-    return f"the model {where}, busy-wait {report.get('inferq_engine_spin_ms', 1000):g} ms"
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """The figures of several runs side by side, one column per run."""
-    rows = [
-        ("target", lambda r: r["target"]),
-        ("concurrency / rate", lambda r: r["load"]),
-        ("completed / errors", lambda r: f"{r['completed']} / {r['errors']}"),
-        ("duration s", lambda r: f"{r['duration_s']:.2f}"),
-        ("requests/s", lambda r: f"{r['request_throughput']:.2f}"),
-        ("output tok/s", lambda r: f"{r['output_throughput']:.0f}"),
-        ("total tok/s", lambda r: f"{r['total_throughput']:.0f}"),
-    ]
-    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
-        for stat in ("mean", "p50", "p90", "p99"):
-            rows.append((f"{metric[:-3].upper()} {stat} ms", lambda r, m=metric, s=stat: f"{r[m][s]:.1f}"))
-    width = max(len(name) for name, _ in rows)
-    cols = [[str(get(r)) for _, get in rows] for r in results]
-    col_w = [max(len(c) for c in col) for col in cols]
-    lines = []
-    for i, (name, _) in enumerate(rows):
-        cells = "  ".join(col[i].rjust(w) for col, w in zip(cols, col_w, strict=True))
-        lines.append(f"{name:<{width}}  {cells}")
-    return "\n".join(lines)
