@@ -2,7 +2,7 @@
 
 `bench_online` keeps every target up for the whole run and gives them turns, so that a slow minute of the
 machine lands on all of them. An idle vLLM engine is not idle, though: the model process's 13 `gloo_tcp_loop`
-threads keep waking, 1-2% of a core per idle engine (BENCHMARKS.md, "Idle targets are not quite idle"), and
+threads keep waking, 1-2% of a core per idle engine (docs/benchmark-history.md, "Idle targets are not quite idle"), and
 on this box they wake on the core where the running target's model computes. Which group the kernel
 schedules them in differs by target (the `--local` inferq worker's session is its own group, at nice 5;
 direct's engine and the OpenAI server share the bench's), so they did not cost every target alike. Starting

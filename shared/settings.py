@@ -61,14 +61,14 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="how long vLLM's engine core and model process busy-wait for each other's next message "
         "before they sleep until it comes (vLLM's own is 1000: under load they never sleep, and on CPU the spin "
-        "takes most of a core from the worker, Redis and the model; BENCHMARKS.md). Only where the model runs in a "
-        "process of its own: GPU tensor parallel, or CPU with engine_model_in_core off",
+        "takes most of a core from the worker, Redis and the model; docs/benchmark-history.md). Only where the model "
+        "runs in a process of its own: GPU tensor parallel, or CPU with engine_model_in_core off",
     )
     engine_model_in_core: bool = Field(
         True,
         description="CPU: run the model in vLLM's engine core process, with the OpenMP threads vLLM would give a "
         "model process of its own, rather than in that process (vLLM's CPU default), which the core hands "
-        "every step to and waits on: two process hand-offs per step (BENCHMARKS.md)",
+        "every step to and waits on: two process hand-offs per step (docs/benchmark-history.md)",
     )
 
     # Admission and results.

@@ -5,7 +5,7 @@ worker's processes are always runnable. Under Linux's autogroup scheduling (on b
 many server kernels) every session is one scheduling group, and a session that never sleeps was measured
 to keep other sessions (the Redis server, the clients) off the CPU for 100-670 ms at a time on a 2-core
 box: every token event of a request then reaches the client at its end. With the worker's group at nice 5
-the stalls were gone (BENCHMARKS.md, "Concurrency 1 streamed in bursts"). Yielding inside the group does
+the stalls were gone (docs/benchmark-history.md, "Concurrency 1 streamed in bursts"). Yielding inside the group does
 not help: sched_yield only reorders tasks within their own group.
 
 The nice value belongs to the whole session, so it is set only when the worker leads its own session (as

@@ -12,7 +12,7 @@ The engine core is itself a process vLLM spawns, and it loads torch afresh. So t
 uniprocess executor, which runs the model in the core, and spawns the core with the OpenMP environment
 vLLM's own OMPProcessManager would give the model process (rank 0): the same threads on the same CPUs,
 without the hand-off. On the 2-core box this took inferq from 0.85 of direct vLLM to about parity at
-concurrency 64 and 128, and to parity or above at concurrency 1 (BENCHMARKS.md, "The model in the engine
+concurrency 64 and 128, and to parity or above at concurrency 1 (docs/benchmark-history.md, "The model in the engine
 core").
 
 Where it does not apply (a GPU, where one worker already runs in the core; more than one model worker) or

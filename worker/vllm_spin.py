@@ -7,7 +7,7 @@ by spinning (`sched_yield`) for up to one second after the last message, hard-co
 (`SpinCondition.busy_loop_s`), and only then sleeps on a socket the writer pings. Under load a message comes
 every step, so both processes spin from the first token to the last: on a 2-core box the engine core alone took
 72% of a core doing nothing, CPU the worker, Redis and the clients then had to take from the model
-(BENCHMARKS.md, "The engine's busy-wait"). Upstream has pull requests to make the window configurable
+(docs/benchmark-history.md, "The engine's busy-wait"). Upstream has pull requests to make the window configurable
 (vllm#51950, #52814); until one lands, this vLLM *general plugin* sets it. vLLM loads general plugins in every
 one of its processes before it builds these queues, so the spawned engine core and model process get it too.
 
