@@ -27,7 +27,7 @@ from common import spawn_worker, temp_server, wait_ready
 from inferq.producer import InferenceClient, RequestHandle
 from inferq.shared import aio
 from inferq.shared.codec import unpack
-from inferq.shared.keys import Keys
+from inferq.shared.keys import Keys, bulk_request_id
 from inferq.shared.schemas import Result
 from inferq.shared.settings import load_settings
 
@@ -78,8 +78,9 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
             for i in range(args.requests):
                 stream = i % 2 == 0
                 handle = await client.submit(
-                    prompt=f"soak request {i}", request_id=f"soak-{i}", max_tokens=args.max_tokens,
-                    temperature=0, stream=stream, reply_stream=None if stream else keys.done("soak"),
+                    prompt=f"soak request {i}", request_id=bulk_request_id("soak", 0, str(i)),
+                    max_tokens=args.max_tokens, temperature=0, stream=stream,
+                    reply_stream=None if stream else keys.done("soak"),
                 )  # fmt: skip
                 handles.append(handle)
                 followers.append(asyncio.create_task(follow(handle)))

@@ -1,6 +1,6 @@
 """What every command shares: exit codes, one-line errors, settings, and running a coroutine.
 
-Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out.
+Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out, 5 Redis unreachable.
 """
 
 from __future__ import annotations
@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 
 from inferq.shared import aio
-from inferq.shared.errors import InferqError, QueueFull, RequestFailed, RequestNotFound, RequestTimeout
+from inferq.shared.errors import (
+    InferqError,
+    QueueFull,
+    RedisUnavailable,
+    RequestFailed,
+    RequestNotFound,
+    RequestTimeout,
+)
 
 if TYPE_CHECKING:  # pydantic and the settings load on use: vLLM's spawned processes import the CLI too
     from inferq.shared.settings import Settings
 
-EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT = 1, 2, 3, 4
+EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4, 5
 
 
 def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -45,12 +52,21 @@ def run(coro: Coroutine[Any, Any, Any], *, sigterm_cancels: bool = True) -> Any:
         return aio.run(coro, sigterm_cancels=sigterm_cancels)
     except QueueFull as exc:
         die(str(exc), EXIT_QUEUE_FULL)
+    except RedisUnavailable as exc:
+        die(f"{exc}: is it running, and is INFERQ_REDIS_URL right?", EXIT_UNAVAILABLE)
     except RequestTimeout as exc:
         die(str(exc), EXIT_TIMEOUT)
     except (RequestFailed, RequestNotFound) as exc:
         die(str(exc), EXIT_FAILED)
     except InferqError as exc:
         die(str(exc), EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED)
+    except Exception as exc:
+        from inferq.shared.connection import OUTAGE  # redis-py loads only for commands that talk to Redis
+
+        if not isinstance(exc, OUTAGE):
+            raise
+        # redis-py's messages name the host and port, never a password.
+        die(f"cannot reach Redis ({exc}): is it running, and is INFERQ_REDIS_URL right?", EXIT_UNAVAILABLE)
 
 
 def model_path(config: Settings) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -15,7 +16,7 @@ from inferq.producer.admission import EXISTS, Admission, Admitter
 from inferq.producer.ops import stats
 from inferq.producer.ops.dead_letters import DeadLetters
 from inferq.producer.replies import DEADLINE, TICK, ReplyListener, Signal
-from inferq.shared.codec import text
+from inferq.shared.codec import pack, text
 from inferq.shared.connection import OUTAGE, connect
 from inferq.shared.errors import (
     InvalidRequest,
@@ -24,8 +25,9 @@ from inferq.shared.errors import (
     RequestNotFound,
     RequestTimeout,
 )
-from inferq.shared.keys import Keys
+from inferq.shared.keys import Keys, bulk_request_id
 from inferq.shared.lifecycle import AsyncLifecycle
+from inferq.shared.limits import check_request
 from inferq.shared.lua import LuaScript
 from inferq.shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
 from inferq.shared.settings import Settings, load_settings
@@ -213,20 +215,17 @@ class InferenceClient(AsyncLifecycle):
         ends `expired` without running; one still running then is aborted and ends `expired`."""
         created_at = time.time()
         if ttl is not None:
-            if ttl <= 0:
-                raise InvalidRequest(f"ttl={ttl} must be positive (seconds the request may wait and run)")
+            if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
+                raise InvalidRequest(f"ttl={ttl!r} must be a positive number of seconds (how long it may wait and run)")
             if params.get("deadline") is not None:
                 raise InvalidRequest("give ttl or deadline, not both")
             params["deadline"] = created_at + ttl
-        max_tokens = params.get("max_tokens")
-        if max_tokens is not None and max_tokens > self.settings.max_tokens_limit:
-            raise InvalidRequest(
-                f"max_tokens={max_tokens} is above the limit of {self.settings.max_tokens_limit} "
-                "(INFERQ_MAX_TOKENS_LIMIT)"
-            )
+        stream_job = self.keys.reply_stream_job(params["reply_stream"]) if params.get("reply_stream") else None
+        if request_id is None:  # a reply stream takes only its job's requests: give this one such an id
+            request_id = bulk_request_id(stream_job, 0, uuid.uuid4().hex) if stream_job else uuid.uuid4().hex
         try:
-            return GenerationRequest(
-                id=request_id or uuid.uuid4().hex,
+            request = GenerationRequest(
+                id=request_id,
                 model=model or self.settings.model,
                 prompt=prompt,
                 messages=list(messages) if messages is not None else None,  # type: ignore[arg-type]
@@ -237,6 +236,14 @@ class InferenceClient(AsyncLifecycle):
             raise InvalidRequest(f"invalid request: {describe_validation_error(exc)}") from None
         except TypeError as exc:
             raise InvalidRequest(f"invalid request: {exc}") from None
+        try:
+            size = len(pack(request.payload()))
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                "invalid request: its text is not valid Unicode (a lone surrogate such as '\\ud800'?)"
+            ) from None
+        check_request(request, size, self.settings, self.keys)
+        return request
 
     async def submit(
         self,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,6 +29,11 @@ class Backoff:
         self._strategy = EqualJitterBackoff(cap=self.MAX_S, base=self.FIRST_S)
         self._failures = 0
 
+    @property
+    def failures(self) -> int:
+        """Attempts that failed since the start or the last reset."""
+        return self._failures
+
     def next(self) -> float:
         """The wait before the next attempt (each call doubles the one after, up to MAX_S)."""
         delay = self._strategy.compute(self._failures)
@@ -34,6 +42,20 @@ class Backoff:
 
     def reset(self) -> None:
         self._failures = 0
+
+
+async def wait_for_redis(redis: Redis, what: str, log: logging.Logger) -> None:
+    """Until Redis answers a PING, retrying with `Backoff`; says once, at the first failure, what it waits for
+    (a worker that starts while Redis restarts waits for it as a running one would)."""
+    backoff = Backoff()
+    while True:
+        try:
+            await redis.ping()
+            return
+        except OUTAGE as exc:
+            if backoff.failures == 0:
+                log.warning("%s: waiting for Redis (%s); retrying until it answers", what, exc)
+            await asyncio.sleep(backoff.next())
 
 
 def embedded_server(settings: Settings) -> EmbeddedServer:

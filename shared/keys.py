@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 GROUP = "workers"
 LANES: tuple[str, ...] = ("high", "normal", "low")  # priority order: a worker fills free slots from the left
+# A model's name is part of its queues' key names: no ':' (it would read as another lane), no space, no glob.
+MODEL_NAME = r"^[A-Za-z0-9._/@+\-]+$"
+MODEL_NAME_MAX = 200
+# A client id (the end of its reply channel's name) or a bulk job id (the end of its reply stream's name).
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def bulk_request_id(job: str, epoch: int, line_digest: str) -> str:
+    """The id of a bulk job's request: a reply stream `{p}:done:{job}` takes only ids that start `bulk-{job}-`."""
+    return f"bulk-{job}-{epoch}-{line_digest}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,23 @@ class Keys:
     def tenants(self, model: str) -> str:
         """Hash tenant -> that tenant's unfinished requests for the model (the per-tenant cap)."""
         return f"{self.prefix}:tenants:{model}"
+
+    def is_reply_channel(self, name: str) -> bool:
+        """Whether `name` is a client's token channel under this prefix: the only place token events go."""
+        head = f"{self.prefix}:t:"
+        return name.startswith(head) and bool(_NAME.fullmatch(name[len(head) :]))
+
+    def reply_stream_job(self, name: str) -> str | None:
+        """The job whose reply stream `name` is (`{p}:done:{job}`), or None if it is not one."""
+        head = f"{self.prefix}:done:"
+        job = name[len(head) :]
+        return job if name.startswith(head) and _NAME.fullmatch(job) else None
+
+    def is_reply_stream_of(self, name: str, request_id: str) -> bool:
+        """Whether `name` is a bulk job's reply stream under this prefix that request `request_id` may write
+        to: that job's own requests only (`bulk_request_id`), so no request can add a record to another job."""
+        job = self.reply_stream_job(name)
+        return job is not None and request_id.startswith(f"bulk-{job}-")
 
     def queues_pattern(self) -> str:
         return f"{self.prefix}:q:*"

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inferq.shared.errors import BadPayload
+from inferq.shared.keys import MODEL_NAME, MODEL_NAME_MAX, Keys
 
 SCHEMA_VERSION = 1
 HARD_MAX_TOKENS = 1 << 20  # schema ceiling; the client also applies Settings.max_tokens_limit
@@ -27,6 +28,13 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("a message's content is empty")
+        return value
+
 
 class GenerationRequest(BaseModel):
     """One queue entry: what to generate and where to send the answer."""
@@ -35,7 +43,7 @@ class GenerationRequest(BaseModel):
 
     v: Literal[1] = SCHEMA_VERSION
     id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:\-]+$")
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MODEL_NAME_MAX, pattern=MODEL_NAME)
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: int = Field(256, ge=1, le=HARD_MAX_TOKENS)
@@ -52,8 +60,8 @@ class GenerationRequest(BaseModel):
     tag: str | None = Field(None, max_length=4096)  # opaque to the worker; echoed in the reply-stream record
     priority: Lane = "normal"
     tenant: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:@\-]+$")
-    created_at: float = 0.0
-    deadline: float | None = None  # unix time after which the request is not started
+    created_at: float = Field(0.0, allow_inf_nan=False)
+    deadline: float | None = Field(None, allow_inf_nan=False)  # unix time after which the request is not started
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
@@ -157,16 +165,23 @@ class Result(BaseModel):
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
 
 
-def salvage(data: Any, model: str, key_prefix: str) -> GenerationRequest | None:
+def salvage(data: Any, model: str, keys: Keys) -> GenerationRequest | None:
     """For a queue entry that failed validation: the request as far as its id and reply targets can be
     trusted, so its result can still end `failed`, its tenant be released and a waiting client or bulk
-    collector be told. None if not even the id is usable. Reply targets outside the key prefix are dropped."""
+    collector be told. None if not even the id is usable. Reply targets that are not inferq's own of the
+    right kind (keys.is_reply_channel, keys.is_reply_stream_of) are dropped."""
     if not isinstance(data, dict) or not isinstance(data.get("id"), str) or not _ID.match(data["id"]):
         return None
+    request_id = data["id"]
 
     def ours(name: str) -> str | None:
         value = data.get(name)
-        return value if isinstance(value, str) and value.startswith(f"{key_prefix}:") else None
+        if not isinstance(value, str):
+            return None
+        kind_ok = (
+            keys.is_reply_channel(value) if name == "reply_channel" else keys.is_reply_stream_of(value, request_id)
+        )
+        return value if kind_ok else None
 
     tenant = data.get("tenant")
     return GenerationRequest.model_construct(

@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferq.shared.errors import ConfigError
-from inferq.shared.keys import LANES
+from inferq.shared.keys import LANES, MODEL_NAME, MODEL_NAME_MAX
 
 
 def _default_data_dir() -> Path:
@@ -30,7 +30,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
 
     # What to run.
-    model: str = Field("smollm2", min_length=1, description="tiny, smollm2, a local path or a hub id")
+    model: str = Field(
+        "smollm2",
+        min_length=1,
+        max_length=MODEL_NAME_MAX,
+        pattern=MODEL_NAME,
+        description="tiny, smollm2, a local path or a hub id (letters, digits and . _ / - @ +)",
+    )
     max_model_len: int = Field(2048, ge=16)
     dtype: str = "auto"
     kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU, in GiB (fractions allowed)")
@@ -82,6 +88,11 @@ class Settings(BaseSettings):
         0.1, ge=0, le=0.5, description="share of starts each lower lane gets while it has work (anti-starvation)"
     )
     max_tokens_limit: int = Field(32_768, ge=1, description="largest max_tokens a request may ask for")
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, description="largest queue entry (the packed request: prompt, messages and all), in bytes"
+    )
+    max_messages: int = Field(256, ge=1, description="most chat messages in one request")
+    max_stop_chars: int = Field(1000, ge=1, description="longest stop string, in characters")
     result_ttl_s: int = Field(86_400, ge=1, description="how long stored results live")
     request_timeout_s: float = Field(600.0, gt=0, description="default wait for a result in the client")
 
@@ -122,14 +133,25 @@ class Settings(BaseSettings):
         given = {k: v for k, v in overrides.items() if v is not None}
         try:
             return self.model_validate({**self.model_dump(), **given})
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        except ValidationError as exc:
+            raise ConfigError(describe_settings_error(exc)) from None
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per bad setting, named as its environment variable, without the value that was given: a
+    URL may hold a password."""
+    return "; ".join(
+        f"INFERQ_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()[:5]
+    )
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment with CLI flags on top; a bad value raises ConfigError, not a traceback."""
     try:
         base = Settings()
-    except ValueError as exc:
-        raise ConfigError(f"bad INFERQ_* environment setting: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"bad INFERQ_* environment setting: {describe_settings_error(exc)}") from None
+    except ValueError as exc:  # a value pydantic-settings could not even parse (JSON), named by its field
+        raise ConfigError(f"bad INFERQ_* environment setting: {exc}") from None
     return base.merged(**overrides)

@@ -22,10 +22,11 @@ from redis.exceptions import ResponseError
 from inferq.shared.aio import cancel_and_wait, unless
 from inferq.shared.batching import BatchedScript
 from inferq.shared.codec import text, unpack
-from inferq.shared.connection import OUTAGE, Backoff
-from inferq.shared.errors import BadPayload, EngineError
+from inferq.shared.connection import OUTAGE, Backoff, wait_for_redis
+from inferq.shared.errors import BadPayload, EngineError, InvalidRequest
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.lifecycle import AsyncLifecycle
+from inferq.shared.limits import check_request, without_foreign_targets
 from inferq.shared.schemas import GenerationRequest, salvage
 from inferq.shared.settings import Settings
 from inferq.shared.subscription import Subscription
@@ -92,6 +93,7 @@ class Worker(AsyncLifecycle):
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        await wait_for_redis(self.redis, f"worker {self.name}", log)
         for stream in self.streams:
             try:  # from 0: entries added before the first worker started are read too
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -216,8 +218,15 @@ class Worker(AsyncLifecycle):
             request = GenerationRequest.from_payload(data)
         except BadPayload as exc:
             log.warning("entry %s on %s is poison: %s", job.entry_id, job.stream, exc)
-            salvaged = salvage(data, self.model, self.settings.key_prefix)
+            salvaged = salvage(data, self.model, self.keys)
             await self.writer.dead_letter(job.stream, job.entry_id, fields, str(exc), deliveries, salvaged)
+            return
+        try:  # what the producer checked, checked again: an entry may come from anyone who can reach Redis
+            check_request(request, len(raw), self.settings, self.keys)
+        except InvalidRequest as exc:
+            log.warning("entry %s on %s refused: %s", job.entry_id, job.stream, exc)
+            safe = without_foreign_targets(request, self.keys)  # nothing is written to a target not ours
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, f"refused: {exc}", deliveries, safe)
             return
         job.request = request
         self._by_request[request.id] = job

@@ -27,6 +27,7 @@ from inferq.producer.bulk.state import CANCELLING, FINALIZING, IN_PROGRESS, VALI
 from inferq.producer.client import InferenceClient
 from inferq.shared.codec import text
 from inferq.shared.errors import InferqError, InvalidRequest
+from inferq.shared.keys import bulk_request_id
 from inferq.shared.schemas import SCHEMA_VERSION, GenerationRequest
 
 BATCH = 256
@@ -43,7 +44,7 @@ class LeaseLost(InferqError):
 
 def request_id(job: JobRecord, custom_id: str | None = None, *, hashed: str | None = None) -> str:
     """The request id of a line, from its custom_id (or that id's digest, as the job's id hash keeps it)."""
-    return f"bulk-{job.id}-{job.epoch}-{hashed or digest(custom_id or '')}"
+    return bulk_request_id(job.id, job.epoch, hashed or digest(custom_id or ""))
 
 
 def tag(number: int, kind: str, endpoint: str, model: str, custom_id: str) -> str:
