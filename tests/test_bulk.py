@@ -77,10 +77,18 @@ async def test_both_formats_with_bad_lines_every_line_accounted_for(
         {"custom_id": "t1", "method": "POST", "url": "/v1/completions",
          "body": {"model": MODEL, "prompt": "Once", "max_tokens": 2}},
         {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "x"}},
+        "not json at all",
+        "[1, 2]",
     ])  # fmt: skip
     out = tmp_path / "openai.out.jsonl"
     await BulkJob(client, batch, out, model=MODEL).run()
-    by_id = {r["custom_id"]: r for r in read_lines(out)}
+    records = read_lines(out)
+    # One shape for every record of the file, the lines that are not even JSON included.
+    assert len(records) == 6 and all(set(r) == {"id", "custom_id", "response", "error"} for r in records)
+    by_id = {r["custom_id"]: r for r in records}
+    assert by_id["line-5"]["response"]["status_code"] == 400  # type: ignore[index]
+    assert "line 5 is not JSON" in by_id["line-5"]["error"]["message"]  # type: ignore[index]
+    assert "line 6 is a JSON list" in by_id["line-6"]["error"]["message"]  # type: ignore[index]
     assert by_id["c2"]["response"]["body"]["choices"][0]["message"]["content"] == "t0 t1 t2 "  # type: ignore[index]
     assert by_id["c1"]["response"]["body"]["object"] == "chat.completion"  # type: ignore[index]
     assert by_id["t1"]["response"]["body"]["choices"][0]["text"] == "t0 t1 "  # type: ignore[index]

@@ -7,7 +7,16 @@ import json
 
 import pytest
 
-from inferq.producer.bulk.formats import OPENAI, SIMPLE, BulkLine, LineError, error_record, output_record, parse_line
+from inferq.producer.bulk.formats import (
+    OPENAI,
+    SIMPLE,
+    BulkLine,
+    LineError,
+    error_record,
+    file_kind,
+    output_record,
+    parse_line,
+)
 
 
 def chat_line(custom_id: str = "a", **body: object) -> str:
@@ -80,3 +89,13 @@ def test_output_records_in_both_shapes() -> None:
     bad = error_record(parse_line(4, chat_line("c3", n=2), "tiny"))  # type: ignore[arg-type]
     assert bad["custom_id"] == "c3" and bad["response"]["status_code"] == 400
     assert "body.n=2" in bad["error"]["message"]
+
+
+def test_lines_that_are_not_json_take_the_files_format() -> None:
+    batch = [(1, "{broken"), (2, json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {}}))]
+    assert file_kind(batch) == OPENAI
+    assert file_kind([(1, "{broken"), (2, '{"prompt": "x"}')]) == SIMPLE
+    assert file_kind([(1, "nothing"), (2, "[]")]) == SIMPLE
+    error = parse_line(1, "{broken", "m", OPENAI)
+    assert isinstance(error, LineError) and error.kind == OPENAI
+    assert set(error_record(error)) == {"id", "custom_id", "response", "error"}

@@ -142,6 +142,7 @@ async def test_a_worker_that_starts_before_redis_waits_for_it(settings: Settings
     cfg = settings.merged(redis_url=f"redis://127.0.0.1:{port}/0")
     worker = WorkerProcess(cfg, "--engine", "standin", "--model", MODEL, name="early", log_path=tmp_path / "w.log")
     server = EmbeddedServer(tmp_path / "late-redis", port)
+
     async def waiting() -> bool:  # only its log says so: there is no Redis yet to ask
         return "waiting for Redis" in worker.log()
 

@@ -10,6 +10,7 @@ per line in memory, so memory stays flat however long the file is.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import socket
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from inferq.producer.bulk.formats import LineError, duplicate, parse_line, refused
+from inferq.producer.bulk.formats import LineError, duplicate, file_kind, parse_line, refused
 from inferq.producer.bulk.inputs import FileLines, count_lines, numbered_lines
 from inferq.producer.bulk.output import complete_lines, write_output
 from inferq.producer.bulk.running import LEASE_S, BulkRunner
@@ -55,6 +56,11 @@ class BulkJob:
         self.id = job_id(input_path, output_path, self.model)
         self.store = BulkStore(client.redis, client.keys, client.settings.bulk_ttl_s)
         self.resumed = 0  # output lines that were there when this run started
+
+    @functools.cached_property
+    def format(self) -> str:
+        """The input file's format: the shape of every output record (formats.file_kind)."""
+        return file_kind(numbered_lines(self.input_path))
 
     async def run(self) -> JobRecord:
         if not self.input_path.is_file():
@@ -105,7 +111,7 @@ class BulkJob:
         job = JobRecord(
             id=self.id, mode=ATTACHED, model=self.model, epoch=(existing.epoch + 1) if existing else 0,
             input=str(self.input_path.resolve()), output=str(self.output_path.resolve()),
-            total=count_lines(self.input_path), created_at=time.time(),
+            total=count_lines(self.input_path), format=self.format, created_at=time.time(),
         )  # fmt: skip
         await self.store.create(job)
         return job
@@ -118,7 +124,7 @@ class BulkJob:
         try:
             batch: list[tuple[str, int]] = []
             for number, raw in numbered_lines(self.input_path):
-                line = parse_line(number, raw, self.model)
+                line = parse_line(number, raw, self.model, self.format)
                 if isinstance(line, LineError):
                     bad.append(line.message)
                 else:

@@ -25,7 +25,8 @@ from arq.worker import Worker, func
 
 from inferq.producer.bulk.arq_keys import PrefixedArqRedis
 from inferq.producer.bulk.attached import runner_name
-from inferq.producer.bulk.inputs import StagedLines, stage
+from inferq.producer.bulk.formats import file_kind
+from inferq.producer.bulk.inputs import StagedLines, numbered_lines, stage
 from inferq.producer.bulk.output import write_output
 from inferq.producer.bulk.running import BulkRunner, JobBusy, LeaseLost
 from inferq.producer.bulk.state import (
@@ -76,7 +77,7 @@ class BulkJobs:
             raise InvalidRequest(f"input file {input_path} does not exist")
         job = JobRecord(
             id=f"bj-{uuid.uuid4().hex[:16]}", mode=DETACHED, model=model or self.client.settings.model,
-            input=str(path), created_at=time.time(),
+            input=str(path), format=file_kind(numbered_lines(path)), created_at=time.time(),
         )  # fmt: skip
         await self.store.create(job)
         job.total, job.chunks = await stage(self.store, job.id, input_path)

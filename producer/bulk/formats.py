@@ -14,6 +14,7 @@ whether they make a valid request, so a bulk line and a submit are held to the s
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,17 +53,35 @@ def duplicate(number: int, custom_id: str, kind: str, first: int) -> LineError:
     )
 
 
-def parse_line(number: int, text: str, default_model: str) -> BulkLine | LineError:
-    """One input line to request parameters, or the reason it cannot be one."""
+def _kind_of(data: dict[str, Any]) -> str:
+    return OPENAI if "url" in data or "body" in data else SIMPLE
+
+
+def file_kind(lines: Iterable[tuple[int, str]]) -> str:
+    """The format of a file: that of its first line that is a JSON object (SIMPLE if none is). The records of
+    lines that are not even JSON take this shape, so that every record of one output file has one shape."""
+    for _, text in lines:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            return _kind_of(data)
+    return SIMPLE
+
+
+def parse_line(number: int, text: str, default_model: str, file_format: str = SIMPLE) -> BulkLine | LineError:
+    """One input line to request parameters, or the reason it cannot be one (for a line that is not a JSON
+    object, in the file's format)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        return LineError(number, f"line-{number}", SIMPLE, f"line {number} is not JSON: {exc.msg}")
+        return LineError(number, f"line-{number}", file_format, f"line {number} is not JSON: {exc.msg}")
     if not isinstance(data, dict):
         return LineError(
-            number, f"line-{number}", SIMPLE, f"line {number} is a JSON {type(data).__name__}, not an object"
+            number, f"line-{number}", file_format, f"line {number} is a JSON {type(data).__name__}, not an object"
         )
-    kind = OPENAI if "url" in data or "body" in data else SIMPLE
+    kind = _kind_of(data)
     custom_id = data.get("custom_id", f"line-{number}" if kind == SIMPLE else None)
     if not isinstance(custom_id, str) or not custom_id:
         return LineError(number, f"line-{number}", kind, f"line {number}: custom_id must be a non-empty string")

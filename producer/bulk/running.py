@@ -21,7 +21,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from inferq.producer.admission import ADMITTED, EXISTS
-from inferq.producer.bulk.formats import BulkLine, LineError, duplicate, parse_line, refused
+from inferq.producer.bulk.formats import SIMPLE, BulkLine, LineError, duplicate, parse_line, refused
 from inferq.producer.bulk.inputs import LineSource, Numbered
 from inferq.producer.bulk.state import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, BulkStore, JobRecord, digest
 from inferq.producer.client import InferenceClient
@@ -187,7 +187,7 @@ class BulkRunner:
         return True
 
     def _parse(self, number: int, raw: str) -> tuple[BulkLine | LineError, GenerationRequest | None]:
-        line = parse_line(number, raw, self.job.model)
+        line = parse_line(number, raw, self.job.model, self.job.format or SIMPLE)
         if isinstance(line, LineError):
             return line, None
         model = line.params.get("model", self.job.model)

@@ -45,6 +45,7 @@ class JobRecord:
     epoch: int = 0  # part of every request id: a job run again from scratch never meets its old results
     input: str = ""  # where the lines came from (a path), for people
     output: str = ""  # attached jobs: the output file
+    format: str = ""  # the input file's format (formats.file_kind): the shape of every output record
     total: int = 0
     chunks: int = 0  # detached jobs: staged input chunks
     fed: int = 0
