@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(60_000, ge=100)
     max_deliveries: int = Field(3, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
+    max_run_s: float = Field(
+        3600.0, gt=0, allow_inf_nan=False, description="a request running longer is aborted and ends failed (watchdog)"
+    )
+    engine_stall_s: float = Field(
+        300.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="a worker whose engine produced nothing this long while requests ran stops renewing their "
+        "claims (other workers take them over) and exits 1",
+    )
     worker_nice: int = Field(
         5,
         ge=0,

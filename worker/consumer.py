@@ -55,7 +55,8 @@ class Job:
     entry_id: str
     task: asyncio.Task[None] | None = None
     request: GenerationRequest | None = None
-    stop_reason: str | None = None  # "cancelled" or "expired" once interrupted on purpose
+    stop_reason: str | None = None  # "cancelled", "expired" or "failed" (the watchdog) once interrupted on purpose
+    error: str | None = None  # why, when it was stopped as `failed`
     interruptible: bool = False  # True while it starts or generates; the final write is never interrupted
     gen: Generation = field(default_factory=Generation)  # what it produced so far
 
@@ -90,6 +91,7 @@ class Worker(AsyncLifecycle):
         self.fatal: BaseException | None = None
         self.tokens_out = 0
         self.completed = 0
+        self._progress_at = time.monotonic()  # the engine's last output (watched by _engine_stalled)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,12 +142,13 @@ class Worker(AsyncLifecycle):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def interrupt(self, request_id: str, reason: str) -> None:
-        """Abort a running request on purpose (reason "cancelled" or "expired"); it ends with that status."""
+    def interrupt(self, request_id: str, reason: str, error: str | None = None) -> None:
+        """Abort a running request on purpose (reason "cancelled", "expired", or "failed" with `error`); it
+        ends with that status."""
         job = self._by_request.get(request_id)
         if job is None or job.task is None or not job.interruptible or job.stop_reason is not None:
             return
-        job.stop_reason = reason
+        job.stop_reason, job.error = reason, error
         job.task.cancel()  # AsyncLLM aborts the request when its generator is cancelled
 
     def _on_cancel(self, data: bytes) -> None:
@@ -247,7 +250,7 @@ class Worker(AsyncLifecycle):
             if task is not None and task.uncancel() > 0:
                 raise  # a shutdown cancel came on top of the interrupt: it wins
             log.info("request %s %s after %d tokens", request.id, job.stop_reason, job.gen.completion_tokens)
-            await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, job.gen)
+            await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, job.gen, error=job.error)
         except EngineError as exc:
             # Leave this entry (and every other in-flight one) pending: the engine, not the request, failed.
             if self.fatal is None:
@@ -276,14 +279,17 @@ class Worker(AsyncLifecycle):
             # Or "cancelled" but not ended yet: the cancel came between the read and the start.
             await self.writer.end(job.stream, job.entry_id, request, status, job.gen)
             return
-        timer = None
+        loop = asyncio.get_running_loop()
+        limit = self.settings.max_run_s
+        why = f"ran longer than {limit:g} s (INFERQ_MAX_RUN_S): stopped by the worker's watchdog"
+        timers = [loop.call_later(limit, self.interrupt, request.id, "failed", why)]
         if request.deadline is not None:
             delay = max(request.deadline - time.time(), 0.0)
-            timer = asyncio.get_running_loop().call_later(delay, self.interrupt, request.id, "expired")
+            timers.append(loop.call_later(delay, self.interrupt, request.id, "expired"))
         try:
             await self._generate(job, request)
         finally:
-            if timer is not None:
+            for timer in timers:
                 timer.cancel()
 
     async def _mark_running(self, request: GenerationRequest, entry_id: str) -> str:
@@ -303,6 +309,7 @@ class Worker(AsyncLifecycle):
         gen = job.gen
         channel = request.reply_channel if request.stream else None
         async for delta in self.engine.generate(request):
+            self._progress_at = time.monotonic()
             if gen.add(delta):
                 break
             if channel:
@@ -318,6 +325,8 @@ class Worker(AsyncLifecycle):
         last_tokens, last_completed, last_beat = self.tokens_out, self.completed, time.monotonic()
         while True:
             await asyncio.sleep(self.claims.renew_interval_s)
+            if self._engine_stalled():
+                return  # no more renewals: other workers take this worker's entries over
             try:
                 for stream, entry_id in await self.claims.renew(self._owned()):
                     self._lose(stream, entry_id)
@@ -336,6 +345,24 @@ class Worker(AsyncLifecycle):
                     log.info("removed dead consumer %s from the group", name)
             except Exception as exc:  # a missed beat is not fatal; the next one retries
                 log.warning("heartbeat failed: %s", exc)
+
+    def _engine_stalled(self) -> bool:
+        """True (and the worker stops, exit 1) once requests have been running with no output from the engine
+        for engine_stall_s: a hung engine must not hold its entries by renewing their claims forever."""
+        now = time.monotonic()
+        if not any(job.interruptible for job in self._jobs.values()):
+            self._progress_at = now  # idle is not a stall
+            return False
+        if now - self._progress_at < self.settings.engine_stall_s:
+            return False
+        if self.fatal is None:
+            self.fatal = EngineError(
+                f"the engine produced nothing for {now - self._progress_at:.0f} s with requests running "
+                "(INFERQ_ENGINE_STALL_S); leaving them to other workers"
+            )
+            log.error("ENGINE STALLED: worker %s stops: %s", self.name, self.fatal)
+            self.stop_reading()
+        return True
 
     def _owned(self) -> dict[str, list[str]]:
         owned: dict[str, list[str]] = {}

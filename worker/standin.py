@@ -4,7 +4,8 @@ It is not vLLM and never pretends to be: it emits `max_tokens` tokens at a fixed
 every request at once (like a continuously batched engine), so what a test or benchmark measures is the
 Redis layer. Token i of a request is the text "t{i} " with token id i. For error-path tests, the prompt
 "fail" is refused (RequestRejected), the prompt "crash" raises an unexpected error for that request only,
-and the prompt "die" fails the whole engine (EngineError), as a crashed vLLM engine core would."""
+the prompt "die" fails the whole engine (EngineError), as a crashed vLLM engine core would, and the prompt
+"hang" never yields a token, as a hung engine would."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class StandInEngine:
             raise RuntimeError("stand-in engine crashed on the prompt 'crash'")
         if request.prompt == "die":
             raise EngineError("stand-in engine died on the prompt 'die'")
+        if request.prompt == "hang":
+            await asyncio.Event().wait()  # until cancelled
         prompt_tokens = len((request.prompt or "".join(m.content for m in request.messages or [])).split())
         for i in range(request.max_tokens):
             await asyncio.sleep(self.step_s)
