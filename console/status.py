@@ -43,6 +43,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(
             f"model {model}: {len(m['workers'])} workers, {m['completions_per_s']:.1f} req/s, "
             f"{m['tokens_per_s']:.0f} tok/s, {m['dlq']} dead letters"
+            + (f" ({m['dlq_dropped']} older ones dropped)" if m.get("dlq_dropped") else "")
         )
         lines.append(f"  {'lane':<8}{'length':>8}{'lag':>8}{'pending':>9}{'oldest':>9}  consumers (pending, idle)")
         for lane, x in m["lanes"].items():

@@ -41,6 +41,10 @@ class Keys:
     def dlq(self, model: str) -> str:
         return f"{self.prefix}:dlq:{model}"
 
+    def dlq_dropped(self, model: str) -> str:
+        """String counter: dead letters dropped from the model's DLQ, the oldest first, past its bound."""
+        return f"{self.prefix}:dlq:{model}:dropped"
+
     def worker(self, name: str) -> str:
         return f"{self.prefix}:w:{name}"
 

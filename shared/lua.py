@@ -1,7 +1,8 @@
 """The one way inferq loads and calls its Lua scripts.
 
 A script is a `.lua` file in the package that uses it, read once, behind a preamble that defines the
-contract's constants for it (`FINAL` the final states, `SCHEMA_VERSION`), so no script spells them out.
+contract's constants for it (`FINAL` the final states, `SCHEMA_VERSION`), so no script spells them out, and
+the helpers more than one script needs (`add_dead_letter`).
 Calls go by EVALSHA, never with the script's text: alone (`await script(redis, keys, args)`), many in one
 pipeline (`script.run_all`), or as a command in someone else's transaction (`script.command`, then
 `reload_missing` for the calls a NOSCRIPT refused). A NOSCRIPT reply (first use on a server, or a server
@@ -25,9 +26,22 @@ from inferq.shared.schemas import FINAL_STATES, SCHEMA_VERSION
 Call = tuple[Sequence[str], Sequence[Any]]  # (keys, args)
 
 
+# Helpers every script may call. A dead letter is added, the oldest beyond `max_len` dropped, and how many
+# were dropped counted, in one place: the DLQ is bounded and says what it lost.
+_HELPERS = """
+local function add_dead_letter(dlq, dropped, max_len, fields)
+  redis.call('XADD', dlq, '*', unpack(fields))
+  local trimmed = redis.call('XTRIM', dlq, 'MAXLEN', max_len)
+  if trimmed > 0 then
+    redis.call('INCRBY', dropped, trimmed)
+  end
+end
+"""
+
+
 def _preamble() -> str:
     final = ", ".join(f"{state} = true" for state in sorted(FINAL_STATES))
-    return f"local FINAL = {{{final}}}\nlocal SCHEMA_VERSION = {SCHEMA_VERSION}\n"
+    return f"local FINAL = {{{final}}}\nlocal SCHEMA_VERSION = {SCHEMA_VERSION}\n{_HELPERS}"
 
 
 class LuaScript:

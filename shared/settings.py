@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     )
     max_messages: int = Field(256, ge=1, description="most chat messages in one request")
     max_stop_chars: int = Field(1000, ge=1, description="longest stop string, in characters")
+    dlq_max_len: int = Field(10_000, ge=1, description="dead letters kept per model; the oldest beyond go (counted)")
+    dlq_max_payload_bytes: int = Field(
+        65_536, ge=0, description="a dead letter keeps its request only up to this size (its reason always)"
+    )
     result_ttl_s: int = Field(86_400, ge=1, description="how long stored results live")
     request_timeout_s: float = Field(600.0, gt=0, description="default wait for a result in the client")
 

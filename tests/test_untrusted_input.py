@@ -158,3 +158,31 @@ async def test_a_worker_that_starts_before_redis_waits_for_it(settings: Settings
     finally:
         assert worker.stop() == 0, worker.log()[-2000:]
         server.stop()
+
+
+async def test_the_dlq_is_bounded_counts_what_it_dropped_and_keeps_every_reason(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    keys = Keys(settings.key_prefix)
+    start_worker(
+        "--engine", "standin", "--model", MODEL, env={"INFERQ_DLQ_MAX_LEN": "3", "INFERQ_DLQ_MAX_PAYLOAD_BYTES": "100"}
+    )  # fmt: skip
+    refused = [await client.submit(prompt="fail", model=MODEL, max_tokens=2) for _ in range(5)]
+    for handle in refused:  # the stand-in engine refuses the prompt "fail": each is dead-lettered
+        assert (await handle.result(timeout=30)).status == "failed"
+    blob = b"\xc1" + b"x" * 500  # undecodable, and over the payload bound
+    await redis.xadd(keys.queue(MODEL), {"m": blob})
+
+    async def all_ended() -> bool:
+        return await drained(redis, settings, MODEL) == (0, 0)
+
+    await wait_until(all_ended, 30, "the undecodable entry to be dead-lettered")
+    letters = await client.dead_letters(MODEL).list()
+    assert len(letters) == 3 and await redis.get(keys.dlq_dropped(MODEL)) == b"3"  # the oldest three went
+    assert [bool(letter.error) for letter in letters] == [True, True, True]
+    newest = letters[-1]
+    assert "undecodable" in newest.error and (newest.payload, newest.payload_bytes) == (b"", len(blob))
+    with pytest.raises(InvalidRequest, match="INFERQ_DLQ_MAX_PAYLOAD_BYTES"):
+        await client.dead_letters(MODEL).retry(newest.id)
+    shown = await inferq(settings, "status")
+    assert "3 dead letters (3 older ones dropped)" in shown.stdout

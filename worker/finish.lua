@@ -1,10 +1,11 @@
 -- End a request: store its final state once, then acknowledge and delete its entry (docs/CONTRACTS.md, "Delivery").
 -- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] the model's tenant counters, KEYS[4] the model's DLQ,
--- KEYS[5] (optional) the request's reply stream.
+-- KEYS[5] the model's count of dead letters dropped, KEYS[6] (optional) the request's reply stream.
 -- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] the reply-stream record of this run (msgpack),
 -- [5] worker name, [6] tenant ('' for none), [7] the reply-stream record of a request cancelled while queued
--- (msgpack; '' without a reply stream), [8] n = how many result field/value items follow, [9 .. 8+n] the
--- final state's fields and values, then (to dead-letter the entry) the DLQ entry's fields and values.
+-- (msgpack; '' without a reply stream), [8] the DLQ's length bound, [9] n = how many result field/value
+-- items follow, [10 .. 9+n] the final state's fields and values, then (to dead-letter the entry) the DLQ
+-- entry's fields and values.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
 -- Idempotent: if another delivery of the same request already stored a final state, that one stands (a
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
@@ -13,28 +14,28 @@
 -- Returns 1 if this call stored the result, 0 if one was there already.
 local status = redis.call('HGET', KEYS[1], 'status')
 local final = FINAL[status]
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 local wrote = 0
 if not final then
   local fields = {}
-  for i = 9, 8 + n do fields[#fields + 1] = ARGV[i] end
+  for i = 10, 9 + n do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
   redis.call('HDEL', KEYS[1], 'cancel')
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
-  if KEYS[5] then
-    redis.call('XADD', KEYS[5], '*', 'm', ARGV[4])
+  if KEYS[6] then
+    redis.call('XADD', KEYS[6], '*', 'm', ARGV[4])
   end
-  if #ARGV > 8 + n then
+  if #ARGV > 9 + n then
     local dead = {}
-    for i = 9 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
-    redis.call('XADD', KEYS[4], '*', unpack(dead))
+    for i = 10 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
+    add_dead_letter(KEYS[4], KEYS[5], ARGV[8], dead)
   end
   wrote = 1
 elseif status == 'cancelled' and redis.call('HEXISTS', KEYS[1], 'ended_by') == 0 then
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
   -- This run's record may say 'expired' (the entry was read past its deadline), but the stored state stands.
-  if KEYS[5] then
-    redis.call('XADD', KEYS[5], '*', 'm', ARGV[7])
+  if KEYS[6] then
+    redis.call('XADD', KEYS[6], '*', 'm', ARGV[7])
   end
 else
   redis.call('HINCRBY', KEYS[1], 'duplicates', 1)

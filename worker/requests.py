@@ -64,7 +64,7 @@ def reply_record(request: GenerationRequest, outcome: dict[str, Any]) -> bytes:
 class RequestWriter:
     def __init__(self, outbox: Outbox, keys: Keys, settings: Settings, worker_name: str, model: str) -> None:
         self.outbox = outbox
-        self.dlq = keys.dlq(model)
+        self.dlq, self.dlq_dropped = keys.dlq(model), keys.dlq_dropped(model)
         self.keys = keys
         self.settings = settings
         self.worker_name = worker_name
@@ -97,7 +97,7 @@ class RequestWriter:
             record["first_token_at"] = repr(gen.first_token_at)
         if error:
             record["error"] = error
-        keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model), self.dlq]
+        keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model), self.dlq, self.dlq_dropped]
         durable = cancelled = b""
         if request.reply_stream:
             keys.append(request.reply_stream)
@@ -106,7 +106,7 @@ class RequestWriter:
         finish = scripts.FINISH.command(
             keys,
             [GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "", cancelled,
-             len(fields), *fields, *dead_letter],
+             self.settings.dlq_max_len, len(fields), *fields, *dead_letter],
         )  # fmt: skip
         streaming = request.stream and request.reply_channel
         last = gen.last if streaming and status == "done" else None
@@ -134,13 +134,15 @@ class RequestWriter:
     ) -> None:
         """Poison input, a request the engine refused, or one delivered too often: to the DLQ with the reason,
         stored `failed`, acknowledged. An entry without even a usable id has no result to store."""
+        payload = fields.get(b"m", b"")
+        kept = payload if len(payload) <= self.settings.dlq_max_payload_bytes else b""  # the reason is always kept
         dead = (
-            "payload", fields.get(b"m", b""), "error", error, "stream", stream, "entry_id", entry_id,
+            "payload", kept, "payload_bytes", len(payload), "error", error, "stream", stream, "entry_id", entry_id,
             "deliveries", deliveries, "failed_at", repr(time.time()), "worker", self.worker_name,
         )  # fmt: skip
         if request is None:
-            await self.outbox.add(
-                ("XADD", self.dlq, "*", *dead), ("XACK", stream, GROUP, entry_id), ("XDEL", stream, entry_id)
-            )
+            bound = self.settings.dlq_max_len
+            keys = [self.dlq, self.dlq_dropped, stream]
+            await self.outbox.add(scripts.DEAD_LETTER.command(keys, [bound, GROUP, entry_id, *dead]))
             return
         await self.end(stream, entry_id, request, "failed", Generation(), error=error, dead_letter=dead)

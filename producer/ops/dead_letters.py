@@ -29,7 +29,8 @@ class DeadLetter:
     entry_id: str  # its id there
     failed_at: float
     worker: str
-    payload: bytes  # the original entry, as the producer wrote it
+    payload: bytes  # the original entry, as the producer wrote it ('' if it was over dlq_max_payload_bytes)
+    payload_bytes: int  # its size, kept or not
 
     @property
     def request(self) -> GenerationRequest | None:
@@ -50,7 +51,8 @@ class DeadLetter:
             "entry_id": self.entry_id,
             "failed_at": self.failed_at,
             "worker": self.worker,
-            "payload_bytes": len(self.payload),
+            "payload_bytes": self.payload_bytes,
+            "payload_kept": len(self.payload) == self.payload_bytes,
         }
 
     @classmethod
@@ -67,6 +69,7 @@ class DeadLetter:
             failed_at=float(get("failed_at") or 0),
             worker=get("worker"),
             payload=fields.get(b"payload", b""),
+            payload_bytes=int(get("payload_bytes") or len(fields.get(b"payload", b""))),
         )
 
 
@@ -96,6 +99,11 @@ class DeadLetters:
         """Enqueue the original request again (its failed result is replaced); returns its request id."""
         letter = await self.show(dead_letter_id)
         request = letter.request
+        if request is None and letter.payload_bytes > len(letter.payload):
+            raise InvalidRequest(
+                f"dead letter {dead_letter_id} cannot be retried: its request of {letter.payload_bytes:,} bytes was "
+                "not kept (over INFERQ_DLQ_MAX_PAYLOAD_BYTES); `inferq dlq purge` drops it"
+            )
         if request is None:
             raise InvalidRequest(
                 f"dead letter {dead_letter_id} cannot be retried: its payload is not a valid request "

@@ -88,6 +88,7 @@ async def collect(redis: Redis, keys: Keys, only: list[str] | None = None) -> di
         report["models"][model] = {
             "lanes": {lane: await lane_stats(redis, keys.queue(model, lane)) for lane in LANES},
             "dlq": int(await redis.xlen(keys.dlq(model))),
+            "dlq_dropped": int(await redis.get(keys.dlq_dropped(model)) or 0),
             "tenants": {text(k): int(v) for k, v in (await redis.hgetall(keys.tenants(model))).items()},
             "workers": mine,
             "completions_per_s": round(sum(w["completions_per_s"] for w in mine), 2),
