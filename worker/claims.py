@@ -42,13 +42,21 @@ class Claims:
     def takeover_due(self) -> bool:
         return time.monotonic() >= self._next_takeover
 
-    async def take_over(self, free: int) -> list[Entry]:
-        """Up to `free` entries idle longer than claim_idle_ms, now ours, highest lane first."""
-        found = await scripts.CLAIM(self.redis, self.streams, [GROUP, self.consumer, self.idle_ms, free])
-        # Full haul: there may be more, look again next time; otherwise look again in half an idle window.
-        wait_s = 0.0 if len(found) >= free else self.idle_ms / 2000
+    async def take_over(self, free: int, *, idle: bool) -> tuple[list[Entry], bool, bool]:
+        """Up to `free` entries idle longer than claim_idle_ms, now ours, highest lane first. An entry that
+        went down with a worker more than once is a suspect (a poison pill?): it is taken alone, and only when
+        this worker runs nothing (`idle`). Returns (entries, whether the one entry is a suspect, whether a
+        suspect waits that this worker could take once idle)."""
+        found, waiting = await scripts.CLAIM(
+            self.redis, self.streams, [GROUP, self.consumer, self.idle_ms, free, int(idle)]
+        )
+        # Full haul (or a suspect taken, or one waiting): there may be more, look again next time; otherwise
+        # look again in half an idle window.
+        suspect = any(int(e[4]) for e in found)
+        wait_s = 0.0 if len(found) >= free or waiting or suspect else self.idle_ms / 2000
         self._next_takeover = time.monotonic() + wait_s
-        return [(self.streams[int(i) - 1], text(eid), pairs(f), int(n)) for i, eid, f, n in found]
+        entries = [(self.streams[int(i) - 1], text(eid), pairs(f), int(n)) for i, eid, f, n, _ in found]
+        return entries, suspect, bool(waiting)
 
     async def renew(self, owned: dict[str, list[str]]) -> list[tuple[str, str]]:
         """Reset the idle time of the entries we run; returns (stream, id) of those another worker took over."""

@@ -92,6 +92,10 @@ class Worker(AsyncLifecycle):
         self.tokens_out = 0
         self.completed = 0
         self._progress_at = time.monotonic()  # the engine's last output (watched by _engine_stalled)
+        # A suspect (an entry that went down with workers more than once) runs alone: while it runs, or while
+        # one waits for this worker to be idle to take it, nothing new is read.
+        self._suspect: tuple[str, str] | None = None
+        self._suspect_waiting = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -160,7 +164,7 @@ class Worker(AsyncLifecycle):
         backoff = Backoff()
         while not self._stopping.is_set():
             free = self.flow.slots - len(self._jobs)
-            if free <= 0:
+            if free <= 0 or self._suspect is not None or (self._suspect_waiting and self._jobs):
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
@@ -177,10 +181,17 @@ class Worker(AsyncLifecycle):
                 self._dispatch(*entry)
 
     async def _read(self, free: int) -> list[Entry]:
-        if self.claims.takeover_due():
-            taken = await self.claims.take_over(free)
-            if taken:
+        if self.claims.takeover_due() or self._suspect_waiting:
+            taken, suspect, self._suspect_waiting = await self.claims.take_over(free, idle=not self._jobs)
+            if suspect:
+                self._suspect = (taken[0][0], taken[0][1])
+                log.warning(
+                    "took over entry %s alone: it went down with workers %d times (a request that kills the "
+                    "engine?); reading nothing else until it ends", taken[0][1], taken[0][3] - 1,
+                )  # fmt: skip
+            elif taken:
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
+            if taken or self._suspect_waiting:
                 return taken
         reserved = self.lanes.reservations(free)
         found, tails = await scripts.READ_LANES(self.redis, self.streams, [GROUP, self.name, free, *reserved])
@@ -206,6 +217,8 @@ class Worker(AsyncLifecycle):
 
     def _release(self, job: Job) -> None:
         self._jobs.pop((job.stream, job.entry_id), None)
+        if self._suspect == (job.stream, job.entry_id):
+            self._suspect = None
         if job.request is not None and self._by_request.get(job.request.id) is job:
             del self._by_request[job.request.id]
         self._slot_free.set()
