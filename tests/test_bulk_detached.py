@@ -16,10 +16,11 @@ from inferq.producer import InferenceClient
 from inferq.producer.bulk.detached import BulkJobs
 from inferq.producer.bulk.state import CANCELLED, CANCELLING, COMPLETED, JobRecord
 from inferq.producer.local import inferq_argv
+from inferq.shared.embedded import EmbeddedServer
 from inferq.shared.errors import InferqError
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
-from tests.conftest import WorkerProcess, drained, wait_until
+from tests.conftest import WorkerProcess, drained, free_port, wait_until
 from tests.test_bulk import chat, read_lines, write_lines
 
 FAST_STEPS = {"INFERQ_BULK_SLICE_S": "1", "INFERQ_BULK_WINDOW": "8"}  # quick takeover, a slow feed
@@ -116,3 +117,27 @@ async def test_status_list_cancel_and_download(
     steps = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}:arq:result:*")]
     assert steps and all(k.decode().endswith(tuple(f":step:{n}" for n in range(1000))) for k in steps)
     assert [k async for k in redis.scan_iter(match="arq:*")] == []
+
+
+async def test_a_dropped_redis_connection_does_not_stop_a_detached_job(
+    settings: Settings, start_worker, tmp_path: Path
+) -> None:
+    """Every client connection killed mid-job (CLIENT KILL, on a server of this test's own): the step that
+    lost its connection is retried and the job completes, nothing stuck in in_progress."""
+    server = EmbeddedServer(tmp_path / "own-redis", free_port())
+    server.start()
+    cfg = settings.merged(redis_url=server.url)
+    try:
+        start_worker("--engine", "standin", "--model", "fake", "--max-inflight", "4", cfg=cfg, env=FAST_STEPS)
+        path = tmp_path / "in.jsonl"
+        write_lines(path, [{"custom_id": f"c{i}", "prompt": f"p{i}", "max_tokens": 100} for i in range(40)])
+        async with InferenceClient(cfg) as client:
+            job = await BulkJobs(client).submit(path, model="fake")
+            await job_where(BulkJobs(client), job.id, lambda j: j.accounted >= 4, "some lines to finish")
+        async with Redis.from_url(server.url) as admin:
+            assert int(await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")) > 0
+        async with InferenceClient(cfg) as client:
+            done = await job_where(BulkJobs(client), job.id, lambda j: j.state == COMPLETED, "the job to end", 120)
+        assert (done.total, done.done, done.failed, done.invalid) == (40, 40, 0, 0)
+    finally:
+        server.stop()

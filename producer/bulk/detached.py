@@ -21,14 +21,15 @@ from typing import Any
 
 import msgpack
 from arq.connections import ArqRedis
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
+from redis.backoff import EqualJitterBackoff
 
 from inferq.producer.bulk.arq_keys import PrefixedArqRedis
 from inferq.producer.bulk.attached import runner_name
 from inferq.producer.bulk.formats import file_kind
 from inferq.producer.bulk.inputs import StagedLines, numbered_lines, stage
 from inferq.producer.bulk.output import write_output
-from inferq.producer.bulk.running import BulkRunner, JobBusy, LeaseLost
+from inferq.producer.bulk.running import LEASE_S, BulkRunner, JobBusy, LeaseLost
 from inferq.producer.bulk.state import (
     CANCELLED,
     CANCELLING,
@@ -42,13 +43,14 @@ from inferq.producer.bulk.state import (
     JobRecord,
 )
 from inferq.producer.client import InferenceClient
-from inferq.shared.connection import connect
+from inferq.shared.connection import OUTAGE, connect
 from inferq.shared.errors import InferqError, InvalidRequest, RequestNotFound
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 
 log = logging.getLogger("inferq.bulk")
 STEP = "inferq_bulk_step"
+_STEP_RETRY = EqualJitterBackoff(cap=30.0, base=0.5)  # a step that lost Redis waits this long to run again
 
 
 def _arq_redis(settings: Settings) -> ArqRedis:
@@ -123,7 +125,17 @@ class BulkJobs:
 
 
 async def bulk_step(ctx: dict[str, Any], job_id: str, step: int) -> str:
-    """One arq step of a detached job (see the module's docstring); returns what happened, for arq's log."""
+    """One arq step of a detached job (see the module's docstring); returns what happened, for arq's log. A
+    lost Redis connection is retried (arq's Retry, backing off): the step picks the job up where it stands."""
+    try:
+        return await _step(ctx, job_id, step)
+    except OUTAGE as exc:
+        delay = _STEP_RETRY.compute(int(ctx.get("job_try", 1)))
+        log.warning("bulk job %s, step %d: Redis connection lost (%s); retrying in %.1fs", job_id, step, exc, delay)
+        raise Retry(defer=delay) from exc
+
+
+async def _step(ctx: dict[str, Any], job_id: str, step: int) -> str:
     client: InferenceClient = ctx["client"]
     store = BulkStore(client.redis, client.keys, client.settings.bulk_ttl_s)
     job = await store.get(job_id)
@@ -132,8 +144,12 @@ async def bulk_step(ctx: dict[str, Any], job_id: str, step: int) -> str:
     runner = BulkRunner(client, store, job, StagedLines(store, job_id, job.chunks), name=ctx["runner"])
     try:
         job = await runner.run(until=time.monotonic() + client.settings.bulk_slice_s)
-    except (JobBusy, LeaseLost) as exc:
-        return f"left to another runner: {exc}"  # that runner's own step carries the job on
+    except JobBusy as exc:
+        # Another runner holds the lease, or a try of this step that lost Redis could not give it back: it
+        # lapses within LEASE_S. Try again then, rather than end the chain of steps that carries the job.
+        raise Retry(defer=LEASE_S) from exc
+    except LeaseLost as exc:
+        return f"left to another runner: {exc}"  # the runner that took the job over carries it on
     except InferqError as exc:
         log.error("bulk job %s failed: %s", job_id, exc)
         await store.update(job_id, error=str(exc))
