@@ -27,7 +27,7 @@ from inferq.shared.errors import (
 )
 from inferq.shared.keys import Keys, bulk_request_id
 from inferq.shared.lifecycle import AsyncLifecycle
-from inferq.shared.limits import check_request
+from inferq.shared.limits import check_max_tokens, check_request
 from inferq.shared.lua import LuaScript
 from inferq.shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
 from inferq.shared.settings import Settings, load_settings
@@ -223,6 +223,7 @@ class InferenceClient(AsyncLifecycle):
         stream_job = self.keys.reply_stream_job(params["reply_stream"]) if params.get("reply_stream") else None
         if request_id is None:  # a reply stream takes only its job's requests: give this one such an id
             request_id = bulk_request_id(stream_job, 0, uuid.uuid4().hex) if stream_job else uuid.uuid4().hex
+        check_max_tokens(params.get("max_tokens"), self.settings)  # before the schema's own, wider ceiling
         try:
             request = GenerationRequest(
                 id=request_id,

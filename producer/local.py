@@ -40,11 +40,11 @@ def worker_argv(name: str, *args: str) -> list[str]:
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """This process's environment, pointed at the same Redis and key prefix as `settings`."""
-    env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix, **extra}
+    """This process's environment, pointed at the same Redis and key prefix as `settings`, `extra` on top."""
+    env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix}
     if settings.redis_url:
         env["INFERQ_REDIS_URL"] = settings.redis_url
-    return env
+    return {**env, **extra}
 
 
 class LocalWorker:

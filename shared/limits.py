@@ -27,6 +27,14 @@ def without_foreign_targets(request: GenerationRequest, keys: Keys) -> Generatio
     return request.model_copy(update={"reply_channel": channel, "reply_stream": stream})
 
 
+def check_max_tokens(value: object, settings: Settings) -> None:
+    """Refuse a whole number of max_tokens over the limit, naming it (other values are the schema's to refuse)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > settings.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens={value} is above the limit of {settings.max_tokens_limit} (INFERQ_MAX_TOKENS_LIMIT)"
+        )
+
+
 def check_request(request: GenerationRequest, size: int, settings: Settings, keys: Keys) -> None:
     """Raise InvalidRequest for the first limit `request` breaks; `size` is its packed size in bytes."""
     if size > settings.max_request_bytes:
@@ -44,11 +52,7 @@ def check_request(request: GenerationRequest, size: int, settings: Settings, key
                 f"a stop string of {len(stop):,} characters, over the limit of {settings.max_stop_chars} "
                 "(INFERQ_MAX_STOP_CHARS)"
             )
-    if request.max_tokens > settings.max_tokens_limit:
-        raise InvalidRequest(
-            f"max_tokens={request.max_tokens} is above the limit of {settings.max_tokens_limit} "
-            "(INFERQ_MAX_TOKENS_LIMIT)"
-        )
+    check_max_tokens(request.max_tokens, settings)
     if request.reply_channel is not None and not keys.is_reply_channel(request.reply_channel):
         raise InvalidRequest(
             f"reply_channel {shown(request.reply_channel)} is not a client's channel under prefix {keys.prefix!r} "

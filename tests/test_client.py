@@ -29,7 +29,7 @@ async def _nothing_enqueued(redis: Redis, settings: Settings) -> None:
         ({"messages": [{"role": "wizard", "content": "b"}]}, "role"),
         ({"prompt": "a", "priority": "urgent"}, "priority"),
         ({"prompt": "a", "seed": 2**70}, "seed"),
-        ({"prompt": "a", "ttl": 0}, "ttl=0 must be positive"),
+        ({"prompt": "a", "ttl": 0}, "ttl=0 must be a positive number"),
         ({"prompt": "a", "ttl": 5, "deadline": 1e10}, "ttl or deadline"),
         ({"prompt": "a", "request_id": "has space"}, "id"),
         ({"prompt": "a", "stream_interval": 0}, "stream_interval"),

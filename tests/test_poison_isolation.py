@@ -23,12 +23,12 @@ async def test_an_engine_killing_request_ends_alone_in_the_dlq(
     ids = [h.id for h in [*good, pill]]
 
     async def all_ended() -> bool:
-        return all((await client.get(i)).final for i in ids)
+        return all([(await client.get(i)).final for i in ids])
 
     # Workers come and go as a supervisor would restart them: each one the pill kills exits 1.
     crashes = 0
     for n in range(8):
-        worker = start_worker("--engine", "standin", "--model", MODEL, name=f"w{n}", env=FAST_CLAIMS)
+        worker = start_worker("--engine", "standin", "--model", MODEL, name=f"w{n}", env=FAST_CLAIMS, wait=False)
 
         async def settled(worker=worker) -> bool:  # type: ignore[no-untyped-def]
             return worker.proc.poll() is not None or await all_ended()
