@@ -64,7 +64,7 @@ class RequestHandle:
             while not self._final.is_set():
                 item = await self._queue.get()
                 if item is DEADLINE:
-                    self._timed_out(limit)
+                    await self._timed_out(limit)
                 if item is TICK:
                     # Quiet since the last tick: a final event may have been lost, so ask the store.
                     if not heard and await self._stored_if_final() is not None:
@@ -97,7 +97,7 @@ class RequestHandle:
                     return stored
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._timed_out(limit)
+                await self._timed_out(limit)
             await self._wait_for_final(min(remaining, _RESULT_POLL_S))
             if not self._final.is_set():
                 self.gap = True  # nothing heard for a while: consult the store on the next pass
@@ -118,9 +118,17 @@ class RequestHandle:
     def _limit(self, timeout: float | None) -> float:
         return self.client.settings.request_timeout_s if timeout is None else timeout
 
-    def _timed_out(self, limit: float) -> NoReturn:
+    async def _timed_out(self, limit: float) -> NoReturn:
+        model = self.request.model
+        try:
+            served = any(w["model"] == model for w in await stats.workers(self.client.redis, self.client.keys))
+        except OUTAGE:
+            served = True  # unknown: say nothing about workers
+        why = (
+            "" if served else f"; no live worker serves model {model!r}: start one with `inferq worker --model {model}`"
+        )
         raise RequestTimeout(
-            f"request {self.id} did not finish within {limit:g}s; it may still finish: "
+            f"request {self.id} did not finish within {limit:g}s{why}; it may still finish: "
             f"check later with `inferq result {self.id}`"
         )
 

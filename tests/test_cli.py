@@ -45,6 +45,7 @@ async def test_exit_codes(settings: Settings, start_worker) -> None:
 
     timeout = await inferq(settings, "submit", "-m", "unserved", "-p", "x", "--timeout", "0.5")
     assert timeout.returncode == 4 and "did not finish within" in timeout.stderr
+    assert "no live worker serves model 'unserved': start one with `inferq worker --model unserved`" in timeout.stderr
 
     full = await inferq(settings, "submit", "-m", "unserved", "-p", "x", "--timeout", "0.1", INFERQ_MAX_QUEUE_LEN="1")
     assert full.returncode == 3 and "is full" in full.stderr

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
+from inferq.shared.errors import RequestTimeout
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.settings import Settings
 from tests.conftest import wait_until
@@ -21,6 +23,9 @@ async def test_a_request_running_past_the_limit_ends_failed_and_the_worker_serve
 ) -> None:
     start_worker("--engine", "standin", "--model", MODEL, env={"INFERQ_MAX_RUN_S": "1"})
     hung = await client.submit(prompt="hang", model=MODEL, max_tokens=5)
+    with pytest.raises(RequestTimeout) as waited:  # a worker serves the model: no hint about starting one
+        await hung.result(timeout=0.2)
+    assert "no live worker" not in str(waited.value)
     fine = await client.submit(prompt="fine", model=MODEL, max_tokens=5)
     assert (await fine.result(timeout=30)).status == "done"
     result = await hung.result(timeout=30)
