@@ -23,7 +23,13 @@ def redis_start(settings: Settings) -> None:
 
 
 def redis_stop(settings: Settings) -> None:
-    typer.echo("stopped" if embedded_server(settings).stop() else "not running")
+    server = embedded_server(settings)
+    if server.stop():
+        typer.echo("stopped")
+    elif server.foreign() is not None:
+        die(server.held_elsewhere(), EXIT_FAILED)
+    else:
+        typer.echo("not running")
 
 
 def redis_status(settings: Settings) -> None:
@@ -32,6 +38,8 @@ def redis_status(settings: Settings) -> None:
     if not server.ping():
         typer.echo(f"not running (would listen on {server.url}, data in {server.dir})")
         raise typer.Exit(1)
+    if server.foreign() is not None:
+        die(server.held_elsewhere(), EXIT_FAILED)
     typer.echo(f"running: {server.url} pid {server.pid()} (data in {server.dir})")
 
 

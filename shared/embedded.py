@@ -63,20 +63,48 @@ class EmbeddedServer:
             return None
         return pid
 
-    def ping(self) -> bool:
+    def _ask(self, *command: str) -> object:
+        """One command to whatever answers on the port; None if nothing does."""
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=1)
         try:
-            return bool(client.ping())
+            return client.execute_command(*command)
         except redis.RedisError:
-            return False
+            return None
         finally:
             client.close()
+
+    def ping(self) -> bool:
+        return bool(self._ask("PING"))
+
+    def served_dir(self) -> Path | None:
+        """Where the server answering on the port keeps its data (None if none answers, or it will not say)."""
+        reply = self._ask("CONFIG", "GET", "dir")
+        if not isinstance(reply, list | dict) or not reply:
+            return None
+        value = reply.get(b"dir") if isinstance(reply, dict) else reply[1]
+        return Path(value.decode() if isinstance(value, bytes) else str(value))
+
+    def foreign(self) -> Path | None:
+        """The data dir of a server that answers on this port but is not this one (another INFERQ_DATA_DIR's)."""
+        theirs = self.served_dir()
+        return theirs if theirs is not None and theirs.resolve() != self.dir.resolve() else None
+
+    def held_elsewhere(self) -> str:
+        """What to say when another data dir's server holds the port."""
+        theirs = self.foreign()
+        return (
+            f"127.0.0.1:{self.port} is held by the embedded server of another data dir (its data is in {theirs}, "
+            f"not {self.dir}): use INFERQ_DATA_DIR={theirs.parent if theirs else '?'}, stop that server "
+            "(`inferq redis stop` with that data dir), or set INFERQ_EMBEDDED_PORT"
+        )
 
     def start(self, timeout_s: float = 15.0) -> bool:
         """Start the server unless one answers already. Returns True if this call started it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
             if self.ping():
+                if self.foreign() is not None:
+                    raise RedisUnavailable(self.held_elsewhere())
                 return False
             cmd = [
                 valkey_binary(),

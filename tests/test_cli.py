@@ -92,6 +92,12 @@ async def test_redis_commands_manage_one_shared_server(tmp_path: Path, settings:
     status = await inferq(settings, "redis", "status", **env)
     assert status.returncode == 0 and "running" in status.stdout
     assert (tmp_path / "redis" / "appendonlydir").is_dir()  # AOF on
+    # Another data dir on the same port: each command says whose server it is, none claims it as its own.
+    other = {**env, "INFERQ_DATA_DIR": str(tmp_path / "other")}
+    for command in ("start", "status", "stop"):
+        out = await inferq(settings, "redis", command, **other)
+        assert out.returncode == 1, (command, out.stdout)
+        assert f"its data is in {tmp_path / 'redis'}" in out.stderr and "INFERQ_EMBEDDED_PORT" in out.stderr
     stop = await inferq(settings, "redis", "stop", **env)
     assert stop.stdout.strip() == "stopped"
     assert (await inferq(settings, "redis", "status", **env)).returncode == 1
