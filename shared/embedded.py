@@ -38,9 +38,10 @@ def valkey_binary() -> str:
 class EmbeddedServer:
     """One valkey-server bound to 127.0.0.1:`port`, its files in `data_dir/redis`."""
 
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, *, fsync: str = "everysec") -> None:
         self.dir = Path(data_dir) / "redis"
         self.port = port
+        self.fsync = fsync  # appendfsync: everysec (up to 1 s of acknowledged writes at risk) or always
 
     @property
     def url(self) -> str:
@@ -115,7 +116,7 @@ class EmbeddedServer:
                 "--pidfile", str(self.pidfile),
                 "--logfile", str(self.logfile),
                 "--appendonly", "yes",
-                "--appendfsync", "everysec",
+                "--appendfsync", self.fsync,
                 "--save", "",  # AOF is the durability story; no RDB fork on top of it
             ]  # fmt: skip
             subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, capture_output=True)

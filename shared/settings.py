@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     # Where Redis is. None: use the embedded valkey-server, started once in data_dir and shared.
     redis_url: str | None = None
     embedded_port: int = Field(6390, ge=1, le=65535, description="port of the embedded server (loopback)")
+    embedded_fsync: Literal["everysec", "always"] = Field(
+        "everysec",
+        description="the embedded server's appendfsync: everysec can lose up to a second of acknowledged writes "
+        "in a crash of the machine; always loses none, at a cost in write speed",
+    )
     key_prefix: str = Field("inferq", min_length=1)
     data_dir: Path = Field(default_factory=_default_data_dir)
 

@@ -164,3 +164,18 @@ def test_bench_without_its_extra_says_how_to_get_it() -> None:
         assert "pip install 'inferq[bench]'" in out.stderr and "psutil" in out.stderr
     listed = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and "submit" in listed.stdout and "bench" in listed.stdout
+
+
+def test_the_embedded_server_can_fsync_every_write(tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path, free_port(), fsync="always")
+    assert server.start() is True
+    try:
+        assert server._ask("CONFIG", "GET", "appendfsync") == [b"appendfsync", b"always"]
+    finally:
+        server.stop()
+    default = EmbeddedServer(tmp_path / "default", free_port())
+    assert default.start() is True
+    try:
+        assert default._ask("CONFIG", "GET", "appendfsync") == [b"appendfsync", b"everysec"]
+    finally:
+        default.stop()
