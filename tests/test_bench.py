@@ -86,11 +86,15 @@ async def test_online_four_targets_on_vllm(redis_server: Any, tmp_path: Path) ->
         assert (r["requests"], r["completed"], r["errors"]) == (8, 8, 0)
         assert 0 < r["output_tokens"] <= 8 * 6
     # Greedy: the queue returns exactly the tokens AsyncLLM makes directly, set up the same way or as it ships,
-    # in as many events: the first token alone, then up to 3 at a time.
+    # in events of the same interval: the first token alone, then up to 3 at a time, so at most 3 events for
+    # each of the 8 requests of 6 tokens (1 per token without the interval: up to 6). Not always the same
+    # number: when a reader falls behind, vLLM merges two outputs into one, in the worker and in the bench's
+    # process alike.
     by_target = {r["target"]: r for r in report["results"] if r["concurrency"] == 4}
     assert by_target["inferq"]["output_tokens"] == by_target["direct-inferq"]["output_tokens"]
     assert by_target["inferq"]["output_tokens"] == by_target["direct"]["output_tokens"]
-    assert by_target["inferq"]["output_chunks"] == by_target["direct-inferq"]["output_chunks"] <= 8 * 3
+    for target in ("inferq", "direct-inferq"):
+        assert 8 <= by_target[target]["output_chunks"] <= 8 * 3, (target, by_target[target]["output_chunks"])
     # Each other target against the first listed, round by round: the ratios of the runs, and their median.
     tput = {(r["round"], r["concurrency"], r["target"]): r["output_throughput"] for r in report["runs"]}
     assert [(p["load"], p["target"], p["base"]) for p in report["paired"]] == [
