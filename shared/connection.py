@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import EqualJitterBackoff
@@ -12,6 +14,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferq.shared.embedded import EmbeddedServer
 from inferq.shared.settings import Settings
+
+T = TypeVar("T")
 
 # What a Redis outage looks like to a caller: retry with Backoff; anything else is a real error.
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -44,18 +48,26 @@ class Backoff:
         self._failures = 0
 
 
-async def wait_for_redis(redis: Redis, what: str, log: logging.Logger) -> None:
-    """Until Redis answers a PING, retrying with `Backoff`; says once, at the first failure, what it waits for
-    (a worker that starts while Redis restarts waits for it as a running one would)."""
+async def retry_outages(
+    call: Callable[[], Awaitable[T]], what: str, log: logging.Logger, *, say_once: bool = False
+) -> T:
+    """`call()` until Redis answers it, waiting `Backoff` between tries; each failed try is logged as `what`
+    (only the first with `say_once`). For writes and checks that must not be lost to an outage."""
     backoff = Backoff()
     while True:
         try:
-            await redis.ping()
-            return
+            return await call()
         except OUTAGE as exc:
-            if backoff.failures == 0:
-                log.warning("%s: waiting for Redis (%s); retrying until it answers", what, exc)
-            await asyncio.sleep(backoff.next())
+            delay = backoff.next()
+            if not say_once or backoff.failures == 1:
+                log.warning("%s (Redis unreachable: %s); retrying in %.2fs", what, exc, delay)
+            await asyncio.sleep(delay)
+
+
+async def wait_for_redis(redis: Redis, what: str, log: logging.Logger) -> None:
+    """Until Redis answers a PING; says once what waits (a worker that starts while Redis restarts waits for
+    it as a running one would)."""
+    await retry_outages(redis.ping, f"{what}: waiting for Redis", log, say_once=True)
 
 
 def embedded_server(settings: Settings) -> EmbeddedServer:

@@ -60,19 +60,22 @@ class LuaScript:
     async def run_all(self, redis: Redis, calls: Sequence[Call], *, raise_errors: bool = False) -> list[Any]:
         """Many calls in one pipeline (no transaction): one reply each, in order; a call's error is its reply
         (or raised, with `raise_errors`)."""
-        for attempt in range(2):
+        commands = [self.command(keys, args) for keys, args in calls]
+        replies: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        for _ in range(2):  # the second round only for what NOSCRIPT refused, once the script is loaded
             async with redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    pipe.evalsha(self.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
-                await redis.script_load(self.source)
-                continue
-            errors = [r for r in replies if isinstance(r, Exception)]
-            if raise_errors and errors:
-                raise errors[0]
-            return list(replies)
-        raise AssertionError("unreachable")
+                for i in todo:
+                    pipe.execute_command(*commands[i])
+                for i, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+                    replies[i] = reply
+            todo = await reload_missing(redis, commands, replies)
+            if not todo:
+                break
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if raise_errors and errors:
+            raise errors[0]
+        return replies
 
     def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
         """The call as a raw command, for a pipeline or transaction built elsewhere (the worker's outbox)."""

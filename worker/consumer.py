@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from inferq.shared.aio import cancel_and_wait, unless
 from inferq.shared.batching import BatchedScript
 from inferq.shared.codec import text, unpack
-from inferq.shared.connection import OUTAGE, Backoff, wait_for_redis
+from inferq.shared.connection import OUTAGE, Backoff, retry_outages, wait_for_redis
 from inferq.shared.errors import BadPayload, EngineError, InvalidRequest
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.lifecycle import AsyncLifecycle
@@ -307,16 +307,12 @@ class Worker(AsyncLifecycle):
 
     async def _mark_running(self, request: GenerationRequest, entry_id: str) -> str:
         """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
-        backoff = Backoff()
         queued_at = int(entry_id.split("-")[0]) / 1000  # an entry id starts with the time it was added
         args = [self.name, repr(time.time()), self.settings.result_ttl_s, request.model, repr(queued_at)]
-        while True:
-            try:
-                return text(await self._start_script([self.keys.result(request.id)], args))
-            except OUTAGE as exc:
-                delay = backoff.next()
-                log.warning("redis unreachable (%s) starting %s; retrying in %.2fs", exc, request.id, delay)
-                await asyncio.sleep(delay)
+        status = await retry_outages(
+            lambda: self._start_script([self.keys.result(request.id)], args), f"starting {request.id}", log
+        )
+        return text(status)
 
     async def _generate(self, job: Job, request: GenerationRequest) -> None:
         gen = job.gen

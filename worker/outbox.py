@@ -9,6 +9,7 @@ final result + ack) await the future `add` returns. Batches are sent one at a ti
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict
 from typing import Any
@@ -18,7 +19,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from inferq.shared.batching import Batcher
 from inferq.shared.codec import pack
-from inferq.shared.connection import OUTAGE, Backoff
+from inferq.shared.connection import OUTAGE, Backoff, retry_outages
 from inferq.shared.lua import reload_missing
 from inferq.shared.schemas import SCHEMA_VERSION
 
@@ -64,7 +65,9 @@ class Outbox(Batcher[tuple[tuple[Command, ...], tuple[Event, ...]]]):
         while commands or events:
             results = await self._send(commands, events)
             # A script the server did not know (it restarted) ran nothing: load it and send those calls again.
-            commands, events = [commands[i] for i in await reload_missing(self.redis, commands, results)], {}
+            reload = functools.partial(reload_missing, self.redis, commands, results)
+            refused = await retry_outages(reload, "loading a script again", log)
+            commands, events = [commands[i] for i in refused], {}
         return [None] * len(items)
 
     async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> list[Any]:
