@@ -1,6 +1,7 @@
 """`rediss://`: the product over TLS, against a TLS-capable server (Debian's redis-server; the embedded valkey
 binary is built without TLS). A throwaway CA and server certificate are made with openssl; the client, the
-worker and pub/sub all go through the one URL in INFERQ_REDIS_URL, with the CA given as `ssl_ca_certs`."""
+worker and pub/sub all go through the one URL in INFERQ_REDIS_URL, with the CA given as `ssl_ca_certs` and
+`ssl_check_hostname=true` (redis-py 5 checks the chain but not the name unless asked)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ class TlsServer:
     log: Path
 
     def url(self, scheme: str = "rediss", *, with_ca: bool = True) -> str:
-        query = f"?ssl_ca_certs={self.ca}" if with_ca else ""
+        query = f"?ssl_ca_certs={self.ca}&ssl_check_hostname=true" if with_ca else ""
         return f"{scheme}://127.0.0.1:{self.port}/0{query}"
 
 
