@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -19,6 +22,20 @@ T = TypeVar("T")
 
 # What a Redis outage looks like to a caller: retry with Backoff; anything else is a real error.
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Refusals that pass (out of memory, a replica or a server still loading after a failover, a busy script,
+# a cluster reshaping): the write is tried again until it lands. Any other refusal (no permission, a key of
+# the wrong type) will not pass by waiting.
+_PASSING = (OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError)
+_PASSING_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ", "MASTERDOWN ", "LOADING ")
+
+
+def passing_refusal(exc: BaseException) -> bool:
+    """Whether Redis refused a command for a reason that passes with time (retry), not for what it asked."""
+    if isinstance(exc, _PASSING):
+        return True
+    # redis-py prefixes a pipeline's error with where it happened; the server's code follows "error: ".
+    message = str(exc).rpartition("error: ")[2] if "of pipeline caused error: " in str(exc) else str(exc)
+    return isinstance(exc, ResponseError) and message.startswith(_PASSING_CODES)
 
 
 class Backoff:
@@ -83,14 +100,34 @@ def resolve_url(settings: Settings) -> str:
     return server.url
 
 
+# A dead connection is noticed in seconds, not hours: a connect gives up after CONNECT_TIMEOUT_S; an idle
+# TCP connection is probed after 5 s and dropped after 3 unanswered probes 2 s apart; data a peer stops
+# acknowledging fails the connection after 15 s (TCP_USER_TIMEOUT). Each failure is an OUTAGE: the caller's
+# Backoff retries. No read timeout: a worker's blocking XREAD and a subscriber's wait are meant to be long.
+CONNECT_TIMEOUT_S = 5.0
+HEALTH_CHECK_S = 10  # a connection idle this long is PINGed before it is used again
+_KEEPALIVE = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": 15_000}
+
+
+def connection_options(url: str) -> dict[str, Any]:
+    """How every inferq connection to `url` is made (the options its scheme takes: a unix socket has no TCP
+    keepalive). A `rediss://` server's certificate must name its host unless the URL says
+    `ssl_check_hostname=false`; options in the URL's query win over these."""
+    scheme = urlsplit(url).scheme
+    options: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT_S, "health_check_interval": HEALTH_CHECK_S}
+    if scheme in ("redis", "rediss"):
+        probes = {getattr(socket, name): value for name, value in _KEEPALIVE.items() if hasattr(socket, name)}
+        options.update(socket_keepalive=True, socket_keepalive_options=probes)
+    if scheme == "rediss":
+        options["ssl_check_hostname"] = True
+    return options
+
+
 def connect(settings: Settings, *, max_connections: int = 64, url: str | None = None) -> Redis:
     """An asyncio client over a blocking pool: callers wait for a free connection instead of failing
     with MaxConnectionsError when many coroutines issue commands at once."""
+    target = url or resolve_url(settings)
     pool = BlockingConnectionPool.from_url(
-        url or resolve_url(settings),
-        max_connections=max_connections,
-        timeout=30,
-        health_check_interval=30,
-        socket_keepalive=True,
+        target, max_connections=max_connections, timeout=30, **connection_options(target)
     )
     return Redis(connection_pool=pool)
