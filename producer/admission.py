@@ -10,6 +10,7 @@ with jittered backoff until admitted or out of time.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from inferq.shared.batching import Batcher
 from inferq.shared.codec import pack, text
 from inferq.shared.errors import QueueFull
 from inferq.shared.keys import GROUP, Keys
+from inferq.shared.limits import wait_limit
 from inferq.shared.lua import LuaScript
 from inferq.shared.schemas import GenerationRequest
 from inferq.shared.settings import Settings
@@ -114,6 +116,10 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             first.tenant or "",
         ]
         args += [pack(request.payload()) for request, _ in batch]
+        now = time.time()
+        limits = [wait_limit(request, now, self.settings) for request, _ in batch]
+        args += [max(math.ceil(limit - now), 0) + self.settings.result_ttl_s for limit in limits]
+        args += [repr(limit) for limit in limits]
         if dead_letter is not None:
             keys.append(self.keys.dlq(first.model))
             args.append(dead_letter)

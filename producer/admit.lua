@@ -4,7 +4,9 @@
 -- KEYS[1] lane stream, KEYS[2] the model's tenant counters (hash tenant -> unfinished requests),
 -- KEYS[3 .. 2+n] the requests' result hashes, KEYS[3+n] (only to retry a dead letter, n = 1) the DLQ.
 -- ARGV: max_queue_len (this lane), max_lag (0: off), group, tenant_cap (0: off), n,
---       tenant ('' for none; one per call), then the n payloads, then [DLQ entry id].
+--       tenant ('' for none; one per call), then the n payloads, then the n results' TTLs (seconds), then
+--       the n wait limits (unix seconds: past it, the request is not started but ends `expired`), then
+--       [DLQ entry id].
 -- Returns per request {code, queue_len, lag, entry_id, tenant_count}:
 --   code 1 admitted, 0 refused (lane at its cap or lag cap), 3 refused (the tenant is at its cap),
 --   2 the id exists already (idempotent: nothing added); for a retry: the letter is gone or the request has
@@ -39,7 +41,7 @@ for i = 1, n do
   local code, owned, entry_id = nil, 0, ''
   if dlq then  -- a retry: only of a letter still there, for a request whose stored result is `failed`
     local stored = redis.call('HGET', result, 'status')
-    if (stored and stored ~= 'failed') or #redis.call('XRANGE', dlq, ARGV[7 + n], ARGV[7 + n]) == 0 then
+    if (stored and stored ~= 'failed') or #redis.call('XRANGE', dlq, ARGV[7 + 3 * n], ARGV[7 + 3 * n]) == 0 then
       code = 2
     end
   end
@@ -56,12 +58,13 @@ for i = 1, n do
   if not code then
     if dlq then
       redis.call('DEL', result)
-      redis.call('XDEL', dlq, ARGV[7 + n])
+      redis.call('XDEL', dlq, ARGV[7 + 3 * n])
     end
-    -- The idempotency check and the queued state in one call: admission stays within 2x of a bare XADD.
-    -- start.lua records model and queued_at (from the entry id); no TTL yet: a queued result must
-    -- outlive any backlog, start.lua and finish.lua set it.
-    if redis.call('HSETNX', result, 'status', 'queued') == 0 then
+    -- start.lua records model and queued_at (from the entry id). The result names the entry that owns it
+    -- (`entry`: id and stream), so a forged entry with the same request id can neither run nor end it, and
+    -- the time past which it is not started (`expires`: its deadline, or max_queued_s after now), so a
+    -- reader can end it `expired` with no worker (expire.lua). Its TTL outlives that by result_ttl_s.
+    if redis.call('EXISTS', result) == 1 then
       code = 2
     else
       if tenant ~= '' then
@@ -69,6 +72,9 @@ for i = 1, n do
         owned = owned + 1
       end
       entry_id = redis.call('XADD', stream, '*', 'm', ARGV[6 + i])
+      local entry = entry_id .. ' ' .. stream
+      redis.call('HSET', result, 'status', 'queued', 'entry', entry, 'expires', ARGV[6 + 2 * n + i])
+      redis.call('EXPIRE', result, ARGV[6 + n + i])
       qlen = qlen + 1
       if max_lag > 0 then lag = lag + 1 end
       code = 1

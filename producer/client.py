@@ -35,6 +35,7 @@ from inferq.shared.settings import Settings, load_settings
 # How often result() re-reads the stored result while waiting, in case a final event was lost.
 _RESULT_POLL_S = 2.0
 CANCEL = LuaScript("inferq.producer", "cancel.lua")
+EXPIRE = LuaScript("inferq.producer", "expire.lua")
 
 
 class RequestHandle:
@@ -347,7 +348,13 @@ class InferenceClient(AsyncLifecycle):
 
     async def get(self, request_id: str) -> Result:
         """The stored result of any request (queued, running or finished)."""
-        raw = await self.redis.hgetall(self.keys.result(request_id))  # type: ignore[misc]
+        key = self.keys.result(request_id)
+        raw = await self.redis.hgetall(key)  # type: ignore[misc]
         if not raw:
             raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
+        expires = raw.get(b"expires")
+        if raw.get(b"status") == b"queued" and expires is not None and float(expires) <= time.time():
+            # Still queued past the time it could wait (no worker read it): it ends `expired` now.
+            await EXPIRE(self.redis, [key], [repr(time.time())])
+            raw = await self.redis.hgetall(key)  # type: ignore[misc]
         return Result.from_hash(request_id, raw)

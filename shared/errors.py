@@ -72,3 +72,9 @@ class ModelError(InferqError):
 
 class EngineError(InferqError):
     """The inference engine failed; the worker leaves in-flight work pending for others."""
+
+
+class WriteRefused(InferqError):
+    """Redis refused a worker's write for one request (no permission on a key or channel, a key of the wrong
+    type) after a few tries: that request ends `failed` with the reason; the worker and its other requests
+    go on."""

@@ -64,3 +64,13 @@ def check_request(request: GenerationRequest, size: int, settings: Settings, key
             f"{shown(request.id)} may write to (a worker appends only to {keys.done('JOB')}, and only for "
             "requests whose id starts bulk-JOB-)"
         )
+
+
+def wait_limit(request: GenerationRequest, queued_at: float, settings: Settings) -> float:
+    """The unix time after which `request`, queued at `queued_at`, is not started but ends `expired`: its
+    deadline, or max_queued_s after it was queued if that comes sooner. A worker checks it when it reads the
+    entry, a reader of its result after that ends it `expired` (producer/expire.lua); the admission keeps a
+    queued result that long, plus result_ttl_s."""
+    longest = queued_at + settings.max_queued_s
+    return longest if request.deadline is None else min(request.deadline, longest)
+

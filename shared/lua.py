@@ -77,6 +77,10 @@ class LuaScript:
             raise errors[0]
         return replies
 
+    async def load(self, redis: Redis) -> None:
+        """Load the script now (SCRIPT LOAD is idempotent), so that its first call is not refused."""
+        await redis.script_load(self.source)
+
     def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
         """The call as a raw command, for a pipeline or transaction built elsewhere (the worker's outbox)."""
         return ("EVALSHA", self.sha, len(keys), *keys, *args)

@@ -113,6 +113,10 @@ class Settings(BaseSettings):
         65_536, ge=0, description="a dead letter keeps its request only up to this size (its reason always)"
     )
     result_ttl_s: int = Field(86_400, ge=1, description="how long stored results live")
+    max_queued_s: int = Field(
+        7 * 86_400, ge=1, description="longest a request waits in its queue before it ends `expired` (unless its "
+        "deadline comes sooner); bounds how long a queued request's result is kept"
+    )  # fmt: skip
     request_timeout_s: float = Field(600.0, gt=0, description="default wait for a result in the client")
 
     # Bulk jobs.

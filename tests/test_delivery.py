@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import pytest
 from redis.asyncio import Redis
@@ -235,11 +236,12 @@ async def test_same_entry_id_in_two_lanes_runs_both(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:
     keys = Keys(settings.key_prefix)
+    twin_id = f"{int(time.time() * 1000)}-1"  # an entry id starts with the time it was added (its wait counts)
     for lane in ("high", "normal"):  # ids are unique per stream only: two lanes can hand out the same one
         stream = keys.queue(MODEL, lane)
         await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
         payload = {"v": 1, "id": f"twin-{lane}", "model": MODEL, "prompt": "twin", "max_tokens": 2}
-        await redis.xadd(stream, {"m": pack(payload)}, id="1000-1")
+        await redis.xadd(stream, {"m": pack(payload)}, id=twin_id)
     start_worker(*standin("--max-inflight", "4"))
 
     async def both_done() -> bool:

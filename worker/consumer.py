@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -23,10 +24,10 @@ from inferq.shared.aio import cancel_and_wait, unless
 from inferq.shared.batching import BatchedScript
 from inferq.shared.codec import text, unpack
 from inferq.shared.connection import OUTAGE, Backoff, retry_outages, wait_for_redis
-from inferq.shared.errors import BadPayload, EngineError, InvalidRequest
+from inferq.shared.errors import BadPayload, EngineError, InvalidRequest, WriteRefused
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.lifecycle import AsyncLifecycle
-from inferq.shared.limits import check_request, without_foreign_targets
+from inferq.shared.limits import check_request, wait_limit, without_foreign_targets
 from inferq.shared.schemas import GenerationRequest, salvage
 from inferq.shared.settings import Settings
 from inferq.shared.subscription import Subscription
@@ -53,6 +54,8 @@ class Job:
 
     stream: str
     entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int
     task: asyncio.Task[None] | None = None
     request: GenerationRequest | None = None
     stop_reason: str | None = None  # "cancelled", "expired" or "failed" (the watchdog) once interrupted on purpose
@@ -106,6 +109,8 @@ class Worker(AsyncLifecycle):
             except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        for script in scripts.OUTBOX_SCRIPTS:
+            await script.load(self.redis)
         self.outbox.start()
         self._start_script.start()
         await self._cancels.start()  # before reading: a cancel sent after we start a request is heard
@@ -210,8 +215,8 @@ class Worker(AsyncLifecycle):
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
         if (stream, entry_id) in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
             return
-        job = Job(stream, entry_id)
-        job.task = asyncio.create_task(self._process(job, fields, deliveries), name=f"inferq-{entry_id}")
+        job = Job(stream, entry_id, fields, deliveries)
+        job.task = asyncio.create_task(self._process(job), name=f"inferq-{entry_id}")
         self._jobs[(stream, entry_id)] = job
         job.task.add_done_callback(lambda _t: self._release(job))
 
@@ -224,7 +229,21 @@ class Worker(AsyncLifecycle):
         self._slot_free.set()
 
     # ---- one request -----------------------------------------------------------------------------
-    async def _process(self, job: Job, fields: dict[bytes, bytes], deliveries: int) -> None:
+    async def _process(self, job: Job) -> None:
+        try:
+            await self._process_entry(job)
+        except WriteRefused as exc:
+            # Redis refused a write for this request (a reply channel it may not publish to, a reply stream
+            # that is not a stream): end it `failed` without its reply targets. The other requests go on.
+            if job.request is None:
+                raise
+            reason = f"Redis refused a write to the request's reply target: {exc}"
+            log.warning("request %s: %s", job.request.id, reason)
+            bare = job.request.model_copy(update={"reply_channel": None, "reply_stream": None})
+            await self.writer.dead_letter(job.stream, job.entry_id, job.fields, reason, job.deliveries, bare)
+
+    async def _process_entry(self, job: Job) -> None:
+        fields, deliveries = job.fields, job.deliveries
         raw = fields.get(b"m")
         data: object = None
         try:
@@ -234,18 +253,18 @@ class Worker(AsyncLifecycle):
             request = GenerationRequest.from_payload(data)
         except BadPayload as exc:
             log.warning("entry %s on %s is poison: %s", job.entry_id, job.stream, exc)
-            salvaged = salvage(data, self.model, self.keys)
-            await self.writer.dead_letter(job.stream, job.entry_id, fields, str(exc), deliveries, salvaged)
+            job.request = salvage(data, self.model, self.keys)
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, str(exc), deliveries, job.request)
             return
         try:  # what the producer checked, checked again: an entry may come from anyone who can reach Redis
             check_request(request, len(raw), self.settings, self.keys)
         except InvalidRequest as exc:
             log.warning("entry %s on %s refused: %s", job.entry_id, job.stream, exc)
-            safe = without_foreign_targets(request, self.keys)  # nothing is written to a target not ours
-            await self.writer.dead_letter(job.stream, job.entry_id, fields, f"refused: {exc}", deliveries, safe)
+            job.request = without_foreign_targets(request, self.keys)  # nothing is written to a target not ours
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, f"refused: {exc}", deliveries, job.request)
             return
         job.request = request
-        self._by_request[request.id] = job
+        self._by_request.setdefault(request.id, job)  # a forged entry with a running request's id takes nothing
         if deliveries > self.settings.max_deliveries:
             reason = (
                 f"delivered {deliveries} times without finishing (max_deliveries={self.settings.max_deliveries}): "
@@ -281,11 +300,18 @@ class Worker(AsyncLifecycle):
     async def _run(self, job: Job, request: GenerationRequest) -> None:
         """Start the request (unless it ended, was cancelled or is past its deadline) and generate it.
         An interrupt (cancel, deadline) raises CancelledError here; _process ends the request then."""
-        if request.deadline is not None and time.time() >= request.deadline:
+        queued_at = int(job.entry_id.split("-")[0]) / 1000  # an entry id starts with the time it was added
+        if time.time() >= wait_limit(request, queued_at, self.settings):
             await self.writer.end(job.stream, job.entry_id, request, "expired", job.gen)
             return
         job.interruptible = True
-        status = await self._mark_running(request, job.entry_id)
+        status = await self._mark_running(request, job, queued_at)
+        if status == "foreign":
+            job.interruptible = False
+            reason = f"forged entry: request {request.id} was admitted with another queue entry; it was left as it is"
+            log.warning("entry %s on %s: %s", job.entry_id, job.stream, reason)
+            await self.writer.dead_letter(job.stream, job.entry_id, job.fields, reason, job.deliveries, None)
+            return
         if status != "running":
             job.interruptible = False
             # Ended already (cancelled while queued): finish.lua keeps the stored state and only acknowledges.
@@ -305,10 +331,10 @@ class Worker(AsyncLifecycle):
             for timer in timers:
                 timer.cancel()
 
-    async def _mark_running(self, request: GenerationRequest, entry_id: str) -> str:
+    async def _mark_running(self, request: GenerationRequest, job: Job, queued_at: float) -> str:
         """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
-        queued_at = int(entry_id.split("-")[0]) / 1000  # an entry id starts with the time it was added
-        args = [self.name, repr(time.time()), self.settings.result_ttl_s, request.model, repr(queued_at)]
+        entry = f"{job.entry_id} {job.stream}"  # what the admission stored as the request's own entry
+        args = [self.name, repr(time.time()), self.settings.result_ttl_s, request.model, repr(queued_at), entry]
         status = await retry_outages(
             lambda: self._start_script([self.keys.result(request.id)], args), f"starting {request.id}", log
         )
@@ -322,11 +348,18 @@ class Worker(AsyncLifecycle):
             if gen.add(delta):
                 break
             if channel:
-                self.outbox.publish(channel, gen.event(request.id, delta))
+                sent = self.outbox.publish(channel, gen.event(request.id, delta))
+                sent.add_done_callback(functools.partial(self._published, request.id))
         job.interruptible = False
         self.tokens_out += gen.completion_tokens
         await self.writer.end(job.stream, job.entry_id, request, "done", gen)
         self.completed += 1
+
+    def _published(self, request_id: str, sent: asyncio.Future[None]) -> None:
+        """A token event Redis refused (no permission on the channel): stop generating what nobody gets."""
+        error = None if sent.cancelled() else sent.exception()
+        if error is not None:
+            self.interrupt(request_id, "failed", f"Redis refused the request's token events: {error}")
 
     # ---- heartbeat, claims, cancels ----------------------------------------------------------------
     async def _maintain(self) -> None:

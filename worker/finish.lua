@@ -9,40 +9,62 @@
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
 -- Idempotent: if another delivery of the same request already stored a final state, that one stands (a
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
--- run is only counted in `duplicates`. A request cancelled while queued has a final state but no run (no
--- `ended_by`): its one reply-stream record is written here, when a worker acknowledges its entry.
--- Returns 1 if this call stored the result, 0 if one was there already.
-local status = redis.call('HGET', KEYS[1], 'status')
-local final = FINAL[status]
+-- run is only counted in `duplicates`. A request cancelled or expired while queued has a final state but no
+-- run (no `ended_by`): its one reply-stream record is written here, when a worker acknowledges its entry.
+-- Returns 1 if this call stored the result, 0 if one was there already, 2 if the entry is not the one the
+-- request was admitted with (forged: only the entry itself is acknowledged, deleted and dead-lettered).
 local n = tonumber(ARGV[9])
-local wrote = 0
-if not final then
-  local fields = {}
-  for i = 10, 9 + n do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[1], unpack(fields))
-  redis.call('HDEL', KEYS[1], 'cancel')
-  redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
-  if KEYS[6] then
-    redis.call('XADD', KEYS[6], '*', 'm', ARGV[4])
-  end
+local function dead_letter()
   if #ARGV > 9 + n then
     local dead = {}
     for i = 10 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
     add_dead_letter(KEYS[4], KEYS[5], ARGV[8], dead)
   end
-  wrote = 1
-elseif status == 'cancelled' and redis.call('HEXISTS', KEYS[1], 'ended_by') == 0 then
-  redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
-  -- This run's record may say 'expired' (the entry was read past its deadline), but the stored state stands.
+end
+local function reply(record)
   if KEYS[6] then
-    redis.call('XADD', KEYS[6], '*', 'm', ARGV[7])
+    redis.call('XADD', KEYS[6], '*', 'm', record)
+    -- The job's runner renews its stream's TTL as it goes; a stream made anew here (its job expired) gets one.
+    if redis.call('TTL', KEYS[6]) == -1 then
+      redis.call('EXPIRE', KEYS[6], tonumber(ARGV[3]))
+    end
   end
+end
+local entry = ARGV[2] .. ' ' .. KEYS[2]
+local owner = redis.call('HGET', KEYS[1], 'entry')
+if owner and owner ~= entry then
+  -- A forged entry that names a request admitted with another entry: it ends nothing but itself.
+  dead_letter()
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('XDEL', KEYS[2], ARGV[2])
+  return 2
+end
+local status = redis.call('HGET', KEYS[1], 'status')
+local final = FINAL[status]
+local wrote = 0
+-- The reply-stream record goes first: if Redis refuses it (a key of the wrong type), nothing is written.
+if not final then
+  reply(ARGV[4])
+  local fields = {}
+  for i = 10, 9 + n do fields[#fields + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(fields))
+  redis.call('HDEL', KEYS[1], 'cancel')
+  redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
+  dead_letter()
+  wrote = 1
+elseif redis.call('HEXISTS', KEYS[1], 'ended_by') == 0 then
+  -- Ended while queued, by a cancel (cancel.lua) or a reader past its wait limit (expire.lua): its one
+  -- reply-stream record is written now. A cancelled one's record is ARGV[7] (this run's may say 'expired':
+  -- the entry was read past its deadline); the stored state stands.
+  reply(status == 'cancelled' and ARGV[7] or ARGV[4])
+  redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
 else
   redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
--- The tenant's count goes down once per entry: when this call is the one that acknowledges it.
-if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 1 and ARGV[6] ~= '' then
+-- The tenant's count goes down once per admitted entry: when this call is the one that acknowledges it.
+-- An entry the admission never made (no `entry` on its result) never counted.
+if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 1 and ARGV[6] ~= '' and owner then
   if redis.call('HINCRBY', KEYS[3], ARGV[6], -1) <= 0 then
     redis.call('HDEL', KEYS[3], ARGV[6])
   end

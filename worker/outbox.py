@@ -4,6 +4,11 @@ Request tasks add commands and token events without waiting; the batcher (shared
 event loop turn, gathers everything the step produced and sends it as one MULTI/EXEC pipeline, with the
 events for each reply channel packed into a single PUBLISH. Callers that must know their write landed (the
 final result + ack) await the future `add` returns. Batches are sent one at a time, in order.
+
+A Redis outage, or a refusal that passes (OOM, READONLY during a failover), is retried until the writes
+land: a final result is never lost. A write Redis refuses for what it asks (no permission on a reply
+channel, a reply stream that is not a stream) is tried alone a few times, then its caller gets WriteRefused
+and ends that one request `failed`; the rest of the batch is written and the worker goes on.
 """
 
 from __future__ import annotations
@@ -11,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections import defaultdict
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from inferq.shared.batching import Batcher
 from inferq.shared.codec import pack
-from inferq.shared.connection import OUTAGE, Backoff, retry_outages
+from inferq.shared.connection import OUTAGE, Backoff, passing_refusal, retry_outages
+from inferq.shared.errors import WriteRefused
 from inferq.shared.lua import reload_missing
 from inferq.shared.schemas import SCHEMA_VERSION
 
@@ -27,9 +34,14 @@ log = logging.getLogger("inferq.worker")
 
 Command = tuple[Any, ...]
 Event = tuple[str, dict[str, Any]]  # (reply channel, token event)
+Item = tuple[tuple[Command, ...], tuple[Event, ...]]  # what one caller adds: its commands, then its events
+
+# How often one request's writes are tried alone before the request ends without them (WriteRefused).
+_TRIES = 3
+_MAX_REASON = 300
 
 
-class Outbox(Batcher[tuple[tuple[Command, ...], tuple[Event, ...]]]):
+class Outbox(Batcher[Item]):
     def __init__(self, redis: Redis) -> None:
         super().__init__("outbox")
         self.redis = redis
@@ -45,8 +57,9 @@ class Outbox(Batcher[tuple[tuple[Command, ...], tuple[Event, ...]]]):
             log.error("could not write %d queued writes before stopping (redis down?)", self.pending)
         await super().stop()
 
-    def publish(self, channel: str, event: dict[str, Any]) -> None:
-        self.submit(((), ((channel, event),)))
+    def publish(self, channel: str, event: dict[str, Any]) -> asyncio.Future[None]:
+        """Queue a token event; its future fails with WriteRefused if Redis will not take it."""
+        return self.submit(((), ((channel, event),)))
 
     def add(self, *commands: Command, events: tuple[Event, ...] = ()) -> asyncio.Future[None]:
         """Queue commands (and events after them); the future resolves once they are written."""
@@ -56,19 +69,65 @@ class Outbox(Batcher[tuple[tuple[Command, ...], tuple[Event, ...]]]):
         """Until everything queued before this call is written."""
         await self.add()
 
-    async def send(self, items: list[tuple[tuple[Command, ...], tuple[Event, ...]]]) -> list[None]:
-        commands = [command for batch, _ in items for command in batch]
+    async def send(self, items: list[Item]) -> list[WriteRefused | None]:
+        try:
+            errors = await self._write(items)
+        except _Aborted as exc:
+            # The server refused the whole transaction (a command it would not queue): nothing was written.
+            # Each item goes alone, so the one Redis refuses fails by itself and the others land.
+            errors = [exc.reason] * len(items)
+        refused_channels: dict[str, BaseException] = {}  # token events alone: one try per channel and batch
+        for i, error in enumerate(errors):
+            if error is None:
+                continue
+            commands, events = items[i]
+            channels = {channel for channel, _ in events}
+            if not commands and channels <= refused_channels.keys():
+                errors[i] = refused_channels[next(iter(channels))]
+                continue
+            errors[i] = error = await self._write_alone(items[i], _TRIES if commands else 1)
+            if error is not None:
+                what = "a request's final writes" if commands else f"token events to {', '.join(sorted(channels))}"
+                log.error("redis refused %s; the request ends without them: %s", what, _short(error))
+                if not commands:
+                    refused_channels.update(dict.fromkeys(channels, error))
+        return [None if e is None else WriteRefused(_short(e)) for e in errors]
+
+    async def _write_alone(self, item: Item, tries: int) -> BaseException | None:
+        """One item's writes in a transaction of their own, tried up to `tries` times: None once written, or
+        the refusal that stood every time."""
+        backoff, error = Backoff(), None
+        for attempt in range(tries):
+            if attempt:
+                await asyncio.sleep(backoff.next())
+            try:
+                (error,) = await self._write([item])
+            except _Aborted as exc:
+                error = exc.reason
+            if error is None:
+                return None
+        return error
+
+    async def _write(self, items: list[Item]) -> list[BaseException | None]:
+        """Write `items` in one transaction: per item, None or the error Redis answered one of its commands
+        with (the rest of the transaction is written). Raises _Aborted if the server refused the transaction."""
+        commands = [(i, command) for i, (batch, _) in enumerate(items) for command in batch]
         events: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         for _, batch_events in items:
             for channel, event in batch_events:
                 events[channel].append(event)
+        errors: list[BaseException | None] = [None] * len(items)
         while commands or events:
-            results = await self._send(commands, events)
+            raw = [command for _, command in commands]
+            results = await self._send(raw, events)
+            for (owner, _), result in zip(commands, results, strict=False):
+                if isinstance(result, Exception) and not isinstance(result, NoScriptError):
+                    errors[owner] = result
             # A script the server did not know (it restarted) ran nothing: load it and send those calls again.
-            reload = functools.partial(reload_missing, self.redis, commands, results)
+            reload = functools.partial(reload_missing, self.redis, raw, results)
             refused = await retry_outages(reload, "loading a script again", log)
-            commands, events = [commands[i] for i in refused], {}
-        return [None] * len(items)
+            commands, events = [commands[i] for i in refused], defaultdict(list)
+        return errors
 
     async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> list[Any]:
         backoff = Backoff()
@@ -81,15 +140,38 @@ class Outbox(Batcher[tuple[tuple[Command, ...], tuple[Event, ...]]]):
                         pipe.publish(channel, pack({"v": SCHEMA_VERSION, "events": batch}))
                     results = await pipe.execute(raise_on_error=False)
                 self.batches += 1
-                for command, result in zip(commands, results, strict=False):
-                    if isinstance(result, Exception) and not isinstance(result, NoScriptError):
-                        log.error("redis rejected %s: %s", command[0], result)  # a bug, not an outage: no retry
                 return list(results)
-            except (*OUTAGE, ResponseError) as exc:
-                # Final results must not be lost: retry until Redis is back, or takes writes again (a refused
-                # transaction, e.g. OOM or READONLY after a failover, wrote nothing). A repeated token event
-                # shows up as a seq gap at the client, which then reads the stored result.
-                level = logging.ERROR if isinstance(exc, ResponseError) else logging.WARNING
+            except OUTAGE as exc:
+                # Final results must not be lost: retry until Redis is back. A repeated token event shows up
+                # as a seq gap at the client, which then reads the stored result.
                 delay = backoff.next()
-                log.log(level, "redis write failed (%s); retrying in %.2fs", exc, delay)
+                log.warning("redis write failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
+            except ResponseError as exc:
+                if not passing_refusal(exc):
+                    raise _Aborted(exc) from exc
+                # Refused until memory frees or a failover ends (OOM, READONLY): nothing was written; retry.
+                delay = backoff.next()
+                log.error("redis refused the writes (%s); retrying in %.2fs", _short(exc), delay)
+                await asyncio.sleep(delay)
+
+
+class _Aborted(Exception):
+    """The server refused a whole transaction for what it asked (EXECABORT): nothing of it was written."""
+
+    reason: BaseException
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+def _short(exc: BaseException) -> str:
+    """A refusal as one bounded line, e.g. "NOPERM on PUBLISH: No permissions to access a channel": logs and
+    stored errors never carry the command's arguments (a payload, a prompt)."""
+    annotated = re.match(r"Command # \d+ \((\S+).*? of pipeline caused error: (.*)", str(exc), re.S)
+    command, message = annotated.groups() if annotated else ("", str(exc))
+    message = message.strip("()',\" ")
+    code = "NOPERM " if isinstance(exc, NoPermissionError) else ""
+    line = " ".join(f"{code}{f'on {command}: ' if command else ''}{message}".split())
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."

@@ -11,3 +11,8 @@ REAP = LuaScript("inferq.worker", "reap.lua")
 START = LuaScript("inferq.worker", "start.lua")
 FINISH = LuaScript("inferq.worker", "finish.lua")
 DEAD_LETTER = LuaScript("inferq.worker", "dead_letter.lua")
+
+# Loaded when a worker starts, before it reads: the outbox's final writes (FINISH, DEAD_LETTER) share a
+# transaction with token events, and a script the server has to load first would let a final event reach its
+# client before the result it announces is stored.
+OUTBOX_SCRIPTS = (FINISH, DEAD_LETTER)

@@ -1,8 +1,14 @@
 -- Mark a request running, unless it already ended or was cancelled while queued (docs/CONTRACTS.md, "Cancellation and deadlines").
 -- KEYS[1] the result hash. ARGV: worker name, started_at (unix seconds), result_ttl_s, model, queued_at
--- (unix seconds, from the entry id: the admission writes only the status, to stay cheap).
+-- (unix seconds, from the entry id: the admission writes only the status, to stay cheap), the entry
+-- ('<entry id> <lane stream>').
 -- Returns the status the worker must act on: 'running' (go), 'cancelled' (a cancel is pending: end it
--- cancelled), or a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge).
+-- cancelled), a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge), or
+-- 'foreign': the request was admitted with another entry, so this one (forged) must not touch it.
+local owner = redis.call('HGET', KEYS[1], 'entry')
+if owner and owner ~= ARGV[6] then
+  return 'foreign'
+end
 local status = redis.call('HGET', KEYS[1], 'status')
 if FINAL[status] then
   return status

@@ -103,6 +103,9 @@ def digest(custom_id: str) -> str:
     return hashlib.sha256(custom_id.encode()).hexdigest()[:24]
 
 
+_PRUNE = 16  # index entries a new job checks (the oldest), dropping those whose job expired
+
+
 class BulkStore:
     """Redis operations on bulk jobs; one instance per client connection."""
 
@@ -124,7 +127,29 @@ class BulkStore:
                 self.keys.bulk_input(record.id),
             )  # fmt: skip
             pipe.hset(self.keys.bulk(record.id), mapping=values)  # type: ignore[arg-type]
+            pipe.expire(self.keys.bulk(record.id), self.ttl_s)
             pipe.zadd(self.keys.bulk_jobs(), {record.id: record.created_at})
+            pipe.zrange(self.keys.bulk_jobs(), 0, _PRUNE - 1)
+            *_, oldest = await pipe.execute()
+        await self._prune([text(j) for j in oldest])
+
+    async def _prune(self, jobs: list[str]) -> None:
+        """Drop from the index the jobs whose record expired: each new job checks the oldest few, so the
+        index holds the jobs that exist and at most a few more."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for j in jobs:
+                pipe.exists(self.keys.bulk(j))
+            alive = await pipe.execute()
+        gone = [j for j, exists in zip(jobs, alive, strict=True) if not exists]
+        if gone:
+            await self.redis.zrem(self.keys.bulk_jobs(), *gone)
+
+    async def keep_alive(self, job: str) -> None:
+        """A job that moves keeps its keys: each feed and tally renews them for `ttl_s`, so the keys of a job
+        that stopped for good (its runner gone, never resumed) expire `ttl_s` after its last step."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in (self.keys.bulk(job), self.keys.done(job), self.keys.bulk_ids(job), self.keys.bulk_input(job)):
+                pipe.expire(key, self.ttl_s)
             await pipe.execute()
 
     async def update(self, job: str, **values: Any) -> None:
@@ -140,13 +165,17 @@ class BulkStore:
     ) -> bool:
         """Record a fed batch and append its error records; False if another runner moved the job on."""
         args = ["feed", expected_fed, lines, requests, int(feed_done), *(pack(e) for e in errors)]
-        return bool(await JOB(self.redis, [self.keys.bulk(job), self.keys.done(job)], args))
+        fed = bool(await JOB(self.redis, [self.keys.bulk(job), self.keys.done(job)], args))
+        await self.keep_alive(job)
+        return fed
 
     async def commit_tally(self, job: str, expected: str, to: str, counts: dict[str, int]) -> bool:
         args: list[Any] = ["tally", expected, to]
         for name, n in counts.items():
             args += [name, n]
-        return bool(await JOB(self.redis, [self.keys.bulk(job)], args))
+        tallied = bool(await JOB(self.redis, [self.keys.bulk(job)], args))
+        await self.keep_alive(job)
+        return tallied
 
     async def first_lines(self, job: str, numbered: list[tuple[str, int]]) -> list[int]:
         """For each (custom_id, line number), the first line the custom_id was seen on (this one if new)."""
@@ -155,8 +184,9 @@ class BulkStore:
             for custom_id, number in numbered:
                 pipe.hsetnx(key, digest(custom_id), number)
                 pipe.hget(key, digest(custom_id))
+            pipe.expire(key, self.ttl_s)
             replies = await pipe.execute()
-        return [int(replies[i + 1]) for i in range(0, len(replies), 2)]
+        return [int(replies[i + 1]) for i in range(0, len(replies) - 1, 2)]
 
     async def digests(self, job: str) -> AsyncIterator[str]:
         async for field, _ in self.redis.hscan_iter(self.keys.bulk_ids(job), count=1000):
@@ -170,7 +200,10 @@ class BulkStore:
     async def stage(self, job: str, chunks: list[list[tuple[int, str]]], first: int) -> None:
         """Store input chunks `first`, `first + 1`, ... (each CHUNK_LINES (number, line) pairs)."""
         values = {str(first + i): pack([list(pair) for pair in chunk]) for i, chunk in enumerate(chunks)}
-        await self.redis.hset(self.keys.bulk_input(job), mapping=values)  # type: ignore[arg-type]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.bulk_input(job), mapping=values)  # type: ignore[arg-type]
+            pipe.expire(self.keys.bulk_input(job), self.ttl_s)
+            await pipe.execute()
 
     async def chunk(self, job: str, number: int) -> list[tuple[int, str]] | None:
         raw = await self.redis.hget(self.keys.bulk_input(job), str(number))
