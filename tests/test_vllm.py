@@ -117,6 +117,21 @@ async def test_too_long_prompt_fails_with_reason_and_dead_letters(tiny: Settings
         assert await drained(r, tiny, "tiny") == (0, 0)
 
 
+async def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny: Settings) -> None:
+    """A 1 MB prompt takes the tokenizer about half a second. Tokenized on the worker's event loop, it would
+    hold everything else up (claims, streams, reads) and end first; off the loop, a short request sent with it
+    runs beside it and ends first."""
+    async with InferenceClient(tiny) as client:
+        long, short = await asyncio.gather(
+            client.submit(prompt="word " * 200_000, max_tokens=2, model="tiny", stream=False),
+            client.submit(prompt="The queue", max_tokens=2, model="tiny", stream=False),
+        )
+        long_result, short_result = await long.result(timeout=60), await short.result(timeout=60)
+    assert long_result.status == "failed" and "exceeds the model's context" in (long_result.error or "")
+    assert short_result.status == "done"
+    assert short_result.timings.finished_at < long_result.timings.finished_at  # type: ignore[operator]
+
+
 async def test_cancel_aborts_a_running_request_in_the_engine(tiny: Settings, redis: Redis) -> None:
     async with InferenceClient(tiny) as client:
         handle = await client.submit(prompt="Tell a very long story", max_tokens=1500, temperature=0, model="tiny")

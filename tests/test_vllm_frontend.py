@@ -34,10 +34,11 @@ def tokenizer() -> Any:
 
 def test_prompts_skip_the_transformers_wrapper_and_get_the_same_ids(tokenizer: Any) -> None:
     encode = fast_encode(tokenizer)
-    assert encode.__name__ == "direct"  # the Rust tokenizer itself
+    assert encode.encode.__name__ == "direct" and encode.off_loop is not None  # the Rust tokenizer itself
     for prompt in PROMPTS:
         for special in (True, False):
             assert encode(prompt, special) == tokenizer.encode(prompt, add_special_tokens=special)
+            assert encode.off_loop(prompt, special) == encode(prompt, special)
     assert len(encode("word " * 300, True)) >= 300
 
 
@@ -54,7 +55,7 @@ class Prefixed:
 
 def test_a_wrapper_that_changes_the_ids_keeps_its_own_encode(tokenizer: Any) -> None:
     encode = fast_encode(Prefixed(tokenizer))
-    assert encode.__name__ == "wrapped"
+    assert encode.encode.__name__ == "wrapped" and encode.off_loop is None
     assert encode("The queue", True) == [7, *tokenizer.encode("The queue")]
 
     class NoBackend:

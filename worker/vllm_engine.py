@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from inferq.shared.errors import EngineError
@@ -22,12 +25,29 @@ _SHUTDOWN_GRACE_S = 0.0
 # with its partial text, so the engine still reports now and then: every 64 tokens, not every step.
 _UNSTREAMED_INTERVAL = 64
 
-Encode = Callable[[str, bool], list[int]]  # (text, add_special_tokens) -> token ids
 # Compared at start, both ways: plain text, unicode, spaces, newlines, markup that looks like special tokens.
 _PROBES = ("Hello, world!", "  two  spaces ünïcode ✓ 日本語\n\nnewlines\t", "<s> </s> <|im_start|>user<|im_end|>", "")
+# A prompt longer than this is tokenized off the event loop (1 MiB is ~0.8 s of tokenizing on a CPU): the loop
+# keeps renewing claims, streaming tokens and reading. Shorter ones stay inline, where a thread hop would cost
+# more than the tokenizing.
+_INLINE_CHARS = 16_384
 
 
-def fast_encode(tokenizer: Any) -> Encode:
+@dataclass(frozen=True)
+class Encoder:
+    """(text, add_special_tokens) -> token ids, on the event loop. `off_loop`: the same ids through the Rust
+    tokenizer's batch encode, which lets go of the GIL while it works (its plain encode holds it: a thread
+    would not free the loop), for a long prompt in another thread; None where only the transformers wrapper
+    gives the right ids (it also writes to the tokenizer, so it never runs beside vLLM's detokenizer)."""
+
+    encode: Callable[[str, bool], list[int]]
+    off_loop: Callable[[str, bool], list[int]] | None = None
+
+    def __call__(self, text: str, special: bool) -> list[int]:
+        return self.encode(text, special)
+
+
+def fast_encode(tokenizer: Any) -> Encoder:
     """The tokenizer's encode without the transformers wrapper around it, where that gives the same ids.
 
     A HF fast tokenizer's `encode` resets truncation and padding on its Rust tokenizer and builds a
@@ -40,16 +60,19 @@ def fast_encode(tokenizer: Any) -> Encode:
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not callable(getattr(backend, "encode", None)):
-        return wrapped
+        return Encoder(wrapped)
 
     def direct(text: str, special: bool) -> list[int]:
         return backend.encode(text, add_special_tokens=special).ids  # type: ignore[no-any-return]
 
+    def batched(text: str, special: bool) -> list[int]:
+        return backend.encode_batch([text], add_special_tokens=special)[0].ids  # type: ignore[no-any-return]
+
     try:
-        same = all(direct(p, s) == wrapped(p, s) for p in _PROBES for s in (True, False))
+        same = all(direct(p, s) == wrapped(p, s) == batched(p, s) for p in _PROBES for s in (True, False))
     except Exception:  # an unusual tokenizer: its own encode is the reference
         same = False
-    return direct if same else wrapped
+    return Encoder(direct, batched) if same else Encoder(wrapped)
 
 
 def envs_cache(on: bool) -> None:
@@ -65,6 +88,10 @@ def _unstarted(text: str, special: bool) -> list[int]:
     raise EngineError("engine not started")
 
 
+def _prompt_chars(request: GenerationRequest) -> int:
+    return len(request.prompt or "") + sum(len(m.content) for m in request.messages or [])
+
+
 class VllmEngine:
     """One AsyncLLM in this process (its engine core runs in a spawned child process)."""
 
@@ -77,7 +104,8 @@ class VllmEngine:
         self.as_shipped = as_shipped
         self._llm: Any = None
         self._tokenizer: Any = None
-        self._encode: Encode = _unstarted
+        self._encode = Encoder(_unstarted)
+        self._tokenizing: ThreadPoolExecutor | None = None  # one thread: long prompts, one at a time, in order
         self._load = LoadState()
 
     async def start(self) -> None:
@@ -110,6 +138,7 @@ class VllmEngine:
                 )
         self._tokenizer = self._llm.get_tokenizer()
         self._encode = fast_encode(self._tokenizer)
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-tokenize")
         # vLLM reads its VLLM_* settings through a module __getattr__ that parses os.environ on every access, and
         # its front end does so per request per step (6% of a busy worker's samples, in the stats it keeps for
         # flow control). vLLM caches them in its own engine processes once they have started, not in the
@@ -136,19 +165,25 @@ class VllmEngine:
             # default waits 5 s for an engine core that rarely exits by itself, then kills it anyway.
             self._llm.shutdown(timeout=_SHUTDOWN_GRACE_S)
             self._llm = None
+        if self._tokenizing is not None:
+            self._tokenizing.shutdown(wait=False, cancel_futures=True)
+            self._tokenizing = None
             envs_cache(False)  # an engine started later in this process (the bench, tests) reads them afresh
 
-    def prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+    def prompt_token_ids(
+        self, request: GenerationRequest, encode: Callable[[str, bool], list[int]] | None = None
+    ) -> list[int]:
         """Tokenize here so the context check can say exactly what is too long; chat uses the model's template."""
+        encode = encode or self._encode
         tok = self._tokenizer
         if request.messages is not None:
             if not getattr(tok, "chat_template", None):
                 raise RequestRejected(f"model {request.model!r} has no chat template; send a plain prompt instead")
             msgs = [m.model_dump() for m in request.messages]
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids = self._encode(text, False)
+            ids = encode(text, False)
         else:
-            ids = self._encode(request.prompt, True)
+            ids = encode(request.prompt, True)
         limit = self.settings.max_model_len
         if len(ids) + request.max_tokens > limit:
             raise RequestRejected(
@@ -156,6 +191,13 @@ class VllmEngine:
                 f"context of {limit} tokens; shorten the prompt or lower max_tokens"
             )
         return ids
+
+    async def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        off_loop = self._encode.off_loop
+        if _prompt_chars(request) <= _INLINE_CHARS or off_loop is None or self._tokenizing is None:
+            return self.prompt_token_ids(request)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, self.prompt_token_ids, request, off_loop)
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -184,7 +226,7 @@ class VllmEngine:
 
         if self._llm is None:
             raise EngineError("engine not started")
-        ids = self.prompt_token_ids(request)
+        ids = await self._prompt_token_ids(request)
         try:
             # AsyncLLM aborts the request itself when this generator is cancelled or closed.
             async for out in self._llm.generate(
