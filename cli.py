@@ -326,6 +326,20 @@ def redis_status() -> None:
     console.local.redis_status(base.settings())
 
 
+@redis_app.command("acl")
+def redis_acl(
+    role: Annotated[str, typer.Argument(help="worker, producer (one tenant's submits and results) or ops")],
+    user: Annotated[str, typer.Option(help="the Redis user name")],
+    tenant: Annotated[str | None, typer.Option(help="the producer's tenant (its INFERQ_TENANT)")] = None,
+    password_env: Annotated[str, typer.Option(help="variable that holds the user's password")] = "INFERQ_ACL_PASSWORD",
+) -> None:
+    """Print the ACL-file line of a Redis user for one inferq role under INFERQ_KEY_PREFIX (docs/CONTRACTS.md,
+    "Roles"). Load it with `aclfile` in redis.conf; the password goes in as its SHA-256.
+
+    Example: INFERQ_ACL_PASSWORD=... inferq redis acl producer --user acme --tenant acme >> users.acl"""
+    console.local.redis_acl(base.settings(), role, user, tenant, password_env)
+
+
 # ---- models -----------------------------------------------------------------------------------------
 @models_app.command("prepare")
 def models_prepare(name: Annotated[str, typer.Argument(help="tiny or smollm2")]) -> None:

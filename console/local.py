@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import typer
 
 from inferq.console.base import EXIT_FAILED, die, one_of, say
+from inferq.shared import roles
 from inferq.shared.connection import embedded_server
-from inferq.shared.errors import InferqError
+from inferq.shared.errors import ConfigError, InferqError
+from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 from inferq.worker.models import KNOWN_MODELS, model_dir, prepare_model
 
@@ -41,6 +44,18 @@ def redis_status(settings: Settings) -> None:
     if server.foreign() is not None:
         die(server.held_elsewhere(), EXIT_FAILED)
     typer.echo(f"running: {server.url} pid {server.pid()} (data in {server.dir})")
+
+
+def redis_acl(settings: Settings, role: str, user: str, tenant: str | None, password_env: str) -> None:
+    """Print one ACL-file line for `user` in `role`, its password (from the environment) as a SHA-256."""
+    one_of(role, roles.ROLES, "role")
+    password = os.environ.get(password_env, "")
+    if not password:
+        die(f"set {password_env} to the password of user {user!r}: only its SHA-256 is printed")
+    try:
+        typer.echo(roles.acl_line(user, password, role, Keys(settings.key_prefix), tenant))
+    except ConfigError as exc:
+        die(str(exc))
 
 
 def models_prepare(settings: Settings, name: str) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from inferq.producer.ops import stats
 from inferq.shared.batching import Batcher
@@ -147,7 +148,10 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         model = request.model
         measured_at, rate = self._rates.get(model, (0.0, 0.0))
         if time.monotonic() - measured_at > _RATE_TTL_S:
-            rate = await stats.drain_rate(self.redis, self.keys, model)
+            try:
+                rate = await stats.drain_rate(self.redis, self.keys, model)
+            except NoPermissionError:  # the producer role cannot list workers: no estimate, no guess either
+                return _NO_WORKER_RETRY_S, ""
             self._rates[model] = (time.monotonic(), rate)
         cap = self.settings.lane_cap(request.priority)
         estimate = estimate_retry_after(admission.queue_len, cap, rate, tenant_full=admission.code == TENANT_FULL)

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from inferq.producer.admission import EXISTS, Admission, Admitter
 from inferq.producer.ops import stats
@@ -20,6 +21,7 @@ from inferq.shared.codec import pack, text
 from inferq.shared.connection import OUTAGE, connect
 from inferq.shared.errors import (
     InvalidRequest,
+    PermissionDenied,
     RedisUnavailable,
     RequestFailed,
     RequestNotFound,
@@ -36,6 +38,13 @@ from inferq.shared.settings import Settings, load_settings
 _RESULT_POLL_S = 2.0
 CANCEL = LuaScript("inferq.producer", "cancel.lua")
 EXPIRE = LuaScript("inferq.producer", "expire.lua")
+
+
+def denied(exc: NoPermissionError, what: str) -> PermissionDenied:
+    return PermissionDenied(
+        f"this Redis user may not {what} ({exc}); a producer bound to a tenant (INFERQ_TENANT) adds, reads and "
+        "cancels only its tenant's requests, with ids that start 'TENANT:'"
+    )
 
 
 class RequestHandle:
@@ -123,8 +132,8 @@ class RequestHandle:
         model = self.request.model
         try:
             served = any(w["model"] == model for w in await stats.workers(self.client.redis, self.client.keys))
-        except OUTAGE:
-            served = True  # unknown: say nothing about workers
+        except (*OUTAGE, NoPermissionError):
+            served = True  # unknown (Redis away, or a role that cannot list workers): say nothing about them
         why = (
             "" if served else f"; no live worker serves model {model!r}: start one with `inferq worker --model {model}`"
         )
@@ -167,7 +176,8 @@ class InferenceClient(AsyncLifecycle):
     def __init__(self, settings: Settings | None = None, *, redis: Redis | None = None) -> None:
         self.settings = settings or load_settings()
         self.keys = Keys(self.settings.key_prefix)
-        self.client_id = uuid.uuid4().hex[:16]
+        tenant = self.settings.tenant
+        self.client_id = uuid.uuid4().hex[:16] if tenant is None else Keys.tenant_scoped(tenant, uuid.uuid4().hex[:16])
         self.channel = self.keys.tokens(self.client_id)
         self._redis = redis
         self._own_redis = redis is None
@@ -232,6 +242,10 @@ class InferenceClient(AsyncLifecycle):
         stream_job = self.keys.reply_stream_job(params["reply_stream"]) if params.get("reply_stream") else None
         if request_id is None:  # a reply stream takes only its job's requests: give this one such an id
             request_id = bulk_request_id(stream_job, 0, uuid.uuid4().hex) if stream_job else uuid.uuid4().hex
+            if self.settings.tenant is not None and not stream_job:
+                request_id = Keys.tenant_scoped(self.settings.tenant, request_id)
+        if self.settings.tenant is not None:
+            params["tenant"] = self._bound_tenant(request_id, params.get("tenant"))
         check_max_tokens(params.get("max_tokens"), self.settings)  # before the schema's own, wider ceiling
         try:
             request = GenerationRequest(
@@ -254,6 +268,18 @@ class InferenceClient(AsyncLifecycle):
             ) from None
         check_request(request, size, self.settings, self.keys)
         return request
+
+    def _bound_tenant(self, request_id: str, tenant: object) -> str:
+        """A tenant-bound client's requests are its tenant's, with ids it may write (INFERQ_TENANT)."""
+        bound = str(self.settings.tenant)
+        if tenant is not None and tenant != bound:
+            raise InvalidRequest(f"tenant={tenant!r}: this client is bound to tenant {bound!r} (INFERQ_TENANT)")
+        if not isinstance(request_id, str) or not request_id.startswith(Keys.tenant_scoped(bound, "")):
+            raise InvalidRequest(
+                f"request_id must start with {Keys.tenant_scoped(bound, '')!r}: this client is bound to tenant "
+                f"{bound!r} (INFERQ_TENANT), and may write only its results (bulk jobs run under the ops role)"
+            )
+        return bound
 
     async def submit(
         self,
@@ -295,6 +321,9 @@ class InferenceClient(AsyncLifecycle):
                 f"Redis did not answer the submit ({exc}); request {request.id} may or may not be queued. "
                 f"Submit again with request_id={request.id!r}: an id that is queued already is not added twice"
             ) from exc
+        except NoPermissionError as exc:
+            self._replies.unregister(request.id, queue)
+            raise denied(exc, f"add request {request.id!r}") from None
         except BaseException:
             self._replies.unregister(request.id, queue)
             raise
@@ -331,9 +360,11 @@ class InferenceClient(AsyncLifecycle):
         """Cancel many requests in one round trip; the status after the call for each ('' where there is no
         such request: never submitted, or its result expired)."""
         await self.start()
-        calls = [([self.keys.result(r), self.keys.cancel()], [r, repr(time.time())]) for r in request_ids]
+        calls = [([self.keys.result(r)], [r, repr(time.time()), self.keys.cancel()]) for r in request_ids]
         statuses = await CANCEL.run_all(self.redis, calls)
-        for status in statuses:
+        for request_id, status in zip(request_ids, statuses, strict=True):
+            if isinstance(status, NoPermissionError):
+                raise denied(status, f"cancel request {request_id!r}")
             if isinstance(status, Exception):
                 raise status
         return [text(status) for status in statuses]
@@ -349,7 +380,10 @@ class InferenceClient(AsyncLifecycle):
     async def get(self, request_id: str) -> Result:
         """The stored result of any request (queued, running or finished)."""
         key = self.keys.result(request_id)
-        raw = await self.redis.hgetall(key)  # type: ignore[misc]
+        try:
+            raw = await self.redis.hgetall(key)  # type: ignore[misc]
+        except NoPermissionError as exc:
+            raise denied(exc, f"read request {request_id!r}") from None
         if not raw:
             raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
         expires = raw.get(b"expires")

@@ -78,3 +78,8 @@ class WriteRefused(InferqError):
     """Redis refused a worker's write for one request (no permission on a key or channel, a key of the wrong
     type) after a few tries: that request ends `failed` with the reason; the worker and its other requests
     go on."""
+
+
+class PermissionDenied(InferqError, PermissionError):
+    """The Redis user may not do this (its ACL, docs/CONTRACTS.md "Roles"): a producer bound to a tenant reads
+    and cancels only its tenant's requests."""

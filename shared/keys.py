@@ -12,6 +12,8 @@ MODEL_NAME = r"^[A-Za-z0-9._/@+\-]+$"
 MODEL_NAME_MAX = 200
 # A client id (the end of its reply channel's name) or a bulk job id (the end of its reply stream's name).
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TENANT_NAME = _NAME.pattern  # a tenant a client can be bound to (INFERQ_TENANT): no ':' (it ends the scope)
+_CHANNEL = re.compile(rf"(?:{_NAME.pattern}:)?{_NAME.pattern}")
 
 
 def bulk_request_id(job: str, epoch: int, line_digest: str) -> str:
@@ -93,10 +95,17 @@ class Keys:
         """Hash tenant -> that tenant's unfinished requests for the model (the per-tenant cap)."""
         return f"{self.prefix}:tenants:{model}"
 
+    @staticmethod
+    def tenant_scoped(tenant: str, name: str) -> str:
+        """A request id or client id of a tenant-bound client (`INFERQ_TENANT`): `{tenant}:{name}`, so that one
+        ACL pattern per tenant covers its results and reply channels (shared/roles.py)."""
+        return f"{tenant}:{name}"
+
     def is_reply_channel(self, name: str) -> bool:
-        """Whether `name` is a client's token channel under this prefix: the only place token events go."""
+        """Whether `name` is a client's token channel under this prefix, `{p}:t:CLIENT` or a tenant-bound
+        client's `{p}:t:TENANT:CLIENT`: the only places token events go."""
         head = f"{self.prefix}:t:"
-        return name.startswith(head) and bool(_NAME.fullmatch(name[len(head) :]))
+        return name.startswith(head) and bool(_CHANNEL.fullmatch(name[len(head) :]))
 
     def reply_stream_job(self, name: str) -> str | None:
         """The job whose reply stream `name` is (`{p}:done:{job}`), or None if it is not one."""

@@ -73,4 +73,3 @@ def wait_limit(request: GenerationRequest, queued_at: float, settings: Settings)
     queued result that long, plus result_ttl_s."""
     longest = queued_at + settings.max_queued_s
     return longest if request.deadline is None else min(request.deadline, longest)
-

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferq.shared.errors import ConfigError
-from inferq.shared.keys import LANES, MODEL_NAME, MODEL_NAME_MAX
+from inferq.shared.keys import LANES, MODEL_NAME, MODEL_NAME_MAX, TENANT_NAME
 
 
 def _default_data_dir() -> Path:
@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     )
     max_lag: int = Field(0, ge=0, description="refuse new work when this many are unread in a lane (0: off)")
     tenant_cap: int = Field(0, ge=0, description="most unfinished requests one tenant may have per model (0: off)")
+    tenant: str | None = Field(
+        None, pattern=rf"^{TENANT_NAME}$", description="the tenant this client is bound to: its requests carry it, "
+        "their ids and its reply channel start with it (TENANT:...), as the Redis producer role needs"
+    )  # fmt: skip
     lane_min_share: float = Field(
         0.1, ge=0, le=0.5, description="share of starts each lower lane gets while it has work (anti-starvation)"
     )

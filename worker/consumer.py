@@ -91,6 +91,7 @@ class Worker(AsyncLifecycle):
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # cancel broadcasts being checked against their mark
         self.fatal: BaseException | None = None
         self.tokens_out = 0
         self.completed = 0
@@ -122,6 +123,8 @@ class Worker(AsyncLifecycle):
 
     async def close(self) -> None:
         await cancel_and_wait(self._maintenance)
+        for check in list(self._checks):
+            await cancel_and_wait(check)
         await self._cancels.stop()
         await self._start_script.stop()
         # Bounded: with Redis gone, unwritten results are dropped, but their entries stay pending (unacked)
@@ -161,7 +164,13 @@ class Worker(AsyncLifecycle):
         job.task.cancel()  # AsyncLLM aborts the request when its generator is cancelled
 
     def _on_cancel(self, data: bytes) -> None:
-        self.interrupt(data.decode(errors="replace"), "cancelled")
+        """A cancel broadcast names a request; its result's `cancel` mark (set by cancel.lua, by whoever may
+        write that result) decides. Anyone who may publish to the channel can name any id."""
+        request_id = data.decode(errors="replace")
+        if request_id in self._by_request:
+            task = asyncio.create_task(self._check_cancel(request_id), name="inferq-cancel")
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
 
     # ---- reading ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -419,9 +428,16 @@ class Worker(AsyncLifecycle):
             log.warning("entry %s was taken over by another worker; dropping our run of it", entry_id)
             job.task.cancel()
 
-    async def _poll_cancels(self) -> None:
-        """Cancels broadcast while our subscription was down are still marked on the result: look once per beat."""
-        running = [job.request.id for job in self._jobs.values() if job.request is not None]
+    async def _check_cancel(self, request_id: str) -> None:
+        try:
+            await self._poll_cancels([request_id])
+        except Exception as exc:  # Redis away: the next heartbeat's poll looks again
+            log.warning("could not check the cancel of %s (%s); the next heartbeat looks again", request_id, exc)
+
+    async def _poll_cancels(self, request_ids: list[str] | None = None) -> None:
+        """Interrupt the requests (by default every one running here) whose result carries a cancel mark.
+        Once per beat too: cancels broadcast while our subscription was down are still marked on the result."""
+        running = request_ids or [job.request.id for job in self._jobs.values() if job.request is not None]
         if not running:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
