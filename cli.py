@@ -1,7 +1,7 @@
 """inferq's command line: parses options and calls the libraries; what it prints is in inferq.console.
 
 Installed as `inferq.cli` (the `inferq` console script). Exit codes: 0 ok, 1 the request failed, 2 usage
-error, 3 queue full, 4 timed out, 5 Redis unreachable.
+error, 3 queue full, 4 timed out, 5 Redis unreachable, 6 Redis refused the user (credentials or role).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What every command shares: exit codes, one-line errors, settings, and running a coroutine.
 
-Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out, 5 Redis unreachable.
+Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out, 5 Redis unreachable,
+6 Redis refused the user (wrong credentials, or its ACL role may not do that).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import typer
 from inferq.shared import aio
 from inferq.shared.errors import (
     InferqError,
+    PermissionDenied,
     QueueFull,
     RedisUnavailable,
     RequestFailed,
@@ -23,7 +25,7 @@ from inferq.shared.errors import (
 if TYPE_CHECKING:  # pydantic and the settings load on use: vLLM's spawned processes import the CLI too
     from inferq.shared.settings import Settings
 
-EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4, 5
+EXIT_FAILED, EXIT_USAGE, EXIT_QUEUE_FULL, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_DENIED = 1, 2, 3, 4, 5, 6
 
 
 def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -58,14 +60,26 @@ def run(coro: Coroutine[Any, Any, Any], *, sigterm_cancels: bool = True) -> Any:
         die(str(exc), EXIT_TIMEOUT)
     except (RequestFailed, RequestNotFound) as exc:
         die(str(exc), EXIT_FAILED)
+    except PermissionDenied as exc:
+        die(str(exc), EXIT_DENIED)
     except InferqError as exc:
         die(str(exc), EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED)
     except Exception as exc:
-        from inferq.shared.connection import OUTAGE  # redis-py loads only for commands that talk to Redis
+        # redis-py loads only for commands that talk to Redis. Its messages name the host and port, never a
+        # password.
+        from redis.exceptions import AuthenticationError, NoPermissionError
 
+        from inferq.shared.connection import OUTAGE
+
+        if isinstance(exc, AuthenticationError):
+            die(f"Redis refused the user in INFERQ_REDIS_URL ({exc}): check its name and password", EXIT_DENIED)
+        if isinstance(exc, NoPermissionError):
+            die(
+                f"this Redis user may not do that ({exc}): status, dead letters and bulk jobs need the ops role "
+                "(docs/CONTRACTS.md, \"Roles\")", EXIT_DENIED,
+            )  # fmt: skip
         if not isinstance(exc, OUTAGE):
             raise
-        # redis-py's messages name the host and port, never a password.
         die(f"cannot reach Redis ({exc}): is it running, and is INFERQ_REDIS_URL right?", EXIT_UNAVAILABLE)
 
 

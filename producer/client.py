@@ -11,17 +11,16 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, RedisError
 
 from inferq.producer.admission import EXISTS, Admission, Admitter
 from inferq.producer.ops import stats
 from inferq.producer.ops.dead_letters import DeadLetters
 from inferq.producer.replies import DEADLINE, TICK, ReplyListener, Signal
 from inferq.shared.codec import pack, text
-from inferq.shared.connection import OUTAGE, connect
+from inferq.shared.connection import OUTAGE, as_inferq_error, connect, redis_errors
 from inferq.shared.errors import (
     InvalidRequest,
-    PermissionDenied,
     RedisUnavailable,
     RequestFailed,
     RequestNotFound,
@@ -38,13 +37,6 @@ from inferq.shared.settings import Settings, load_settings
 _RESULT_POLL_S = 2.0
 CANCEL = LuaScript("inferq.producer", "cancel.lua")
 EXPIRE = LuaScript("inferq.producer", "expire.lua")
-
-
-def denied(exc: NoPermissionError, what: str) -> PermissionDenied:
-    return PermissionDenied(
-        f"this Redis user may not {what} ({exc}); a producer bound to a tenant (INFERQ_TENANT) adds, reads and "
-        "cancels only its tenant's requests, with ids that start 'TENANT:'"
-    )
 
 
 class RequestHandle:
@@ -197,6 +189,7 @@ class InferenceClient(AsyncLifecycle):
             raise RuntimeError("client not started: use `async with InferenceClient(...)` or await start()")
         return self._redis
 
+    @redis_errors("connect")
     async def start(self) -> None:
         if self._started:
             return
@@ -323,7 +316,7 @@ class InferenceClient(AsyncLifecycle):
             ) from exc
         except NoPermissionError as exc:
             self._replies.unregister(request.id, queue)
-            raise denied(exc, f"add request {request.id!r}") from None
+            raise as_inferq_error(exc, f"add request {request.id!r}") from None
         except BaseException:
             self._replies.unregister(request.id, queue)
             raise
@@ -332,6 +325,7 @@ class InferenceClient(AsyncLifecycle):
             handle.gap = True  # an earlier submit owns this id: its events went elsewhere; use the store
         return handle
 
+    @redis_errors("add requests")
     async def enqueue_many(self, requests: list[GenerationRequest]) -> list[Admission]:
         """Admit many built requests at once (bulk callers: no reply route, no task per request). Each
         outcome says admitted, already there (idempotent) or refused; refused ones are the caller's to retry."""
@@ -356,6 +350,7 @@ class InferenceClient(AsyncLifecycle):
             raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
         return status
 
+    @redis_errors("cancel requests")
     async def cancel_many(self, request_ids: list[str]) -> list[str]:
         """Cancel many requests in one round trip; the status after the call for each ('' where there is no
         such request: never submitted, or its result expired)."""
@@ -363,16 +358,15 @@ class InferenceClient(AsyncLifecycle):
         calls = [([self.keys.result(r)], [r, repr(time.time()), self.keys.cancel()]) for r in request_ids]
         statuses = await CANCEL.run_all(self.redis, calls)
         for request_id, status in zip(request_ids, statuses, strict=True):
-            if isinstance(status, NoPermissionError):
-                raise denied(status, f"cancel request {request_id!r}")
             if isinstance(status, Exception):
-                raise status
+                raise as_inferq_error(status, f"cancel request {request_id!r}") or status
         return [text(status) for status in statuses]
 
     def dead_letters(self, model: str | None = None) -> DeadLetters:
         """The model's dead-letter stream: list, show, retry, purge (inferq.producer.ops.dead_letters)."""
         return DeadLetters(self.redis, self.keys, self._admitter, model or self.settings.model)
 
+    @redis_errors("read the queue's stats")
     async def stats(self, models: list[str] | None = None) -> dict[str, Any]:
         """Queue and worker numbers per model and lane: what `inferq status` shows (ops.stats.collect)."""
         return await stats.collect(self.redis, self.keys, models)
@@ -382,8 +376,8 @@ class InferenceClient(AsyncLifecycle):
         key = self.keys.result(request_id)
         try:
             raw = await self.redis.hgetall(key)  # type: ignore[misc]
-        except NoPermissionError as exc:
-            raise denied(exc, f"read request {request_id!r}") from None
+        except RedisError as exc:
+            raise as_inferq_error(exc, f"read request {request_id!r}") or exc from None
         if not raw:
             raise RequestNotFound(f"no request {request_id!r} (never submitted, or its result expired)")
         expires = raw.get(b"expires")

@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import EqualJitterBackoff
-from redis.exceptions import ClusterDownError, OutOfMemoryError, ReadOnlyError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    ClusterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.errors import InferqError, PermissionDenied, RedisUnavailable
 from inferq.shared.settings import Settings
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # What a Redis outage looks like to a caller: retry with Backoff; anything else is a real error.
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+# A connection Redis refused for its user (wrong password, user disabled): an outage to redis-py, not to us.
+REFUSED_USER = (AuthenticationError, AuthorizationError)
 # Refusals that pass (out of memory, a replica or a server still loading after a failover, a busy script,
 # a cluster reshaping): the write is tried again until it lands. Any other refusal (no permission, a key of
 # the wrong type) will not pass by waiting.
@@ -65,6 +80,41 @@ class Backoff:
         self._failures = 0
 
 
+def as_inferq_error(exc: BaseException, what: str) -> InferqError | None:
+    """The InferqError a caller gets for a Redis error met while trying to `what`; None for other errors."""
+    if isinstance(exc, REFUSED_USER):
+        return PermissionDenied(f"Redis refused the user while trying to {what} ({exc}): check INFERQ_REDIS_URL")
+    if isinstance(exc, NoPermissionError):
+        return PermissionDenied(
+            f"this Redis user may not {what} ({exc}): a producer bound to a tenant (INFERQ_TENANT) adds, reads "
+            "and cancels only its tenant's requests, with ids that start 'TENANT:'; status, dead letters and "
+            'bulk jobs need the ops role (docs/CONTRACTS.md, "Roles")'
+        )
+    if isinstance(exc, OUTAGE) and not isinstance(exc, InferqError):
+        return RedisUnavailable(f"cannot reach Redis while trying to {what} ({exc})")
+    return None
+
+
+def redis_errors(what: str) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+    """Decorate a public async method: a Redis error it meets reaches the caller as an InferqError
+    (PermissionDenied, RedisUnavailable) that says what it was trying to do."""
+
+    def decorate(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        @functools.wraps(method)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            try:
+                return await method(*args, **kwargs)
+            except RedisError as exc:
+                error = as_inferq_error(exc, what)
+                if error is None:
+                    raise
+                raise error from exc
+
+        return wrapper
+
+    return decorate
+
+
 async def retry_outages(
     call: Callable[[], Awaitable[T]], what: str, log: logging.Logger, *, say_once: bool = False
 ) -> T:
@@ -74,6 +124,8 @@ async def retry_outages(
     while True:
         try:
             return await call()
+        except REFUSED_USER:
+            raise  # wrong credentials do not get better by waiting
         except OUTAGE as exc:
             delay = backoff.next()
             if not say_once or backoff.failures == 1:

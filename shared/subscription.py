@@ -51,9 +51,13 @@ class Subscription:
     async def _run(self) -> None:
         backoff = Backoff()
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                while True:  # the server's confirmation, or its refusal (NOPERM: raised here), comes first
+                    msg = await pubsub.get_message(timeout=None)
+                    if msg is not None and msg["type"] == "subscribe":
+                        break
                 if self._subscribed.is_set():
                     self.on_gap()  # reconnected: anything published meanwhile is gone
                 self._subscribed.set()

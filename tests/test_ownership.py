@@ -20,11 +20,12 @@ MODEL = "fake"
 
 @pytest.fixture
 async def narrow_worker_url(redis: Redis, settings: Settings, client: InferenceClient) -> AsyncIterator[str]:
-    """A Redis user for the worker that may publish token events to `client`'s channel only: a mistake in an
-    operator's ACL, seen from the worker as NOPERM on every other client's channel."""
+    """A Redis user for the worker that may publish token events to the channels of clients bound to no tenant
+    only (`{p}:t:` then hex): a mistake in an operator's ACL, seen from the worker as NOPERM on the channel of
+    a client bound to tenant `zed`."""
     keys = Keys(settings.key_prefix)
     user = f"{settings.key_prefix}-worker"
-    channels = [f"&{keys.cancel()}", f"&{client.channel}"]
+    channels = [f"&{keys.cancel()}", f"&{keys.tokens('[0-9a-f]*')}"]
     await redis.execute_command("ACL", "SETUSER", user, "on", ">pw", f"~{settings.key_prefix}:*", *channels, "+@all")
     yield (settings.redis_url or "").replace("redis://", f"redis://{user}:pw@")
     await redis.execute_command("ACL", "DELUSER", user)
@@ -36,7 +37,7 @@ async def test_a_refused_token_channel_fails_that_request_only(
     start_worker(
         "--engine", "standin", "--model", MODEL, cfg=settings.model_copy(update={"redis_url": narrow_worker_url})
     )
-    async with InferenceClient(settings) as refused_client:
+    async with InferenceClient(settings.model_copy(update={"tenant": "zed"})) as refused_client:
         before = await client.submit(prompt="hi", model=MODEL, max_tokens=4)
         refused = [await refused_client.submit(prompt="hi", model=MODEL, max_tokens=40) for _ in range(3)]
         tokens = [event.text async for event in before.tokens()]

@@ -6,6 +6,8 @@ to its end under the prefix-scoped users."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -135,6 +137,19 @@ async def test_producers_serve_their_own_tenant_and_read_no_one_elses(
         for command in refused:
             with pytest.raises(NoPermissionError):
                 await raw.execute_command(*command)
+    with pytest.raises(PermissionDenied, match="ops role"):
+        await acme.stats()
+    with pytest.raises(PermissionDenied, match="ops role"):
+        await acme.dead_letters(MODEL).list()
+    env = {**os.environ, "INFERQ_REDIS_URL": acl_server.url("acme"), "INFERQ_KEY_PREFIX": PREFIX}
+    for argv, hint in ((("status",), "ops role"), (("submit", "--prompt", "hi", "--model", MODEL), "INFERQ_TENANT")):
+        run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, env=env)
+        done = await asyncio.to_thread(run, inferq_argv(*argv))  # a submit without INFERQ_TENANT: refused at once
+        assert (done.returncode, done.stderr.count("\n")) == (6, 1) and hint in done.stderr, done.stderr
+    wrong = acl_server.settings("acme").model_copy(update={"redis_url": acl_server.url("acme").replace(PASSWORD, "x")})
+    with pytest.raises(PermissionDenied, match="refused the user"):
+        async with InferenceClient(wrong):
+            pass
     async with Redis.from_url(acl_server.url("w")) as worker_user:
         with pytest.raises(NoPermissionError):
             await worker_user.set("elsewhere", "1")  # a worker writes only under the prefix

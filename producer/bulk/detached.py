@@ -43,7 +43,7 @@ from inferq.producer.bulk.state import (
     JobRecord,
 )
 from inferq.producer.client import InferenceClient
-from inferq.shared.connection import OUTAGE, connect
+from inferq.shared.connection import OUTAGE, connect, redis_errors
 from inferq.shared.errors import InferqError, InvalidRequest, RequestNotFound
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
@@ -72,6 +72,7 @@ class BulkJobs:
         self.client = client
         self.store = BulkStore(client.redis, client.keys, client.settings.bulk_ttl_s)
 
+    @redis_errors("submit a bulk job")
     async def submit(self, input_path: Path, *, model: str | None = None) -> JobRecord:
         """Stage the input in Redis and queue the job's first step; returns the job (state validating)."""
         path = input_path.resolve()  # noqa: ASYNC240 - one stat of the file the user named
@@ -91,6 +92,7 @@ class BulkJobs:
             await arq.aclose(close_connection_pool=True)
         return job
 
+    @redis_errors("read a bulk job")
     async def get(self, job: str) -> JobRecord:
         record = await self.store.get(job)
         if record is None:
@@ -99,14 +101,17 @@ class BulkJobs:
             )
         return record
 
+    @redis_errors("list bulk jobs")
     async def list(self, limit: int = 50) -> list[JobRecord]:
         return await self.store.list(limit)
 
+    @redis_errors("cancel a bulk job")
     async def cancel(self, job: str) -> str:
         """Ask the job to stop: no more lines are fed, outstanding requests are cancelled; returns the state."""
         await self.get(job)
         return await self.store.change_state(job, CANCELLING, {VALIDATING, IN_PROGRESS})
 
+    @redis_errors("download a bulk job's output")
     async def download(self, job: str, output: Path, *, wait: bool = False) -> tuple[JobRecord, int]:
         """Write the job's output to `output` (resuming a partial download); with `wait`, until it ends."""
         record = await self.get(job)

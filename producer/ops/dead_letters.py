@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from inferq.producer.admission import EXISTS, REFUSED, TENANT_FULL, Admitter
 from inferq.shared.codec import text, unpack
+from inferq.shared.connection import redis_errors
 from inferq.shared.errors import BadPayload, InvalidRequest, QueueFull, RequestNotFound
 from inferq.shared.keys import Keys
 from inferq.shared.schemas import GenerationRequest
@@ -80,21 +81,25 @@ class DeadLetters:
         self.model = model
         self._admitter = admitter
 
+    @redis_errors("read dead letters")
     async def size(self) -> int:
         return int(await self.redis.xlen(self.key))
 
+    @redis_errors("read dead letters")
     async def list(self, count: int = 100, after: str = "-") -> list[DeadLetter]:
         """The oldest `count` dead letters (after the id `after`, exclusive, to page on)."""
         start = after if after == "-" else f"({after}"
         entries = await self.redis.xrange(self.key, min=start, count=count)
         return [DeadLetter.from_entry(eid, fields) for eid, fields in entries]
 
+    @redis_errors("read dead letters")
     async def show(self, dead_letter_id: str) -> DeadLetter:
         entries = await self.redis.xrange(self.key, min=dead_letter_id, max=dead_letter_id)
         if not entries:
             raise RequestNotFound(f"no dead letter {dead_letter_id!r} in {self.key}; `inferq dlq list` shows them")
         return DeadLetter.from_entry(*entries[0])
 
+    @redis_errors("retry a dead letter")
     async def retry(self, dead_letter_id: str) -> str:
         """Enqueue the original request again (its failed result is replaced); returns its request id."""
         letter = await self.show(dead_letter_id)
@@ -120,6 +125,7 @@ class DeadLetters:
             raise QueueFull(request.model, admission.queue_len, admission.lag, retry_after, note=note)
         return request.id
 
+    @redis_errors("purge dead letters")
     async def purge(self) -> int:
         """Drop every dead letter; returns how many there were. Their `failed` results stay until they expire."""
         async with self.redis.pipeline(transaction=True) as pipe:
