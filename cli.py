@@ -307,6 +307,25 @@ def worker(
     console.serve.run_worker(settings, engine=engine, consumer=consumer, bulk_jobs=bulk_jobs)
 
 
+# ---- gateway ----------------------------------------------------------------------------------------
+@app.command()
+def gateway(
+    host: Annotated[str, typer.Option(help="address to listen on (without API keys: loopback only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Serve the OpenAI-compatible HTTP API over the queue until SIGTERM: POST /v1/chat/completions and
+    /v1/completions (stream: true for Server-Sent Events), GET /v1/models (models with live workers), GET /health.
+
+    Callers send `Authorization: Bearer KEY`; keys map to tenants in INFERQ_API_KEYS ('{"KEY": "TENANT"}') or
+    INFERQ_API_KEYS_FILE. With no keys, anyone who can reach it may use it, so it listens on loopback only.
+
+    Example: curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
+    -d '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    console.serve.run_gateway(base.settings(redis_url=redis_url), host, port)
+
+
 # ---- embedded redis ---------------------------------------------------------------------------------
 @redis_app.command("start")
 def redis_start() -> None:

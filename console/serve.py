@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from inferq.console.base import model_path, run
+from inferq.console.base import die, model_path, run
 from inferq.producer.bulk.detached import bulk_runner
 from inferq.shared.settings import Settings
 from inferq.worker.run import make_engine, run_until_signalled, serve
@@ -42,3 +42,15 @@ def run_bulk_runner(settings: Settings) -> int:
     _log_to_stderr()
     code: int = run(run_until_signalled(lambda: bulk_runner(settings)), sigterm_cancels=False)
     return code
+
+
+def run_gateway(settings: Settings, host: str, port: int) -> None:
+    """Serve the HTTP gateway until SIGTERM or Ctrl-C (exit 143 / 130, as for any other command)."""
+    _log_to_stderr()
+    try:
+        from inferq.gateway.server import serve as serve_gateway
+    except ImportError as missing:  # aiohttp comes with the `gateway` extra
+        if missing.name != "aiohttp":
+            raise
+        die(f"`inferq gateway` needs the gateway extra ({missing.name} is missing): pip install 'inferq[gateway]'")
+    run(serve_gateway(settings, host, port))

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferq.shared.errors import ConfigError
@@ -122,6 +122,16 @@ class Settings(BaseSettings):
         "deadline comes sooner); bounds how long a queued request's result is kept"
     )  # fmt: skip
     request_timeout_s: float = Field(600.0, gt=0, description="default wait for a result in the client")
+
+    # The HTTP gateway (inferq.gateway).
+    api_keys: SecretStr | None = Field(
+        None, description='the gateway\'s API keys, a JSON object: {"KEY": "TENANT"} or {"KEY": {"tenant": ..., '
+        '"models": [...]}}'
+    )  # fmt: skip
+    api_keys_file: Path | None = Field(None, description="a file that holds the gateway's API keys (same JSON)")
+    gateway_max_body_bytes: int = Field(
+        4 << 20, ge=1024, description="largest HTTP request body the gateway reads (413 past it)"
+    )
 
     # Bulk jobs.
     bulk_window: int = Field(4096, ge=1, description="most requests of one bulk job outstanding at once")

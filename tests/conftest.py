@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -144,6 +145,46 @@ class WorkerProcess:
         with_children_gone(self.proc.pid)
         self._log.close()
         return self.proc.returncode
+
+
+class GatewayProcess(WorkerProcess):
+    """An `inferq gateway` subprocess on a free port; `wait_ready()` returns once GET /health answers 200."""
+
+    def __init__(self, settings: Settings, *, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(settings, "--port", str(self.port), name="gateway", log_path=log_path, env=env,
+                         command=("gateway",))  # fmt: skip
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gateway not ready after {timeout_s}s:\n{self.log()[-4000:]}")
+
+
+@pytest.fixture
+def start_gateway(settings: Settings, tmp_path: Path) -> Iterator[object]:
+    started: list[GatewayProcess] = []
+
+    def start(env: dict[str, str] | None = None, cfg: Settings | None = None, wait: bool = True) -> GatewayProcess:
+        proc = GatewayProcess(cfg or settings, log_path=tmp_path / f"gateway{len(started)}.log", env=env)
+        started.append(proc)
+        if wait:
+            proc.wait_ready()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
 
 
 def with_children_gone(pgid: int) -> None:

@@ -22,14 +22,36 @@ FOLDERS = {
     "producer": "inferq.producer",
     "worker": "inferq.worker",
     "console": "inferq.console",
+    "gateway": "inferq.gateway",
     "bench": "inferq.bench",
 }
 # What each layer may not import (prefixes of module names).
 FORBIDDEN = {
-    "shared": ("inferq.producer", "inferq.worker", "inferq.console", "inferq.bench", "inferq.cli", "vllm", "torch"),
-    "producer": ("inferq.worker", "inferq.console", "inferq.bench", "inferq.cli", "vllm", "torch", "typer", "rich"),
-    "worker": ("inferq.console", "inferq.bench", "inferq.cli"),
+    "shared": (
+        "inferq.producer",
+        "inferq.worker",
+        "inferq.console",
+        "inferq.gateway",
+        "inferq.bench",
+        "inferq.cli",
+        "vllm",
+        "torch",
+    ),
+    "producer": (
+        "inferq.worker",
+        "inferq.console",
+        "inferq.gateway",
+        "inferq.bench",
+        "inferq.cli",
+        "vllm",
+        "torch",
+        "typer",
+        "rich",
+    ),
+    "worker": ("inferq.console", "inferq.bench", "inferq.cli", "inferq.gateway"),
     "console": ("inferq.bench",),
+    # A client like any other: never the worker or an engine.
+    "gateway": ("inferq.worker", "inferq.console", "inferq.bench", "inferq.cli", "vllm", "torch", "typer", "rich"),
 }
 
 
@@ -97,7 +119,7 @@ def test_layers_do_not_reach_into_each_other(folder: str) -> None:
 
 
 def test_no_benchmark_code_in_the_product_packages() -> None:
-    product = [ROOT / "shared", ROOT / "producer", ROOT / "worker", ROOT / "console"]
+    product = [ROOT / "shared", ROOT / "producer", ROOT / "worker", ROOT / "console", ROOT / "gateway"]
     assert [p for folder in product for p in folder.rglob("*bench*")] == []
 
 
@@ -106,6 +128,6 @@ def test_nothing_imports_the_old_top_level_names() -> None:
     goes through the namespace."""
     listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
     sources = [ROOT / name for name in listed.stdout.split()]
-    old = ("shared", "producer", "worker", "cli", "console", "bench")
+    old = ("shared", "producer", "worker", "cli", "console", "gateway", "bench")
     wrong = [f"{p.relative_to(ROOT)}: {n}" for p in sources for n in imports_of(p) if n.split(".")[0] in old]
     assert wrong == []

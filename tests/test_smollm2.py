@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import openai
 import psutil
 from redis.asyncio import Redis
 
@@ -35,7 +36,9 @@ async def as_vllm_ships(settings: Settings, model_path: str) -> tuple[list[str],
     return answers, titles
 
 
-async def test_smollm2_answers_paris_through_the_queue(settings: Settings, redis: Redis, start_worker) -> None:
+async def test_smollm2_answers_paris_through_the_queue(
+    settings: Settings, redis: Redis, start_worker, start_gateway
+) -> None:
     from inferq.worker.models import prepare_model
 
     path = prepare_model("smollm2", settings.data_dir)
@@ -52,6 +55,19 @@ async def test_smollm2_answers_paris_through_the_queue(settings: Settings, redis
     assert result.status == "done" and result.finish_reason == "stop"
     assert "Paris" in result.text and streamed == result.text
     assert await drained(redis, settings, "smollm2") == (0, 0)
+
+    # The same question through the OpenAI-compatible gateway, with the official SDK, whole and streamed.
+    gateway = start_gateway()
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0) as sdk:
+        assert [m.id async for m in sdk.models.list()] == ["smollm2"]
+        whole = await sdk.chat.completions.create(model="smollm2", messages=question, max_tokens=32, temperature=0)  # type: ignore[arg-type]
+        chunks = await sdk.chat.completions.create(
+            model="smollm2", messages=question, max_tokens=32, temperature=0, stream=True,  # type: ignore[arg-type]
+        )  # fmt: skip
+        streamed_text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+    assert whole.choices[0].message.content == result.text and "Paris" in streamed_text
+    assert streamed_text == result.text and whole.choices[0].finish_reason == "stop"
 
     # The worker runs the model in vLLM's engine core (worker/vllm_executor.py); greedy, it answers word for word
     # as vLLM as it ships does, whose engine core hands each step to a model process.

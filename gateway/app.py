@@ -1,0 +1,198 @@
+"""The gateway's routes (aiohttp): OpenAI's chat and completions, whole or streamed as Server-Sent Events,
+the models that have live workers, and health. Each request is a queue request of the caller's tenant,
+with an id the gateway makes; a caller that goes away cancels its request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from inferq.gateway import openai_api
+from inferq.gateway.callers import ApiKeys, Caller
+from inferq.gateway.errors import HttpError, openai_errors
+from inferq.gateway.models import LiveModels
+from inferq.gateway.openai_api import Ask
+from inferq.producer import InferenceClient, RequestHandle
+from inferq.shared.connection import OUTAGE
+from inferq.shared.lifecycle import AsyncLifecycle
+from inferq.shared.schemas import Result
+from inferq.shared.settings import Settings
+
+log = logging.getLogger("inferq.gateway")
+CALLER = "inferq.caller"  # the request's Caller, set by `authenticate`
+
+
+class Gateway(AsyncLifecycle):
+    """What every route shares: the client it enqueues through, the API keys, the live models."""
+
+    def __init__(self, settings: Settings, api_keys: ApiKeys) -> None:
+        self.settings = settings
+        self.api_keys = api_keys
+        self.client = InferenceClient(settings)
+        self.models: LiveModels | None = None
+        self._cancels: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        await self.client.start()
+        self.models = LiveModels(self.client.redis, self.client.keys)
+
+    async def close(self) -> None:
+        if self._cancels:
+            await asyncio.wait(self._cancels, timeout=5)
+        await self.client.close()
+
+    async def live_models(self, caller: Caller) -> dict[str, int]:
+        assert self.models is not None
+        return {m: t for m, t in (await self.models.current()).items() if caller.may_use(m)}
+
+    async def require_model(self, caller: Caller, model: str) -> None:
+        if not caller.may_use(model):
+            raise HttpError(404, f"model {model!r} does not exist or this API key may not use it", "model_not_found")
+        if model not in await self.live_models(caller):
+            raise HttpError(
+                404, f"no worker serves model {model!r} now; GET /v1/models lists those that do", "model_not_found",
+                param="model",
+            )  # fmt: skip
+
+    def cancel_soon(self, request_id: str) -> None:
+        """The caller went away: cancel its request (in the background: the handler is being cancelled)."""
+        task = asyncio.create_task(self._cancel(request_id), name="inferq-gateway-cancel")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, request_id: str) -> None:
+        try:
+            await self.client.cancel(request_id)
+        except Exception as exc:  # the request ends anyway; it runs to its end unread
+            log.warning("could not cancel %s after its caller left: %s", request_id, exc)
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def build_app(settings: Settings) -> web.Application:
+    gateway = Gateway(settings, ApiKeys.from_settings(settings))
+    app = web.Application(client_max_size=settings.gateway_max_body_bytes, middlewares=[openai_errors, authenticate])
+    app[GATEWAY] = gateway
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        async with gateway:
+            yield
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    return app
+
+
+@web.middleware
+async def authenticate(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        request[CALLER] = request.app[GATEWAY].api_keys.caller(request.headers.get("Authorization"))
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    """Ready only when Redis answers."""
+    try:
+        await request.app[GATEWAY].client.redis.ping()
+    except OUTAGE:
+        return web.json_response({"status": "redis unreachable"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = await request.app[GATEWAY].live_models(request[CALLER])
+    data = [{"id": m, "object": "model", "created": t, "owned_by": "inferq"} for m, t in models.items()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    gateway, caller = request.app[GATEWAY], request[CALLER]
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise HttpError(400, f"the request body is not JSON ({exc.msg} at line {exc.lineno})") from None
+    ask = openai_api.parse(body, chat=chat)
+    await gateway.require_model(caller, ask.model)
+    handle = await gateway.client.submit(
+        model=ask.model, request_id=caller.new_request_id(), tenant=caller.tenant, stream=ask.stream, **ask.submit
+    )
+    ended = False
+    try:
+        if ask.stream:
+            response = await _stream(request, ask, handle)
+        else:
+            result = await handle.result(timeout=gateway.settings.request_timeout_s)
+            response = web.json_response(openai_api.completion(ask, handle.id, _done(result)))
+        ended = True
+        return response
+    finally:
+        if not ended:  # the caller left, timed out, or the stream broke: nobody will read the rest
+            gateway.cancel_soon(handle.id)
+
+
+def _done(result: Result) -> Result:
+    """`result` if it ended `done`, else the HttpError that says how it ended."""
+    if result.status == "done":
+        return result
+    raise _ended_badly(result)
+
+
+def _ended_badly(result: Result) -> HttpError:
+    error = result.error or ""
+    if result.status == "expired":
+        return HttpError(504, "the request reached its deadline before it finished", "deadline_exceeded")
+    if result.status == "cancelled":
+        return HttpError(409, "the request was cancelled", "cancelled")
+    if error.startswith(("refused: ", "rejected by the engine: ")):  # what it asked for: the caller's to fix
+        return HttpError(400, error.partition(": ")[2], "context_length_exceeded" if "context" in error else None)
+    return HttpError(500, f"the request failed: {error}", "request_failed")
+
+
+async def _stream(request: web.Request, ask: Ask, handle: RequestHandle) -> web.StreamResponse:
+    """Server-Sent Events in OpenAI's chunk format: the role first, text as it comes, the finish reason, the
+    usage if asked for, then `data: [DONE]`. An error after the stream began is one `data: {"error": ...}`."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    created, timeout = int(time.time()), request.app[GATEWAY].settings.request_timeout_s
+    await _send(response, openai_api.chunk(ask, handle.id, created, "", first=True))
+    sent = 0
+    async for event in handle.tokens(timeout=timeout):
+        if event.text:
+            sent += len(event.text)
+            await _send(response, openai_api.chunk(ask, handle.id, created, event.text))
+    result = await handle.result(timeout=timeout)  # the stored end: status, usage, and any text events missed
+    if result.status == "done":
+        if len(result.text) > sent:
+            await _send(response, openai_api.chunk(ask, handle.id, created, result.text[sent:]))
+        await _send(response, openai_api.chunk(ask, handle.id, created, None, result.finish_reason or "stop"))
+        if ask.include_usage:
+            await _send(response, openai_api.usage_chunk(ask, handle.id, created, result))
+    else:
+        await _send(response, _ended_badly(result).body())
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _send(response: web.StreamResponse, data: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")

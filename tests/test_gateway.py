@@ -1,0 +1,174 @@
+"""The OpenAI-compatible gateway, driven by the official `openai` SDK (and aiohttp's client where the SDK
+hides what is tested): a real `inferq gateway` process, a real stand-in worker, a real Redis. The answers
+of a real model through it are in test_smollm2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from redis.asyncio import Redis
+
+from inferq.producer import InferenceClient
+from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
+from tests.conftest import GatewayProcess, free_port, wait_until
+
+MODEL = "fake"
+ACME, BOLT, NARROW = "sk-acme-0123456789abcdef", "sk-bolt-0123456789abcdef", "sk-narrow-0123456789abcdef"
+KEYS = {ACME: "acme", BOLT: "bolt", NARROW: {"tenant": "narrow", "models": ["other-model"]}}
+
+
+@pytest.fixture
+def gateway(start_worker, start_gateway) -> GatewayProcess:
+    start_worker("--engine", "standin", "--model", MODEL)
+    return start_gateway(env={"INFERQ_API_KEYS": json.dumps(KEYS)})  # type: ignore[no-any-return]
+
+
+def sdk(gateway: GatewayProcess, key: str = ACME) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+async def test_chat_whole_and_streamed(gateway: GatewayProcess) -> None:
+    async with sdk(gateway) as client:
+        whole = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3)  # type: ignore[arg-type]
+        assert whole.choices[0].message.content == "t0 t1 t2 " and whole.choices[0].finish_reason == "length"
+        assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
+        assert (whole.usage.completion_tokens, whole.usage.prompt_tokens) == (3, 1)  # type: ignore[union-attr]
+        assert whole.id.startswith("chatcmpl-acme:")  # the request is the key's tenant's, with an id it made
+
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=5, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 t2 t3 t4 "
+    finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishing == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5  # type: ignore[union-attr]
+
+
+async def test_completions_whole_and_streamed(gateway: GatewayProcess) -> None:
+    async with sdk(gateway) as client:
+        whole = await client.completions.create(model=MODEL, prompt="once upon", max_tokens=2)
+        pieces = await client.completions.create(model=MODEL, prompt="a", max_tokens=4, stream=True)
+        streamed = [c async for c in pieces]
+    assert whole.choices[0].text == "t0 t1 " and whole.object == "text_completion"
+    assert "".join(c.choices[0].text for c in streamed) == "t0 t1 t2 t3 "
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+async def test_models_lists_live_workers_for_the_key(gateway: GatewayProcess) -> None:
+    async with sdk(gateway) as client, sdk(gateway, NARROW) as narrow:
+        assert [m.id async for m in client.models.list()] == [MODEL]
+        assert [m.id async for m in narrow.models.list()] == []  # this key may use only other-model
+        with pytest.raises(openai.NotFoundError, match="may not use it"):
+            await narrow.chat.completions.create(model=MODEL, messages=CHAT)  # type: ignore[arg-type]
+
+
+async def test_errors_carry_the_status_a_client_acts_on(gateway: GatewayProcess) -> None:
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.BadRequestError, match="logprobs") as bad:
+            await client.chat.completions.create(model=MODEL, messages=CHAT, logprobs=True)  # type: ignore[arg-type]
+        assert bad.value.body["param"] == "logprobs"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError, match="n must be 1"):
+            await client.chat.completions.create(model=MODEL, messages=CHAT, n=2)  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError, match="INFERQ_MAX_TOKENS_LIMIT"):
+            await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10**6)  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError, match="no worker serves model 'nobody'"):
+            await client.chat.completions.create(model="nobody", messages=CHAT)  # type: ignore[arg-type]
+        # With the default presence_penalty (what many clients send) nothing is refused.
+        fine = await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, presence_penalty=0)  # type: ignore[arg-type]
+        assert fine.choices[0].message.content == "t0 "
+    async with sdk(gateway, "sk-wrong-0123456789abcdef") as stranger:
+        with pytest.raises(openai.AuthenticationError, match="unknown API key"):
+            await stranger.models.list()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway.url}/v1/models") as answer:  # no key at all
+            assert answer.status == 401 and "Authorization: Bearer" in (await answer.json())["error"]["message"]
+        headers = {"Authorization": f"Bearer {ACME}"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (5 << 20)}]}
+        async with http.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers) as answer:
+            assert answer.status == 413 and "INFERQ_GATEWAY_MAX_BODY_BYTES" in (await answer.json())["error"]["message"]
+        async with http.post(f"{gateway.url}/v1/chat/completions", data=b"{not json", headers=headers) as answer:
+            assert answer.status == 400 and (await answer.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_full_queue_is_429_with_retry_after(
+    start_worker, start_gateway, client: InferenceClient, client_for_results: Any
+) -> None:
+    start_worker("--engine", "standin", "--model", MODEL)
+    gateway = start_gateway(env={"INFERQ_API_KEYS": json.dumps(KEYS), "INFERQ_MAX_QUEUE_LEN": "1"})
+    hung = await client.submit(prompt="hang", model=MODEL)  # its entry fills the lane until it ends
+    await wait_until(lambda: client_for_results.is_status(hung.id, "running"), 30, "the hung request to start")
+    async with sdk(gateway) as sdk_client:
+        with pytest.raises(openai.RateLimitError, match="full") as full:
+            await sdk_client.chat.completions.create(model=MODEL, messages=CHAT)  # type: ignore[arg-type]
+    assert int(full.value.response.headers["Retry-After"]) >= 1
+    await hung.cancel()
+    assert (await hung.result(timeout=30)).status == "cancelled"
+
+
+async def test_past_the_deadline_is_504_and_the_request_is_cancelled(
+    start_worker, start_gateway, client_for_results: Any
+) -> None:
+    start_worker("--engine", "standin", "--model", MODEL)
+    gateway = start_gateway(env={"INFERQ_API_KEYS": json.dumps(KEYS), "INFERQ_REQUEST_TIMEOUT_S": "1"})
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.APIStatusError) as late:
+            await client.completions.create(model=MODEL, prompt="hang")  # the stand-in never answers "hang"
+    assert late.value.status_code == 504
+    request_id = await client_for_results.only_request("acme")
+    await wait_until(lambda: client_for_results.is_status(request_id, "cancelled"), 30, "the request to be cancelled")
+
+
+async def test_a_caller_that_disconnects_cancels_its_request(gateway: GatewayProcess, client_for_results: Any) -> None:
+    async with aiohttp.ClientSession() as http:
+        body = {"model": MODEL, "prompt": "hang", "stream": True}
+        answer = await http.post(
+            f"{gateway.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {ACME}"}
+        )
+        first = json.loads((await answer.content.readline()).decode().removeprefix("data: "))
+        request_id = first["id"].removeprefix("cmpl-")
+        await wait_until(lambda: client_for_results.is_status(request_id, "running"), 30, "the request to start")
+        answer.close()  # the caller goes away mid-stream
+    await wait_until(lambda: client_for_results.is_status(request_id, "cancelled"), 30, "the request to be cancelled")
+
+
+async def test_redis_unreachable_is_503(start_gateway, settings: Settings, tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path / "own", free_port())
+    server.start()
+    gateway = start_gateway(cfg=settings.model_copy(update={"redis_url": server.url}))  # no keys: loopback only
+    server.stop()
+    async with sdk(gateway) as client:
+        with pytest.raises(openai.APIStatusError) as down:
+            await client.chat.completions.create(model=MODEL, messages=CHAT)  # type: ignore[arg-type]
+    assert down.value.status_code == 503 and "unavailable" in down.value.message
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway.url}/health") as health:
+        assert health.status == 503
+
+
+@pytest.fixture
+async def client_for_results(redis: Redis, settings: Settings) -> AsyncIterator[Any]:
+    """What the test reads straight from Redis: the stored state of the gateway's requests."""
+    keys = Keys(settings.key_prefix)
+
+    class Reader:
+        async def is_status(self, request_id: str, status: str) -> bool:
+            return await redis.hget(keys.result(request_id), "status") == status.encode()  # type: ignore[no-any-return]
+
+        async def only_request(self, tenant: str) -> str:
+            found = [k.decode() async for k in redis.scan_iter(match=keys.result(f"{tenant}:*"))]
+            assert len(found) == 1, found
+            return found[0].removeprefix(keys.result(""))
+
+    yield Reader()
