@@ -26,6 +26,7 @@ from inferq.shared.settings import Settings
 
 log = logging.getLogger("inferq.gateway")
 CALLER = "inferq.caller"  # the request's Caller, set by `authenticate`
+_MAX_IDEMPOTENCY_KEY = 255
 
 
 class Gateway(AsyncLifecycle):
@@ -89,6 +90,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/requests/{request_id}", read_request)
+    app.router.add_post("/v1/requests/{request_id}/cancel", cancel_request)
     app.router.add_get("/health", health)
     return app
 
@@ -133,9 +136,17 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
         raise HttpError(400, f"the request body is not JSON ({exc.msg} at line {exc.lineno})") from None
     ask = openai_api.parse(body, chat=chat)
     await gateway.require_model(caller, ask.model)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= _MAX_IDEMPOTENCY_KEY:
+        raise HttpError(400, f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters", "invalid_header")
+    request_id = caller.request_id(openai_api.kind(ask), idempotency_key)
+    later = "respond-async" in request.headers.get("Prefer", "")
     handle = await gateway.client.submit(
-        model=ask.model, request_id=caller.new_request_id(), tenant=caller.tenant, stream=ask.stream, **ask.submit
+        model=ask.model, request_id=request_id, tenant=caller.tenant, stream=ask.stream and not later, **ask.submit
     )
+    if later:  # enqueue and poll: the caller reads GET /v1/requests/{id} when it likes
+        location = f"/v1/requests/{handle.id}"
+        return web.json_response(_state(handle.id, ask.model, "queued"), status=202, headers={"Location": location})
     ended = False
     try:
         if ask.stream:
@@ -148,6 +159,42 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     finally:
         if not ended:  # the caller left, timed out, or the stream broke: nobody will read the rest
             gateway.cancel_soon(handle.id)
+
+
+async def read_request(request: web.Request) -> web.Response:
+    """GET /v1/requests/{id}: a request's state, and its answer (or how it ended) once it has ended."""
+    gateway, request_id = request.app[GATEWAY], request.match_info["request_id"]
+    ask = _own_request(request, request_id)
+    result = await gateway.client.get(request_id)
+    ask.model = result.model or ask.model
+    state = _state(request_id, ask.model, result.status, int(result.timings.queued_at or 0))
+    if result.status == "done":
+        state["response"] = openai_api.completion(ask, request_id, result)
+    elif result.final:
+        state["error"] = _ended_badly(result).body()["error"]
+    return web.json_response(state)
+
+
+async def cancel_request(request: web.Request) -> web.Response:
+    """POST /v1/requests/{id}/cancel: a queued request ends at once, a running one is aborted in the engine."""
+    request_id = request.match_info["request_id"]
+    ask = _own_request(request, request_id)
+    status = await request.app[GATEWAY].client.cancel(request_id)
+    return web.json_response(_state(request_id, ask.model, status))
+
+
+def _own_request(request: web.Request, request_id: str) -> Ask:
+    """The caller's own gateway request (what it asked for, as far as its id tells), or 404: another key's
+    requests do not exist for it."""
+    ask = openai_api.ask_of(request_id) if request[CALLER].owns(request_id) else None
+    if ask is None:
+        raise HttpError(404, f"no request {request_id!r} of this API key", "not_found")
+    return ask
+
+
+def _state(request_id: str, model: str, status: str, created: int | None = None) -> dict[str, Any]:
+    return {"id": request_id, "object": "inferq.request", "model": model, "status": status,
+            "created": created or int(time.time())}  # fmt: skip
 
 
 def _done(result: Result) -> Result:

@@ -31,9 +31,14 @@ class Caller:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
-    def new_request_id(self) -> str:
-        """A fresh id this caller owns: `TENANT:hex` (the producer role's scope), or hex without keys."""
-        raw = uuid.uuid4().hex
+    def request_id(self, kind: str, idempotency_key: str | None = None) -> str:
+        """An id this caller owns, `TENANT:KIND-hex` (the producer role's scope; `KIND-hex` without keys):
+        fresh, or the same for every request that carries the same Idempotency-Key."""
+        if idempotency_key is None:
+            tail = uuid.uuid4().hex
+        else:  # the caller's key scopes it too: two callers' keys never meet
+            tail = "idem-" + hashlib.sha256(f"{self.label}\0{idempotency_key}".encode()).hexdigest()[:32]
+        raw = f"{kind}-{tail}"
         return raw if self.tenant is None else Keys.tenant_scoped(self.tenant, raw)
 
     def owns(self, request_id: str) -> bool:

@@ -137,8 +137,17 @@ def _prompt(prompt: Any) -> str:
 
 
 # ---- answers ---------------------------------------------------------------------------------------------
-def response_id(ask: Ask, request_id: str) -> str:
-    return f"{'chatcmpl' if ask.chat else 'cmpl'}-{request_id}"
+def kind(ask: Ask) -> str:
+    """What a request id says it is: `chatcmpl-...` or `cmpl-...` (as OpenAI's own ids), after its tenant."""
+    return "chatcmpl" if ask.chat else "cmpl"
+
+
+def ask_of(request_id: str) -> Ask | None:
+    """What a gateway request asked for, as far as its id tells (None: not a gateway request)."""
+    tail = request_id.rpartition(":")[2]
+    if tail.startswith("chatcmpl-"):
+        return Ask(chat=True, model="")
+    return Ask(chat=False, model="") if tail.startswith("cmpl-") else None
 
 
 def usage(result: Result) -> dict[str, int]:
@@ -157,7 +166,7 @@ def completion(ask: Ask, request_id: str, result: Result) -> dict[str, Any]:
     else:
         choice["text"] = result.text
     return {
-        "id": response_id(ask, request_id), "object": "chat.completion" if ask.chat else "text_completion",
+        "id": request_id, "object": "chat.completion" if ask.chat else "text_completion",
         "created": int(result.timings.finished_at or time.time()), "model": ask.model, "choices": [choice],
         "usage": usage(result),
     }  # fmt: skip
@@ -175,7 +184,7 @@ def chunk(ask: Ask, request_id: str, created: int, text: str | None, finish_reas
     else:
         choice["text"] = text or ""
     return {
-        "id": response_id(ask, request_id), "object": "chat.completion.chunk" if ask.chat else "text_completion",
+        "id": request_id, "object": "chat.completion.chunk" if ask.chat else "text_completion",
         "created": created, "model": ask.model, "choices": [choice],
     }  # fmt: skip
 

@@ -44,7 +44,7 @@ async def test_chat_whole_and_streamed(gateway: GatewayProcess) -> None:
         assert whole.choices[0].message.content == "t0 t1 t2 " and whole.choices[0].finish_reason == "length"
         assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
         assert (whole.usage.completion_tokens, whole.usage.prompt_tokens) == (3, 1)  # type: ignore[union-attr]
-        assert whole.id.startswith("chatcmpl-acme:")  # the request is the key's tenant's, with an id it made
+        assert whole.id.startswith("acme:chatcmpl-")  # the request is the key's tenant's, with an id it made
 
         stream = await client.chat.completions.create(
             model=MODEL, messages=CHAT, max_tokens=5, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
@@ -138,7 +138,7 @@ async def test_a_caller_that_disconnects_cancels_its_request(gateway: GatewayPro
             f"{gateway.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {ACME}"}
         )
         first = json.loads((await answer.content.readline()).decode().removeprefix("data: "))
-        request_id = first["id"].removeprefix("cmpl-")
+        request_id = first["id"]
         await wait_until(lambda: client_for_results.is_status(request_id, "running"), 30, "the request to start")
         answer.close()  # the caller goes away mid-stream
     await wait_until(lambda: client_for_results.is_status(request_id, "cancelled"), 30, "the request to be cancelled")
@@ -157,6 +157,51 @@ async def test_redis_unreachable_is_503(start_gateway, settings: Settings, tmp_p
         assert health.status == 503
 
 
+async def test_enqueue_and_poll_with_an_idempotency_key(gateway: GatewayProcess, client_for_results: Any) -> None:
+    """For callers that cannot hold a connection: 202 with the id at once, then GET /v1/requests/{id}. A POST
+    retried with the same Idempotency-Key is the same request: it runs once."""
+    headers = {"Authorization": f"Bearer {ACME}", "Prefer": "respond-async", "Idempotency-Key": "order-17"}
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 3}
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        ids = []
+        for _ in range(2):
+            async with http.post("/v1/chat/completions", json=body, headers=headers) as answer:
+                assert answer.status == 202, await answer.text()
+                accepted = await answer.json()
+                assert answer.headers["Location"] == f"/v1/requests/{accepted['id']}"
+                ids.append(accepted["id"])
+        assert ids[0] == ids[1] and ids[0].startswith("acme:chatcmpl-idem-")
+        await wait_until(lambda: client_for_results.is_status(ids[0], "done"), 30, "the request to finish")
+        auth = {"Authorization": f"Bearer {ACME}"}
+        async with http.get(f"/v1/requests/{ids[0]}", headers=auth) as answer:
+            state = await answer.json()
+        assert state["status"] == "done" and state["response"]["choices"][0]["message"]["content"] == "t0 t1 t2 "
+        assert state["response"]["object"] == "chat.completion"
+    assert await client_for_results.attempts(ids[0]) == 1  # the retried POST ran nothing twice
+
+
+async def test_one_key_cannot_see_or_cancel_another_keys_work(gateway: GatewayProcess) -> None:
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        acme, bolt = ({"Authorization": f"Bearer {key}"} for key in (ACME, BOLT))
+        later = {**acme, "Prefer": "respond-async"}
+        async with http.post("/v1/completions", json={"model": MODEL, "prompt": "hang"}, headers=later) as answer:
+            request_id = (await answer.json())["id"]
+        for method, path in (("GET", f"/v1/requests/{request_id}"), ("POST", f"/v1/requests/{request_id}/cancel")):
+            async with http.request(method, path, headers=bolt) as answer:
+                assert answer.status == 404, await answer.text()  # for another key it does not exist
+        async with http.get(f"/v1/requests/{request_id}", headers=acme) as answer:
+            assert (await answer.json())["status"] in ("queued", "running")
+        async with http.post(f"/v1/requests/{request_id}/cancel", headers=acme) as answer:
+            assert (await answer.json())["status"] in ("cancelled", "running")  # running: aborted by its worker
+
+        async def cancelled() -> bool:
+            async with http.get(f"/v1/requests/{request_id}", headers=acme) as answer:
+                state = await answer.json()
+            return state["status"] == "cancelled" and state["error"]["code"] == "cancelled"  # type: ignore[no-any-return]
+
+        await wait_until(cancelled, 30, "the request to end cancelled")
+
+
 @pytest.fixture
 async def client_for_results(redis: Redis, settings: Settings) -> AsyncIterator[Any]:
     """What the test reads straight from Redis: the stored state of the gateway's requests."""
@@ -165,6 +210,9 @@ async def client_for_results(redis: Redis, settings: Settings) -> AsyncIterator[
     class Reader:
         async def is_status(self, request_id: str, status: str) -> bool:
             return await redis.hget(keys.result(request_id), "status") == status.encode()  # type: ignore[no-any-return]
+
+        async def attempts(self, request_id: str) -> int:
+            return int(await redis.hget(keys.result(request_id), "attempts") or 0)  # type: ignore[misc]
 
         async def only_request(self, tenant: str) -> str:
             found = [k.decode() async for k in redis.scan_iter(match=keys.result(f"{tenant}:*"))]
