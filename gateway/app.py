@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from inferq.gateway import openai_api
+from inferq.gateway import openai_api, websocket
 from inferq.gateway.callers import ApiKeys, Caller
 from inferq.gateway.errors import HttpError, openai_errors
 from inferq.gateway.models import LiveModels
@@ -92,15 +92,20 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/requests/{request_id}", read_request)
     app.router.add_post("/v1/requests/{request_id}/cancel", cancel_request)
+    app.router.add_get("/ws/generate", ws_generate)
     app.router.add_get("/health", health)
     return app
+
+
+async def ws_generate(request: web.Request) -> web.WebSocketResponse:
+    return await websocket.ws_generate(request, request.app[GATEWAY], request[CALLER])
 
 
 @web.middleware
 async def authenticate(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path.startswith("/v1/"):
+    if request.path.startswith(("/v1/", "/ws/")):
         request[CALLER] = request.app[GATEWAY].api_keys.caller(request.headers.get("Authorization"))
     return await handler(request)
 

@@ -202,6 +202,29 @@ async def test_one_key_cannot_see_or_cancel_another_keys_work(gateway: GatewayPr
         await wait_until(cancelled, 30, "the request to end cancelled")
 
 
+async def test_one_websocket_carries_many_requests_and_cancels_one(gateway: GatewayProcess) -> None:
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{gateway.url}/ws/generate", headers={"Authorization": f"Bearer {ACME}"})
+        await ws.send_json({"type": "generate", "id": "q1", "model": MODEL, "prompt": "a", "max_tokens": 3})
+        await ws.send_json({"type": "generate", "id": "q2", "model": MODEL, "messages": CHAT, "max_tokens": 5})
+        await ws.send_json({"type": "generate", "id": "q3", "model": MODEL, "prompt": "hang"})
+        await ws.send_json({"type": "generate", "id": "q4", "model": "nobody", "prompt": "a"})
+        await ws.send_json({"type": "cancel", "id": "q3"})
+        texts: dict[str, str] = {}
+        ends: dict[str, dict[str, Any]] = {}
+        while len(ends) < 4:
+            message = await ws.receive_json(timeout=30)
+            if message["type"] == "token":
+                texts[message["id"]] = texts.get(message["id"], "") + message["text"]
+            else:
+                ends[message["id"]] = message
+        await ws.close()
+    assert texts == {"q1": "t0 t1 t2 ", "q2": "t0 t1 t2 t3 t4 "}
+    assert [ends[q]["status"] for q in ("q1", "q2", "q3")] == ["done", "done", "cancelled"]
+    assert ends["q2"]["usage"]["completion_tokens"] == 5 and ends["q1"]["text"] == "t0 t1 t2 "
+    assert ends["q4"]["type"] == "error" and ends["q4"]["error"]["code"] == "model_not_found"
+
+
 @pytest.fixture
 async def client_for_results(redis: Redis, settings: Settings) -> AsyncIterator[Any]:
     """What the test reads straight from Redis: the stored state of the gateway's requests."""
