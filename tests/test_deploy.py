@@ -55,6 +55,12 @@ def check_services(config: dict[str, Any], password: str) -> None:
 
     assert environment(worker)["INFERQ_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
 
+    gateway = config["services"]["gateway"]
+    assert environment(gateway)["INFERQ_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+    assert environment(gateway)["INFERQ_API_KEYS"], "a gateway on every interface without API keys"
+    assert "/health" in " ".join(gateway["healthcheck"]["test"])
+    assert gateway["build"]["args"]["ENGINE_EXTRA"] == "gateway"  # no engine in the front door
+
 
 def test_compose_file_keeps_redis_private_and_password_protected() -> None:
     yaml = pytest.importorskip("yaml")
@@ -63,7 +69,7 @@ def test_compose_file_keeps_redis_private_and_password_protected() -> None:
 
 def compose_config(env_file: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`docker-compose config`, with no .env file and no INFERQ_REDIS_PASSWORD but what `env` gives."""
-    base = {k: v for k, v in os.environ.items() if k != "INFERQ_REDIS_PASSWORD"}
+    base = {k: v for k, v in os.environ.items() if k not in ("INFERQ_REDIS_PASSWORD", "INFERQ_API_KEYS")}
     argv = ["docker-compose", "--env-file", str(env_file), "-f", str(COMPOSE), "config"]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**base, **env})
 
@@ -77,10 +83,12 @@ def test_compose_file_is_accepted(tmp_path: Path) -> None:
     no_env_file = tmp_path / "empty.env"
     no_env_file.write_text("")
 
-    out = compose_config(no_env_file, INFERQ_REDIS_PASSWORD="s3cret-hex")
+    out = compose_config(no_env_file, INFERQ_REDIS_PASSWORD="s3cret-hex", INFERQ_API_KEYS='{"sk-k": "t"}')
     assert out.returncode == 0, out.stderr
     check_services(yaml.safe_load(out.stdout), "s3cret-hex")
     assert "capabilities:\n            - gpu" in out.stdout or "- gpu" in out.stdout
 
-    unset = compose_config(no_env_file)
+    unset = compose_config(no_env_file, INFERQ_API_KEYS='{"sk-k": "t"}')
     assert unset.returncode != 0 and "set INFERQ_REDIS_PASSWORD" in unset.stderr, unset.stderr
+    no_keys = compose_config(no_env_file, INFERQ_REDIS_PASSWORD="s3cret-hex")
+    assert no_keys.returncode != 0 and "set INFERQ_API_KEYS" in no_keys.stderr, no_keys.stderr

@@ -225,6 +225,20 @@ async def test_one_websocket_carries_many_requests_and_cancels_one(gateway: Gate
     assert ends["q4"]["type"] == "error" and ends["q4"]["error"]["code"] == "model_not_found"
 
 
+async def test_metrics_count_requests_by_route_and_status(gateway: GatewayProcess) -> None:
+    async with sdk(gateway) as client:
+        await client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="nobody", messages=CHAT)  # type: ignore[arg-type]
+    async with aiohttp.ClientSession() as http, http.get(f"{gateway.url}/metrics") as answer:
+        text = await answer.text()
+    assert answer.status == 200 and answer.content_type == "text/plain"
+    for status in ("200", "404"):
+        line = f'inferq_gateway_requests_total{{route="/v1/chat/completions",status="{status}"}} 1.0'
+        assert line in text, text
+    assert 'inferq_gateway_request_duration_seconds_count{route="/v1/chat/completions"} 2.0' in text
+
+
 @pytest.fixture
 async def client_for_results(redis: Redis, settings: Settings) -> AsyncIterator[Any]:
     """What the test reads straight from Redis: the stored state of the gateway's requests."""
