@@ -36,7 +36,7 @@ class Gateway(AsyncLifecycle):
     def __init__(self, settings: Settings, api_keys: ApiKeys) -> None:
         self.settings = settings
         self.api_keys = api_keys
-        self.client = InferenceClient(settings)
+        self.client = InferenceClient(settings, tenant_caps=api_keys.tenant_caps())
         self.models: LiveModels | None = None
         self._cancels: set[asyncio.Task[Any]] = set()
 

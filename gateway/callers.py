@@ -26,6 +26,7 @@ from inferq.shared.settings import Settings
 class Caller:
     tenant: str | None  # None: the anonymous caller of a gateway without keys
     models: frozenset[str] | None = None  # None: any model
+    max_unfinished: int | None = None  # per model, queued or running; None: INFERQ_TENANT_CAP
     label: str = "anonymous"  # for logs: the first characters of the key's digest, never the key
 
     def may_use(self, model: str) -> bool:
@@ -60,6 +61,14 @@ class ApiKeys:
     @property
     def required(self) -> bool:
         return bool(self._by_digest)
+
+    def tenant_caps(self) -> dict[str, int]:
+        """Each capped tenant's cap (the tightest of its keys': the count is the tenant's, not a key's)."""
+        caps: dict[str, int] = {}
+        for caller in self._by_digest.values():
+            if caller.tenant is not None and caller.max_unfinished is not None:
+                caps[caller.tenant] = min(caps.get(caller.tenant, caller.max_unfinished), caller.max_unfinished)
+        return caps
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiKeys:
@@ -109,12 +118,15 @@ def _caller(where: str, key: str, spec: Any) -> Caller:
         raise ConfigError(f"{where}: an API key must be a string of at least 16 characters")
     if isinstance(spec, str):
         spec = {"tenant": spec}
-    if not isinstance(spec, dict) or set(spec) - {"tenant", "models"}:
-        raise ConfigError(f'{where}: give a tenant, or {{"tenant": "...", "models": [...]}}')
+    if not isinstance(spec, dict) or set(spec) - {"tenant", "models", "max_unfinished"}:
+        raise ConfigError(f'{where}: give a tenant, or {{"tenant": "...", "models": [...], "max_unfinished": N}}')
     tenant = spec.get("tenant")
     if not isinstance(tenant, str) or not re.fullmatch(TENANT_NAME, tenant):
         raise ConfigError(f"{where}: the tenant must be letters, digits, _ and -, at most 64")
     models = spec.get("models")
     if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
         raise ConfigError(f"{where}: models must be a list of model names")
-    return Caller(tenant, None if models is None else frozenset(models), label=_digest(key)[:8])
+    cap = spec.get("max_unfinished")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"{where}: max_unfinished must be a whole number of at least 1")
+    return Caller(tenant, None if models is None else frozenset(models), cap, label=_digest(key)[:8])

@@ -13,6 +13,7 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,10 +67,11 @@ def estimate_retry_after(queue_len: int, cap: int, drain_rate: float, *, tenant_
 class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
     """Submits of one loop turn are grouped by lane: one admit.lua call per lane admits the lot in order."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, tenant_caps: Mapping[str, int] | None = None) -> None:
         super().__init__("admit")
         self.redis = redis
         self.settings = settings
+        self.tenant_caps = dict(tenant_caps or {})  # tenant -> its own cap, over settings.tenant_cap
         self.keys = Keys(settings.key_prefix)
         self._rates: dict[str, tuple[float, float]] = {}  # model -> (measured at, requests/s)
 
@@ -112,7 +114,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             self.settings.lane_cap(first.priority),
             self.settings.max_lag,
             GROUP,
-            self.settings.tenant_cap,
+            self.tenant_caps.get(first.tenant or "", self.settings.tenant_cap),
             len(batch),
             first.tenant or "",
         ]

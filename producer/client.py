@@ -165,8 +165,13 @@ class InferenceClient(AsyncLifecycle):
 
     On start it subscribes once to its own reply channel; every request names that channel."""
 
-    def __init__(self, settings: Settings | None = None, *, redis: Redis | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, redis: Redis | None = None, tenant_caps: dict[str, int] | None = None
+    ) -> None:
+        """`tenant_caps`: unfinished requests per model that a tenant may have, for tenants whose cap is not
+        INFERQ_TENANT_CAP (the gateway's per-key caps)."""
         self.settings = settings or load_settings()
+        self._tenant_caps = tenant_caps
         self.keys = Keys(self.settings.key_prefix)
         tenant = self.settings.tenant
         self.client_id = uuid.uuid4().hex[:16] if tenant is None else Keys.tenant_scoped(tenant, uuid.uuid4().hex[:16])
@@ -195,7 +200,7 @@ class InferenceClient(AsyncLifecycle):
             return
         if self._redis is None:
             self._redis = await asyncio.to_thread(connect, self.settings)
-        self._admitter = Admitter(self.redis, self.settings)
+        self._admitter = Admitter(self.redis, self.settings, self._tenant_caps)
         self._admitter.start()
         self._replies = ReplyListener(self.redis, self.channel)
         await self._replies.start()

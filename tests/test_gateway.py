@@ -22,7 +22,11 @@ from tests.conftest import GatewayProcess, free_port, wait_until
 
 MODEL = "fake"
 ACME, BOLT, NARROW = "sk-acme-0123456789abcdef", "sk-bolt-0123456789abcdef", "sk-narrow-0123456789abcdef"
-KEYS = {ACME: "acme", BOLT: "bolt", NARROW: {"tenant": "narrow", "models": ["other-model"]}}
+CAPPED = "sk-capped-0123456789abcdef"
+KEYS = {
+    ACME: "acme", BOLT: "bolt", NARROW: {"tenant": "narrow", "models": ["other-model"]},
+    CAPPED: {"tenant": "capped", "max_unfinished": 1},
+}  # fmt: skip
 
 
 @pytest.fixture
@@ -116,6 +120,22 @@ async def test_a_full_queue_is_429_with_retry_after(
     assert int(full.value.response.headers["Retry-After"]) >= 1
     await hung.cancel()
     assert (await hung.result(timeout=30)).status == "cancelled"
+
+
+async def test_a_key_with_a_cap_gets_429_past_it(gateway: GatewayProcess) -> None:
+    async with aiohttp.ClientSession(base_url=gateway.url) as http:
+        capped = {"Authorization": f"Bearer {CAPPED}", "Prefer": "respond-async"}
+        body = {"model": MODEL, "prompt": "hang"}
+        async with http.post("/v1/completions", json=body, headers=capped) as answer:
+            assert answer.status == 202
+            first = (await answer.json())["id"]
+        async with http.post("/v1/completions", json=body, headers=capped) as answer:
+            refused = await answer.json()
+            assert answer.status == 429 and "tenant 'capped' is at its cap" in refused["error"]["message"], refused
+        async with sdk(gateway, ACME) as other:  # another tenant is not held by it
+            assert (await other.completions.create(model=MODEL, prompt="a", max_tokens=1)).choices[0].text == "t0 "
+        async with http.post(f"/v1/requests/{first}/cancel", headers={"Authorization": f"Bearer {CAPPED}"}) as answer:
+            assert answer.status == 200
 
 
 async def test_past_the_deadline_is_504_and_the_request_is_cancelled(
