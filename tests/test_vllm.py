@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
 from redis.asyncio import Redis
@@ -130,6 +131,27 @@ async def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny: Settings) -> 
     assert long_result.status == "failed" and "exceeds the model's context" in (long_result.error or "")
     assert short_result.status == "done"
     assert short_result.timings.finished_at < long_result.timings.finished_at  # type: ignore[operator]
+
+
+async def test_the_gateway_answers_as_the_queue_does_on_vllm(tiny: Settings, start_gateway) -> None:
+    """Completions through the gateway, whole and streamed with the official SDK, greedy: the same text and
+    token counts as the same request through the Python client; a request over the context is a 400."""
+    gateway = start_gateway(cfg=tiny)
+    async with InferenceClient(tiny) as client:
+        direct = await client.generate(prompt="The queue holds", max_tokens=12, temperature=0, model="tiny")
+    async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0) as sdk:
+        whole = await sdk.completions.create(model="tiny", prompt="The queue holds", max_tokens=12, temperature=0)
+        pieces = await sdk.completions.create(
+            model="tiny", prompt="The queue holds", max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in pieces]
+        with pytest.raises(openai.BadRequestError, match="context") as too_long:
+            await sdk.completions.create(model="tiny", prompt="word " * 3000, max_tokens=8)
+    assert whole.choices[0].text == direct.text and whole.usage.completion_tokens == 12  # type: ignore[union-attr]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
+    assert chunks[-1].usage.prompt_tokens == direct.usage.prompt_tokens  # type: ignore[union-attr]
+    assert too_long.value.code == "context_length_exceeded"
 
 
 async def test_cancel_aborts_a_running_request_in_the_engine(tiny: Settings, redis: Redis) -> None:
