@@ -15,7 +15,6 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -35,9 +34,11 @@ from inferq.worker import scripts
 from inferq.worker.claims import Claims, Entry, pairs
 from inferq.worker.engine import Engine, RequestRejected
 from inferq.worker.flow import SlotControl
+from inferq.worker.jobs import Job
 from inferq.worker.lanes import LaneShares
 from inferq.worker.outbox import Outbox
-from inferq.worker.requests import Generation, RequestWriter
+from inferq.worker.requests import RequestWriter
+from inferq.worker.upkeep import Upkeep
 
 log = logging.getLogger("inferq.worker")
 
@@ -48,23 +49,7 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-@dataclass(eq=False)
-class Job:
-    """One entry this worker owns, from read to ack."""
-
-    stream: str
-    entry_id: str
-    fields: dict[bytes, bytes]
-    deliveries: int
-    task: asyncio.Task[None] | None = None
-    request: GenerationRequest | None = None
-    stop_reason: str | None = None  # "cancelled", "expired" or "failed" (the watchdog) once interrupted on purpose
-    error: str | None = None  # why, when it was stopped as `failed`
-    interruptible: bool = False  # True while it starts or generates; the final write is never interrupted
-    gen: Generation = field(default_factory=Generation)  # what it produced so far
-
-
-class Worker(AsyncLifecycle):
+class Worker(Upkeep, AsyncLifecycle):
     """`async with Worker(...) as w: await w.run()`; `stop_reading()` then `drain()` for a clean stop."""
 
     def __init__(
@@ -162,15 +147,6 @@ class Worker(AsyncLifecycle):
             return
         job.stop_reason, job.error = reason, error
         job.task.cancel()  # AsyncLLM aborts the request when its generator is cancelled
-
-    def _on_cancel(self, data: bytes) -> None:
-        """A cancel broadcast names a request; its result's `cancel` mark (set by cancel.lua, by whoever may
-        write that result) decides. Anyone who may publish to the channel can name any id."""
-        request_id = data.decode(errors="replace")
-        if request_id in self._by_request:
-            task = asyncio.create_task(self._check_cancel(request_id), name="inferq-cancel")
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
 
     # ---- reading ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -369,93 +345,3 @@ class Worker(AsyncLifecycle):
         error = None if sent.cancelled() else sent.exception()
         if error is not None:
             self.interrupt(request_id, "failed", f"Redis refused the request's token events: {error}")
-
-    # ---- heartbeat, claims, cancels ----------------------------------------------------------------
-    async def _maintain(self) -> None:
-        """Renew claims several times per claim window; beat, poll cancels and reap once per heartbeat."""
-        last_tokens, last_completed, last_beat = self.tokens_out, self.completed, time.monotonic()
-        while True:
-            await asyncio.sleep(self.claims.renew_interval_s)
-            if self._engine_stalled():
-                return  # no more renewals: other workers take this worker's entries over
-            try:
-                for stream, entry_id in await self.claims.renew(self._owned()):
-                    self._lose(stream, entry_id)
-                now = time.monotonic()
-                if now - last_beat < self.settings.heartbeat_s:
-                    continue
-                span = max(now - last_beat, 1e-6)
-                rates = ((self.tokens_out - last_tokens) / span, (self.completed - last_completed) / span)
-                last_tokens, last_completed, last_beat = self.tokens_out, self.completed, now
-                if self.flow.update(self.engine.load(), len(self._jobs)):
-                    log.info("engine load: now taking up to %d requests (of %d)", self.flow.slots, self.capacity)
-                    self._slot_free.set()
-                await self._beat(*rates)
-                await self._poll_cancels()
-                for name in await self.claims.reap():
-                    log.info("removed dead consumer %s from the group", name)
-            except Exception as exc:  # a missed beat is not fatal; the next one retries
-                log.warning("heartbeat failed: %s", exc)
-
-    def _engine_stalled(self) -> bool:
-        """True (and the worker stops, exit 1) once requests have been running with no output from the engine
-        for engine_stall_s: a hung engine must not hold its entries by renewing their claims forever."""
-        now = time.monotonic()
-        if not any(job.interruptible for job in self._jobs.values()):
-            self._progress_at = now  # idle is not a stall
-            return False
-        if now - self._progress_at < self.settings.engine_stall_s:
-            return False
-        if self.fatal is None:
-            self.fatal = EngineError(
-                f"the engine produced nothing for {now - self._progress_at:.0f} s with requests running "
-                "(INFERQ_ENGINE_STALL_S); leaving them to other workers"
-            )
-            log.error("ENGINE STALLED: worker %s stops: %s", self.name, self.fatal)
-            self.stop_reading()
-        return True
-
-    def _owned(self) -> dict[str, list[str]]:
-        owned: dict[str, list[str]] = {}
-        for job in self._jobs.values():
-            owned.setdefault(job.stream, []).append(job.entry_id)
-        return owned
-
-    def _lose(self, stream: str, entry_id: str) -> None:
-        """Another worker took this entry over (we could not renew in time): stop running it, write nothing."""
-        job = self._jobs.get((stream, entry_id))
-        if job is not None and job.task is not None and job.interruptible:
-            log.warning("entry %s was taken over by another worker; dropping our run of it", entry_id)
-            job.task.cancel()
-
-    async def _check_cancel(self, request_id: str) -> None:
-        try:
-            await self._poll_cancels([request_id])
-        except Exception as exc:  # Redis away: the next heartbeat's poll looks again
-            log.warning("could not check the cancel of %s (%s); the next heartbeat looks again", request_id, exc)
-
-    async def _poll_cancels(self, request_ids: list[str] | None = None) -> None:
-        """Interrupt the requests (by default every one running here) whose result carries a cancel mark.
-        Once per beat too: cancels broadcast while our subscription was down are still marked on the result."""
-        running = request_ids or [job.request.id for job in self._jobs.values() if job.request is not None]
-        if not running:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in running:
-                pipe.hget(self.keys.result(request_id), "cancel")
-            marks = await pipe.execute()
-        for request_id, mark in zip(running, marks, strict=True):
-            if mark == b"1":
-                self.interrupt(request_id, "cancelled")
-
-    async def _beat(self, tokens_per_s: float = 0.0, completions_per_s: float = 0.0) -> None:
-        key = self.keys.worker(self.name)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={
-                "name": self.name, "model": self.model, "engine": self.engine.name, "capacity": self.capacity,
-                "slots": self.flow.slots, "inflight": len(self._jobs), "tokens_per_s": f"{tokens_per_s:.1f}",
-                "completions_per_s": f"{completions_per_s:.2f}", "completed": self.completed,
-                "last_seen": repr(time.time()), "pid": os.getpid(), "host": socket.gethostname(),
-            })  # fmt: skip
-            pipe.expire(key, max(3, int(self.settings.heartbeat_s * 3)))
-            await pipe.execute()
