@@ -4,7 +4,6 @@ with an id the gateway makes; a caller that goes away cancels its request."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -13,69 +12,19 @@ from typing import Any
 
 from aiohttp import web
 
-from inferq.gateway import openai_api, websocket
-from inferq.gateway.callers import ApiKeys, Caller
+from inferq.gateway import batches, openai_api, websocket
+from inferq.gateway.callers import ApiKeys
+from inferq.gateway.context import CALLER, GATEWAY, Gateway, read_json
 from inferq.gateway.errors import HttpError, openai_errors
 from inferq.gateway.metrics import GatewayMetrics
-from inferq.gateway.models import LiveModels
 from inferq.gateway.openai_api import Ask
-from inferq.producer import InferenceClient, RequestHandle
+from inferq.producer import RequestHandle
 from inferq.shared.connection import OUTAGE
-from inferq.shared.lifecycle import AsyncLifecycle
 from inferq.shared.schemas import Result
 from inferq.shared.settings import Settings
 
 log = logging.getLogger("inferq.gateway")
-CALLER = "inferq.caller"  # the request's Caller, set by `authenticate`
 _MAX_IDEMPOTENCY_KEY = 255
-
-
-class Gateway(AsyncLifecycle):
-    """What every route shares: the client it enqueues through, the API keys, the live models."""
-
-    def __init__(self, settings: Settings, api_keys: ApiKeys) -> None:
-        self.settings = settings
-        self.api_keys = api_keys
-        self.client = InferenceClient(settings, tenant_caps=api_keys.tenant_caps())
-        self.models: LiveModels | None = None
-        self._cancels: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> None:
-        await self.client.start()
-        self.models = LiveModels(self.client.redis, self.client.keys)
-
-    async def close(self) -> None:
-        if self._cancels:
-            await asyncio.wait(self._cancels, timeout=5)
-        await self.client.close()
-
-    async def live_models(self, caller: Caller) -> dict[str, int]:
-        assert self.models is not None
-        return {m: t for m, t in (await self.models.current()).items() if caller.may_use(m)}
-
-    async def require_model(self, caller: Caller, model: str) -> None:
-        if not caller.may_use(model):
-            raise HttpError(404, f"model {model!r} does not exist or this API key may not use it", "model_not_found")
-        if model not in await self.live_models(caller):
-            raise HttpError(
-                404, f"no worker serves model {model!r} now; GET /v1/models lists those that do", "model_not_found",
-                param="model",
-            )  # fmt: skip
-
-    def cancel_soon(self, request_id: str) -> None:
-        """The caller went away: cancel its request (in the background: the handler is being cancelled)."""
-        task = asyncio.create_task(self._cancel(request_id), name="inferq-gateway-cancel")
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
-
-    async def _cancel(self, request_id: str) -> None:
-        try:
-            await self.client.cancel(request_id)
-        except Exception as exc:  # the request ends anyway; it runs to its end unread
-            log.warning("could not cancel %s after its caller left: %s", request_id, exc)
-
-
-GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def build_app(settings: Settings) -> web.Application:
@@ -96,6 +45,15 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/requests/{request_id}", read_request)
     app.router.add_post("/v1/requests/{request_id}/cancel", cancel_request)
+    app.router.add_post("/v1/files", batches.upload_file)
+    app.router.add_get("/v1/files", batches.list_files)
+    app.router.add_get("/v1/files/{file_id}", batches.read_file)
+    app.router.add_get("/v1/files/{file_id}/content", batches.file_content)
+    app.router.add_delete("/v1/files/{file_id}", batches.delete_file)
+    app.router.add_post("/v1/batches", batches.create_batch)
+    app.router.add_get("/v1/batches", batches.list_batches)
+    app.router.add_get("/v1/batches/{batch_id}", batches.read_batch)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", batches.cancel_batch)
     app.router.add_get("/ws/generate", ws_generate)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics.serve)
@@ -140,11 +98,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
     gateway, caller = request.app[GATEWAY], request[CALLER]
-    try:
-        body = await request.json()
-    except json.JSONDecodeError as exc:
-        raise HttpError(400, f"the request body is not JSON ({exc.msg} at line {exc.lineno})") from None
-    ask = openai_api.parse(body, chat=chat)
+    ask = openai_api.parse(await read_json(request), chat=chat)
     await gateway.require_model(caller, ask.model)
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None and not 0 < len(idempotency_key) <= _MAX_IDEMPOTENCY_KEY:
@@ -163,7 +117,8 @@ async def _generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
             response = await _stream(request, ask, handle)
         else:
             result = await handle.result(timeout=gateway.settings.request_timeout_s)
-            response = web.json_response(openai_api.completion(ask, handle.id, _done(result)))
+            body = openai_api.completion(ask, handle.id, _done(result))
+            response = web.json_response(body, headers={"X-Request-Id": handle.id})
         ended = True
         return response
     finally:
@@ -228,19 +183,20 @@ def _ended_badly(result: Result) -> HttpError:
 async def _stream(request: web.Request, ask: Ask, handle: RequestHandle) -> web.StreamResponse:
     """Server-Sent Events in OpenAI's chunk format: the role first, text as it comes, the finish reason, the
     usage if asked for, then `data: [DONE]`. An error after the stream began is one `data: {"error": ...}`."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Request-Id": handle.id}
+    response = web.StreamResponse(headers=headers)  # sent at once: the caller knows its id before any token
     await response.prepare(request)
     created, timeout = int(time.time()), request.app[GATEWAY].settings.request_timeout_s
-    await _send(response, openai_api.chunk(ask, handle.id, created, "", first=True))
-    sent = 0
-    async for event in handle.tokens(timeout=timeout):
+    sent, first = 0, True  # the role goes with the first text, as vLLM's server sends it: a client that times
+    async for event in handle.tokens(timeout=timeout):  # its first token by the first chunk is not misled
         if event.text:
             sent += len(event.text)
-            await _send(response, openai_api.chunk(ask, handle.id, created, event.text))
+            await _send(response, openai_api.chunk(ask, handle.id, created, event.text, first=first))
+            first = False
     result = await handle.result(timeout=timeout)  # the stored end: status, usage, and any text events missed
     if result.status == "done":
-        if len(result.text) > sent:
-            await _send(response, openai_api.chunk(ask, handle.id, created, result.text[sent:]))
+        if len(result.text) > sent or first:
+            await _send(response, openai_api.chunk(ask, handle.id, created, result.text[sent:], first=first))
         await _send(response, openai_api.chunk(ask, handle.id, created, None, result.finish_reason or "stop"))
         if ask.include_usage:
             await _send(response, openai_api.usage_chunk(ask, handle.id, created, result))

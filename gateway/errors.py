@@ -87,4 +87,5 @@ async def openai_errors(
     except web.HTTPException as exc:  # aiohttp's own: unknown route (404), wrong method (405), ...
         if exc.status < 400:
             raise
-        return HttpError(exc.status, exc.reason, headers=dict(exc.headers)).response()
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}  # the body is ours: JSON
+        return HttpError(exc.status, exc.reason, headers=headers).response()

@@ -79,6 +79,23 @@ class Keys:
         """Sorted set job -> creation time: `inferq bulk list`."""
         return f"{self.prefix}:bulks"
 
+    def file(self, file_id: str) -> str:
+        """Hash: one file uploaded to the gateway (owner, filename, purpose, bytes, created_at, data)."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def files(self, owner: str) -> str:
+        """Sorted set file id -> created: one tenant's files, for GET /v1/files."""
+        return f"{self.prefix}:files:{owner}"
+
+    def batch(self, job: str) -> str:
+        """Hash: what the gateway's Batch API knows of a bulk job beyond its record (owner, input file, endpoint,
+        window, metadata)."""
+        return f"{self.prefix}:batch:{job}"
+
+    def batches(self, owner: str) -> str:
+        """Sorted set job -> created: one tenant's batches, for GET /v1/batches."""
+        return f"{self.prefix}:batches:{owner}"
+
     def arq_queue(self) -> str:
         """Sorted set: arq's queue of bulk-job steps (its health-check key is this name + `:health-check`)."""
         return f"{self.prefix}:arq"

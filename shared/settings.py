@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     gateway_max_body_bytes: int = Field(
         4 << 20, ge=1024, description="largest HTTP request body the gateway reads (413 past it)"
     )
+    gateway_max_file_bytes: int = Field(
+        32 << 20, ge=1024, description="largest file the gateway's Batch API takes (it is kept in Redis)"
+    )
+    gateway_file_ttl_s: int = Field(7 * 86_400, ge=60, description="how long an uploaded file is kept")
 
     # Bulk jobs.
     bulk_window: int = Field(4096, ge=1, description="most requests of one bulk job outstanding at once")

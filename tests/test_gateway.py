@@ -54,7 +54,8 @@ async def test_chat_whole_and_streamed(gateway: GatewayProcess) -> None:
             model=MODEL, messages=CHAT, max_tokens=5, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
         )  # fmt: skip
         chunks = [c async for c in stream]
-    assert chunks[0].choices[0].delta.role == "assistant"
+    # The role comes with the first text (as vLLM's server sends it), not before any token exists.
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == "t0 "
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 t2 t3 t4 "
     finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishing == ["length"]
@@ -105,6 +106,9 @@ async def test_errors_carry_the_status_a_client_acts_on(gateway: GatewayProcess)
             assert answer.status == 413 and "INFERQ_GATEWAY_MAX_BODY_BYTES" in (await answer.json())["error"]["message"]
         async with http.post(f"{gateway.url}/v1/chat/completions", data=b"{not json", headers=headers) as answer:
             assert answer.status == 400 and (await answer.json())["error"]["type"] == "invalid_request_error"
+        for method, path, status in (("POST", "/tokenize", 404), ("GET", "/v1/chat/completions", 405)):
+            async with http.request(method, f"{gateway.url}{path}", headers=headers) as answer:
+                assert answer.status == status and "error" in await answer.json(), await answer.text()
 
 
 async def test_a_full_queue_is_429_with_retry_after(
@@ -157,8 +161,7 @@ async def test_a_caller_that_disconnects_cancels_its_request(gateway: GatewayPro
         answer = await http.post(
             f"{gateway.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {ACME}"}
         )
-        first = json.loads((await answer.content.readline()).decode().removeprefix("data: "))
-        request_id = first["id"]
+        request_id = answer.headers["X-Request-Id"]  # with the headers, before any token (and "hang" has none)
         await wait_until(lambda: client_for_results.is_status(request_id, "running"), 30, "the request to start")
         answer.close()  # the caller goes away mid-stream
     await wait_until(lambda: client_for_results.is_status(request_id, "cancelled"), 30, "the request to be cancelled")
@@ -257,6 +260,60 @@ async def test_metrics_count_requests_by_route_and_status(gateway: GatewayProces
         line = f'inferq_gateway_requests_total{{route="/v1/chat/completions",status="{status}"}} 1.0'
         assert line in text, text
     assert 'inferq_gateway_request_duration_seconds_count{route="/v1/chat/completions"} 2.0' in text
+
+
+def batch_lines(n: int, *, hang: bool = False) -> bytes:
+    """An OpenAI batch input of `n` chat lines (with `hang`: completions the stand-in never answers), then one
+    line that is not JSON."""
+    url = "/v1/completions" if hang else "/v1/chat/completions"
+    body = {"prompt": "hang"} if hang else {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": url, "body": {"model": MODEL, **body}} for i in range(n)]
+    return ("\n".join(json.dumps(line) for line in lines) + "\n{not json\n").encode()
+
+
+async def test_the_batch_api_life_cycle(gateway: GatewayProcess) -> None:
+    """files.create, batches.create, retrieve until completed, the output and error files' content, list,
+    cancel, and another key seeing none of it: as the official SDK does it."""
+    async with sdk(gateway, ACME) as acme, sdk(gateway, BOLT) as bolt:
+        uploaded = await acme.files.create(file=("in.jsonl", batch_lines(6)), purpose="batch")
+        assert uploaded.bytes > 0 and uploaded.purpose == "batch"
+        assert (await acme.files.content(uploaded.id)).content == batch_lines(6)
+        batch = await acme.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+            metadata={"run": "nightly"},
+        )  # fmt: skip
+        assert batch.status == "validating" and batch.metadata == {"run": "nightly"}
+
+        async def ended() -> bool:
+            return (await acme.batches.retrieve(batch.id)).status == "completed"
+
+        await wait_until(ended, 60, "the batch to complete")
+        done = await acme.batches.retrieve(batch.id)
+        assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (7, 6, 1)  # type: ignore[union-attr]
+        output = [json.loads(line) for line in (await acme.files.content(done.output_file_id)).text.splitlines()]  # type: ignore[arg-type]
+        assert sorted(r["custom_id"] for r in output) == [f"c{i}" for i in range(6)]
+        assert all(r["response"]["body"]["choices"][0]["message"]["content"] == "t0 t1 " for r in output)
+        errors = [json.loads(line) for line in (await acme.files.content(done.error_file_id)).text.splitlines()]  # type: ignore[arg-type]
+        assert len(errors) == 1 and errors[0]["error"] is not None
+        assert [b.id async for b in acme.batches.list()] == [batch.id]
+
+        with pytest.raises(openai.NotFoundError):
+            await bolt.batches.retrieve(batch.id)
+        with pytest.raises(openai.NotFoundError):
+            await bolt.files.content(uploaded.id)
+        assert [b.id async for b in bolt.batches.list()] == []
+
+        slow = await acme.files.create(file=("slow.jsonl", batch_lines(20, hang=True)), purpose="batch")
+        doomed = await acme.batches.create(input_file_id=slow.id, endpoint="/v1/completions", completion_window="24h")
+        assert (await acme.batches.cancel(doomed.id)).status in ("cancelling", "cancelled")
+
+        async def cancelled() -> bool:
+            return (await acme.batches.retrieve(doomed.id)).status == "cancelled"
+
+        await wait_until(cancelled, 60, "the batch to be cancelled")
+        assert (await acme.files.delete(uploaded.id)).deleted
+        with pytest.raises(openai.NotFoundError):
+            await acme.files.retrieve(uploaded.id)
 
 
 @pytest.fixture

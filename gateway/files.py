@@ -1,0 +1,77 @@
+"""The Batch API's files (docs/CONTRACTS.md, "Gateway"): kept in Redis, where every gateway reads them, each
+for INFERQ_GATEWAY_FILE_TTL_S and at most INFERQ_GATEWAY_MAX_FILE_BYTES. A file belongs to the tenant that
+uploaded it; for any other key it does not exist."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+
+from inferq.shared.codec import text
+from inferq.shared.keys import Keys
+from inferq.shared.settings import Settings
+
+_LISTED = 100  # files a list shows, newest first
+
+
+def file_object(file_id: str, meta: dict[str, str], ttl_s: int) -> dict[str, Any]:
+    created = int(float(meta.get("created_at", "0")))
+    return {
+        "id": file_id, "object": "file", "bytes": int(meta.get("bytes", "0")), "created_at": created,
+        "expires_at": created + ttl_s, "filename": meta.get("filename", ""), "purpose": meta.get("purpose", ""),
+        "status": "processed",
+    }  # fmt: skip
+
+
+class Files:
+    def __init__(self, redis: Redis, keys: Keys, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_s = settings.gateway_file_ttl_s
+
+    async def create(self, owner: str, filename: str, purpose: str, data: bytes) -> dict[str, Any]:
+        file_id = f"file-{uuid.uuid4().hex}"
+        meta = {"owner": owner, "filename": filename, "purpose": purpose, "bytes": str(len(data)),
+                "created_at": repr(time.time())}  # fmt: skip
+        key, index = self.keys.file(file_id), self.keys.files(owner)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={**meta, "data": data})
+            pipe.expire(key, self.ttl_s)
+            pipe.zadd(index, {file_id: time.time()})
+            pipe.zremrangebyscore(index, "-inf", time.time() - self.ttl_s)  # files expired by now
+            pipe.expire(index, self.ttl_s)
+            await pipe.execute()
+        return file_object(file_id, meta, self.ttl_s)
+
+    async def meta(self, owner: str, file_id: str) -> dict[str, str] | None:
+        """The file's record (without its data), if it exists and is `owner`'s."""
+        fields = ("owner", "filename", "purpose", "bytes", "created_at")
+        values = await self.redis.hmget(self.keys.file(file_id), fields)  # type: ignore[misc]
+        meta = {f: text(v) for f, v in zip(fields, values, strict=True) if v is not None}
+        return meta if meta.get("owner") == owner else None
+
+    async def get(self, owner: str, file_id: str) -> dict[str, Any] | None:
+        meta = await self.meta(owner, file_id)
+        return None if meta is None else file_object(file_id, meta, self.ttl_s)
+
+    async def content(self, owner: str, file_id: str) -> bytes | None:
+        if await self.meta(owner, file_id) is None:
+            return None
+        return await self.redis.hget(self.keys.file(file_id), "data")  # type: ignore[no-any-return, misc]
+
+    async def delete(self, owner: str, file_id: str) -> bool:
+        if await self.meta(owner, file_id) is None:
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.file(file_id))
+            pipe.zrem(self.keys.files(owner), file_id)
+            await pipe.execute()
+        return True
+
+    async def list(self, owner: str) -> list[dict[str, Any]]:
+        ids = [text(i) for i in await self.redis.zrevrange(self.keys.files(owner), 0, _LISTED - 1)]
+        found = [await self.get(owner, file_id) for file_id in ids]
+        return [f for f in found if f is not None]
