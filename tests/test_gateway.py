@@ -4,7 +4,11 @@ of a real model through it are in test_smollm2."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
+from inferq.producer.local import inferq_argv, worker_env
 from inferq.shared.embedded import EmbeddedServer
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
@@ -314,6 +319,13 @@ async def test_the_batch_api_life_cycle(gateway: GatewayProcess) -> None:
         assert (await acme.files.delete(uploaded.id)).deleted
         with pytest.raises(openai.NotFoundError):
             await acme.files.retrieve(uploaded.id)
+
+
+async def test_without_keys_it_refuses_to_listen_beyond_loopback(settings: Settings) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_API_KEYS")}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, env=worker_env(settings, **env))
+    refused = await asyncio.to_thread(run, inferq_argv("gateway", "--host", "0.0.0.0", "--port", str(free_port())))
+    assert refused.returncode != 0 and "loopback only" in refused.stderr and "INFERQ_API_KEYS" in refused.stderr
 
 
 @pytest.fixture
