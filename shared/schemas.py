@@ -52,6 +52,7 @@ class GenerationRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, le=2**31 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what msgpack and vLLM can carry
+    ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens, past the end-of-sequence token
     stream: bool = True  # publish token events; bulk requests say False and get only the final record
     # Tokens per token event after the first (which goes alone, at once); None: the worker's stream_interval.
     stream_interval: int | None = Field(None, ge=1, le=HARD_MAX_TOKENS)

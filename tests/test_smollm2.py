@@ -66,8 +66,15 @@ async def test_smollm2_answers_paris_through_the_queue(
             model="smollm2", messages=question, max_tokens=32, temperature=0, stream=True,  # type: ignore[arg-type]
         )  # fmt: skip
         streamed_text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        # vLLM's ignore_eos, as `vllm bench serve` sends it: past the answer's end, up to max_tokens.
+        endless = await sdk.chat.completions.create(
+            model="smollm2", messages=question, max_tokens=40, temperature=0, extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+        )  # fmt: skip
     assert whole.choices[0].message.content == result.text and "Paris" in streamed_text
     assert streamed_text == result.text and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens < 40  # type: ignore[union-attr]
+    assert (endless.usage.completion_tokens, endless.choices[0].finish_reason) == (40, "length")  # type: ignore[union-attr]
+    assert endless.choices[0].message.content.startswith(result.text)  # type: ignore[union-attr]
 
     # The worker runs the model in vLLM's engine core (worker/vllm_executor.py); greedy, it answers word for word
     # as vLLM as it ships does, whose engine core hands each step to a model process.

@@ -209,6 +209,7 @@ class VllmEngine:
             top_k=request.top_k or 0,
             stop=request.stop or None,
             seed=request.seed,
+            ignore_eos=bool(request.ignore_eos),
             output_kind=RequestOutputKind.DELTA,
             # vLLM's own batching of a stream (the first and the last output always at once): each output costs
             # a wake-up of this request's task, of Redis and of the client, so fewer outputs leave the CPU to the
