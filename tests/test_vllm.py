@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
+import time
 from pathlib import Path
 
 import openai
@@ -152,6 +155,19 @@ async def test_the_gateway_answers_as_the_queue_does_on_vllm(tiny: Settings, sta
     assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
     assert chunks[-1].usage.prompt_tokens == direct.usage.prompt_tokens  # type: ignore[union-attr]
     assert too_long.value.code == "context_length_exceeded"
+
+
+def test_a_killed_worker_leaves_no_engine_process(settings: Settings, start_worker) -> None:
+    """SIGKILL, the one signal a worker cannot clean up after: its engine core (and any model process) dies
+    with it within seconds (worker/vllm_children.py), instead of holding its memory as an orphan."""
+    worker = start_worker("--model", "tiny", "--max-inflight", "4", "--no-bulk-jobs")
+    engine = psutil.Process(worker.proc.pid).children(recursive=True)
+    assert any("EngineCore" in " ".join(p.cmdline()) or "VLLM" in p.name() for p in engine), engine
+    os.kill(worker.proc.pid, signal.SIGKILL)  # the worker alone, not its process group
+    give_up = time.monotonic() + 20
+    while alive := [p for p in engine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < give_up, f"left running after their worker was killed: {alive}"
+        time.sleep(0.1)
 
 
 async def test_cancel_aborts_a_running_request_in_the_engine(tiny: Settings, redis: Redis) -> None:

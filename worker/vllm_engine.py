@@ -13,7 +13,7 @@ from typing import Any
 from inferq.shared.errors import EngineError
 from inferq.shared.schemas import GenerationRequest
 from inferq.shared.settings import Settings
-from inferq.worker import vllm_executor, vllm_spin
+from inferq.worker import vllm_children, vllm_executor, vllm_spin
 from inferq.worker.cpu_share import yield_to_neighbours
 from inferq.worker.engine import Delta, RequestRejected
 from inferq.worker.flow import EngineLoad
@@ -120,7 +120,8 @@ class VllmEngine:
         yield_to_neighbours(self.settings.worker_nice)  # before vLLM starts its busy-polling processes
 
         spin = None if self.as_shipped else self.settings.engine_spin_ms / 1000
-        with vllm_spin.spin_for_children(spin):  # from here: vLLM loads its plugins as it reads the arguments
+        # From here vLLM loads its plugins (as it reads the arguments), in this process and in each it spawns.
+        with vllm_spin.spin_for_children(spin), vllm_children.die_with_this_process():
             args = AsyncEngineArgs(
                 model=self.model_path,
                 dtype=self._dtype(),  # type: ignore[arg-type]

@@ -1,0 +1,57 @@
+"""vLLM's engine processes die with the worker that started them, however it dies (docs/CONTRACTS.md,
+"Shutdown"): a SIGKILLed worker used to leave its engine core and model process running, about 2.4 GB each
+time on a CPU box and a whole GPU's memory on a GPU box.
+
+vLLM spawns its engine core (and, where the model runs in a process of its own, that process) as fresh Python
+processes, and loads its *general plugins* in each before it does anything else. This one, in a process
+started while an inferq engine starts vLLM (`die_with_this_process`, which hands the starting process's pid
+down in a private environment variable), asks Linux for SIGKILL when its parent dies (PR_SET_PDEATHSIG), and
+exits at once if the parent is gone already. Each level guards itself: the model process dies with the engine
+core, the engine core with the worker. Any other vLLM run in this environment is left as it ships. No vLLM
+name is touched: only the operating system's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+log = logging.getLogger("vllm.inferq")
+
+HANDOFF = "_INFERQ_ENGINE_PARENT"  # the pid of the process that starts vLLM, while it starts it
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def die_with_this_process() -> Iterator[None]:
+    """While vLLM starts: every engine process it spawns dies with this process (and theirs with them)."""
+    before = os.environ.get(HANDOFF)
+    os.environ[HANDOFF] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(HANDOFF, None)
+        else:
+            os.environ[HANDOFF] = before
+
+
+def apply() -> None:
+    """The `vllm.general_plugins` entry point: in a vLLM process an inferq engine started, die with the parent."""
+    starter = os.environ.get(HANDOFF)
+    if not starter or starter == str(os.getpid()) or not sys.platform.startswith("linux"):
+        return  # not started by an inferq engine, or the starting process itself
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except Exception as exc:  # vLLM calls plugins unguarded: it must still start
+        log.warning("this engine process may outlive its worker: PR_SET_PDEATHSIG failed (%s)", exc)
+        return
+    if os.getppid() == 1:  # the parent died before the guard was set: nobody will read what this computes
+        os._exit(1)
