@@ -286,6 +286,15 @@ def worker(
     engine: Engine = "vllm",
     max_model_len: Annotated[int | None, typer.Option(help="context length")] = None,
     stream_interval: StreamInterval = None,
+    engine_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a vLLM engine argument NAME=VALUE (repeatable; VALUE as JSON if it parses): any field of vLLM's "
+            "AsyncEngineArgs, e.g. max_num_seqs=64, gpu_memory_utilization=0.85, tensor_parallel_size=2 (see "
+            "https://docs.vllm.ai/en/latest/configuration/engine_args.html); over INFERQ_ENGINE_ARGS and the "
+            "worker's own defaults",
+        ),
+    ] = None,
     bulk_jobs: Annotated[
         bool, typer.Option(help="also run steps of detached bulk jobs (`inferq bulk submit`), with no engine cost")
     ] = True,
@@ -304,6 +313,8 @@ def worker(
         redis_url=redis_url, model=model, max_inflight=max_inflight, max_model_len=max_model_len,
         stream_interval=stream_interval,
     )  # fmt: skip
+    if engine_arg:
+        settings = settings.model_copy(update={"engine_args": {**settings.engine_args, **base.pairs(engine_arg)}})
     console.serve.run_worker(settings, engine=engine, consumer=consumer, bulk_jobs=bulk_jobs)
 
 

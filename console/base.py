@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 queue full, 4 timed out
 
 from __future__ import annotations
 
+import json
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -91,6 +92,20 @@ def model_path(config: Settings) -> str:
         return str(resolve_model(config.model, config.data_dir, log=say))
     except InferqError as exc:
         die(str(exc))
+
+
+def pairs(items: list[str]) -> dict[str, Any]:
+    """NAME=VALUE options as a dict, each VALUE as JSON where it parses (64, 0.85, true, [1, 2]), else text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            die(f"{item!r} is not NAME=VALUE")
+        try:
+            out[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name.strip()] = raw
+    return out
 
 
 def one_of(value: str, choices: tuple[str, ...], what: str) -> str:

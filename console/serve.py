@@ -9,6 +9,7 @@ import sys
 
 from inferq.console.base import die, model_path, run
 from inferq.producer.bulk.detached import bulk_runner
+from inferq.shared.errors import ConfigError
 from inferq.shared.settings import Settings
 from inferq.worker.run import make_engine, run_until_signalled, serve
 
@@ -21,6 +22,13 @@ def run_worker(settings: Settings, *, engine: str, consumer: str | None, bulk_jo
     """Serve the model's requests (and, with `bulk_jobs`, steps of detached bulk jobs) until signalled; exits
     the process with the worker's code."""
     _log_to_stderr()
+    if engine == "vllm" and settings.engine_args:
+        from inferq.worker.vllm_engine import engine_args
+
+        try:  # a name vLLM does not have is refused now, before the model is built or loaded
+            engine_args(settings.engine_args)
+        except ConfigError as exc:
+            die(str(exc))
     path = model_path(settings) if engine == "vllm" else settings.model
     alongside = (lambda: bulk_runner(settings, name=consumer)) if bulk_jobs else None
     code = run(

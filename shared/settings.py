@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=16)
     dtype: str = "auto"
     kv_cache_gib: float = Field(2.0, gt=0, description="KV cache size on CPU, in GiB (fractions allowed)")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM engine arguments (AsyncEngineArgs fields), a JSON object; over "
+        "the worker's own defaults (max_num_seqs from max_inflight, the CPU KV cache, dtype, ...)"
+    )  # fmt: skip
     stream_interval: int = Field(
         8,
         ge=1,

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
+from inferq.producer.local import inferq_argv, worker_env
 from inferq.shared.codec import pack
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
@@ -155,6 +157,32 @@ async def test_the_gateway_answers_as_the_queue_does_on_vllm(tiny: Settings, sta
     assert "".join(c.choices[0].text for c in chunks if c.choices) == direct.text
     assert chunks[-1].usage.prompt_tokens == direct.usage.prompt_tokens  # type: ignore[union-attr]
     assert too_long.value.code == "context_length_exceeded"
+
+
+async def test_engine_arguments_reach_vllm(settings: Settings, start_worker) -> None:
+    """INFERQ_ENGINE_ARGS sets vLLM's own max_num_seqs over the worker's default (its max_inflight): with 2,
+    of four requests read at once only two run until one ends."""
+    start_worker(
+        "--model", "tiny", "--max-inflight", "8", "--no-bulk-jobs", env={"INFERQ_ENGINE_ARGS": '{"max_num_seqs": 2}'}
+    )
+    async with InferenceClient(settings) as client:
+        handles = await asyncio.gather(*(
+            client.submit(prompt=f"Request {i}", max_tokens=24, temperature=0, model="tiny", stream=False)
+            for i in range(4)
+        ))  # fmt: skip
+        results = [await h.result(timeout=120) for h in handles]
+    assert [r.status for r in results] == ["done"] * 4
+    firsts = sorted(r.timings.first_token_at or 0 for r in results)
+    ends = sorted(r.timings.finished_at or 0 for r in results)
+    assert firsts[2] >= ends[0], (firsts, ends)  # the third began only once a sequence slot was free
+
+
+def test_an_unknown_engine_argument_is_one_line_before_anything_loads(settings: Settings) -> None:
+    argv = inferq_argv("worker", "--model", "tiny", "--engine-arg", "max_num_seqs=4", "--engine-arg", "warp_drive=9")
+    done = subprocess.run(argv, env=worker_env(settings), capture_output=True, text=True, timeout=120)
+    last = done.stderr.strip().splitlines()[-1]  # after what vLLM itself logs as it is imported
+    assert done.returncode == 2 and last.startswith("error: unknown vLLM engine argument(s): warp_drive;"), done.stderr
+    assert "Traceback" not in done.stderr and "EngineCore" not in done.stderr and "engine_args" in last
 
 
 def test_a_killed_worker_leaves_no_engine_process(settings: Settings, start_worker) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from inferq.shared.errors import EngineError
+from inferq.shared.errors import ConfigError, EngineError
 from inferq.shared.schemas import GenerationRequest
 from inferq.shared.settings import Settings
 from inferq.worker import vllm_children, vllm_executor, vllm_spin
@@ -75,6 +76,21 @@ def fast_encode(tokenizer: Any) -> Encoder:
     return Encoder(direct, batched) if same else Encoder(wrapped)
 
 
+def engine_args(given: dict[str, Any]) -> dict[str, Any]:
+    """`given` (INFERQ_ENGINE_ARGS, --engine-arg), checked against vLLM's AsyncEngineArgs: a name it does not
+    have is a ConfigError that names it, before anything loads."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown vLLM engine argument(s): {', '.join(unknown)}; the names are AsyncEngineArgs' fields, as in "
+            "`vllm serve --help` with - as _ (https://docs.vllm.ai/en/latest/configuration/engine_args.html)"
+        )
+    return dict(given)
+
+
 def envs_cache(on: bool) -> None:
     """vLLM's cache of its environment settings, where this vLLM has one."""
     from vllm import envs
@@ -122,16 +138,16 @@ class VllmEngine:
         spin = None if self.as_shipped else self.settings.engine_spin_ms / 1000
         # From here vLLM loads its plugins (as it reads the arguments), in this process and in each it spawns.
         with vllm_spin.spin_for_children(spin), vllm_children.die_with_this_process():
-            args = AsyncEngineArgs(
-                model=self.model_path,
-                dtype=self._dtype(),  # type: ignore[arg-type]
-                max_model_len=self.settings.max_model_len,
-                max_num_seqs=max(self.settings.max_inflight, 1),
-                enforce_eager=True,
-                kv_cache_memory_bytes=kv_bytes,
-                disable_log_stats=True,
-            )
-            config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            defaults: dict[str, Any] = {
+                "model": self.model_path, "dtype": self._dtype(), "max_model_len": self.settings.max_model_len,
+                "max_num_seqs": max(self.settings.max_inflight, 1), "enforce_eager": True,
+                "kv_cache_memory_bytes": kv_bytes, "disable_log_stats": True,
+            }  # fmt: skip
+            args = AsyncEngineArgs(**{**defaults, **engine_args(self.settings.engine_args)})
+            try:
+                config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            except (TypeError, ValueError) as exc:  # what a value given in INFERQ_ENGINE_ARGS makes of it
+                raise ConfigError(f"vLLM refused the engine arguments: {exc}") from None
             in_core = not self.as_shipped and self.settings.engine_model_in_core
             with vllm_executor.model_in_core(config) if in_core else contextlib.nullcontext():
                 self._llm = AsyncLLM.from_vllm_config(
