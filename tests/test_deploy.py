@@ -92,3 +92,17 @@ def test_compose_file_is_accepted(tmp_path: Path) -> None:
     assert unset.returncode != 0 and "set INFERQ_REDIS_PASSWORD" in unset.stderr, unset.stderr
     no_keys = compose_config(no_env_file, INFERQ_REDIS_PASSWORD="s3cret-hex")
     assert no_keys.returncode != 0 and "set INFERQ_API_KEYS" in no_keys.stderr, no_keys.stderr
+
+
+def test_the_keda_example_scales_on_every_lane_of_a_model_by_its_lag() -> None:
+    """deploy/keda-scaledobject.yaml names inferq's lane streams and group as keys.py formats them."""
+    yaml = pytest.importorskip("yaml")
+    from inferq.shared.keys import GROUP, Keys
+
+    scaled, auth = list(yaml.safe_load_all((ROOT / "deploy" / "keda-scaledobject.yaml").read_text()))
+    assert (scaled["kind"], auth["kind"]) == ("ScaledObject", "TriggerAuthentication")
+    triggers = scaled["spec"]["triggers"]
+    assert {t["type"] for t in triggers} == {"redis-streams"}
+    assert [t["metadata"]["stream"] for t in triggers] == Keys("inferq").queues("smollm2")
+    assert all(t["metadata"]["consumerGroup"] == GROUP and "lagCount" in t["metadata"] for t in triggers)
+    assert all(t["authenticationRef"]["name"] == auth["metadata"]["name"] for t in triggers)
