@@ -79,7 +79,7 @@ async def list_files(request: web.Request) -> web.Response:
 async def read_file(request: web.Request) -> web.Response:
     file_id = request.match_info["file_id"]
     if file_id.startswith((OUTPUT, ERRORS)):
-        job = await _own_job(request, file_id.split("-", 2)[2])
+        job, _ = await _own_batch(request, file_id.split("-", 2)[2])
         data = await _render(_gateway(request), job, errors=file_id.startswith(ERRORS))
         created = int(job.finished_at or job.created_at)
         meta = {"filename": f"{file_id}.jsonl", "purpose": "batch_output", "bytes": str(len(data)),
@@ -94,7 +94,7 @@ async def read_file(request: web.Request) -> web.Response:
 async def file_content(request: web.Request) -> web.Response:
     file_id, gateway = request.match_info["file_id"], _gateway(request)
     if file_id.startswith((OUTPUT, ERRORS)):
-        job = await _own_job(request, file_id.split("-", 2)[2])
+        job, _ = await _own_batch(request, file_id.split("-", 2)[2])
         data = await _render(gateway, job, errors=file_id.startswith(ERRORS))
     else:
         found = await _files(gateway).content(owner_of(request), file_id)
@@ -147,15 +147,15 @@ async def create_batch(request: web.Request) -> web.Response:
 
 
 async def read_batch(request: web.Request) -> web.Response:
-    job = await _own_job(request, _job_id(request))
-    return web.json_response(_batch_object(job, await _meta(request, job.id)))
+    job, meta = await _own_batch(request, _job_id(request))
+    return web.json_response(_batch_object(job, meta))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
-    job = await _own_job(request, _job_id(request))
-    await BulkJobs(_gateway(request).client).cancel(job.id)
-    job = await _own_job(request, job.id)
-    return web.json_response(_batch_object(job, await _meta(request, job.id)))
+    job, meta = await _own_batch(request, _job_id(request))
+    jobs = BulkJobs(_gateway(request).client)
+    await jobs.cancel(job.id)
+    return web.json_response(_batch_object(await jobs.get(job.id), meta))  # its state after the cancel
 
 
 async def list_batches(request: web.Request) -> web.Response:
@@ -164,10 +164,9 @@ async def list_batches(request: web.Request) -> web.Response:
     data = []
     for job_id in ids:
         try:
-            job = await _own_job(request, job_id)
+            data.append(_batch_object(*await _own_batch(request, job_id)))
         except HttpError:
             continue  # ended long ago: its record expired
-        data.append(_batch_object(job, await _meta(request, job_id)))
     return web.json_response({"object": "list", "data": data, "has_more": False})
 
 
@@ -181,13 +180,13 @@ async def _meta(request: web.Request, job_id: str) -> dict[str, str]:
     return {text(k): text(v) for k, v in raw.items()}
 
 
-async def _own_job(request: web.Request, job_id: str) -> JobRecord:
-    """The caller's batch job, or 404 (another key's batches do not exist for it)."""
+async def _own_batch(request: web.Request, job_id: str) -> tuple[JobRecord, dict[str, str]]:
+    """The caller's batch: its job and the Batch API's record of it; 404 for another key's."""
     meta = await _meta(request, job_id)
     if meta.get("owner") != owner_of(request):
         raise HttpError(404, f"no batch {job_id!r} of this API key", "not_found")
     try:
-        return await BulkJobs(_gateway(request).client).get(job_id)
+        return await BulkJobs(_gateway(request).client).get(job_id), meta
     except RequestNotFound:
         raise HttpError(404, f"batch {job_id!r} has expired", "not_found") from None
 

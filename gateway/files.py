@@ -15,6 +15,7 @@ from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 
 _LISTED = 100  # files a list shows, newest first
+_FIELDS = ("owner", "filename", "purpose", "bytes", "created_at")  # a file's record, without its data
 
 
 def file_object(file_id: str, meta: dict[str, str], ttl_s: int) -> dict[str, Any]:
@@ -48,19 +49,25 @@ class Files:
 
     async def meta(self, owner: str, file_id: str) -> dict[str, str] | None:
         """The file's record (without its data), if it exists and is `owner`'s."""
-        fields = ("owner", "filename", "purpose", "bytes", "created_at")
-        values = await self.redis.hmget(self.keys.file(file_id), fields)  # type: ignore[misc]
-        meta = {f: text(v) for f, v in zip(fields, values, strict=True) if v is not None}
-        return meta if meta.get("owner") == owner else None
+        (meta,) = await self._metas(owner, [file_id])
+        return meta
+
+    async def _metas(self, owner: str, file_ids: list[str]) -> list[dict[str, str] | None]:
+        """Each file's record, in one round trip; None for one that is gone or not `owner`'s."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for file_id in file_ids:
+                pipe.hmget(self.keys.file(file_id), _FIELDS)
+            rows = await pipe.execute()
+        metas = [{f: text(v) for f, v in zip(_FIELDS, row, strict=True) if v is not None} for row in rows]
+        return [meta if meta.get("owner") == owner else None for meta in metas]
 
     async def get(self, owner: str, file_id: str) -> dict[str, Any] | None:
         meta = await self.meta(owner, file_id)
         return None if meta is None else file_object(file_id, meta, self.ttl_s)
 
     async def content(self, owner: str, file_id: str) -> bytes | None:
-        if await self.meta(owner, file_id) is None:
-            return None
-        return await self.redis.hget(self.keys.file(file_id), "data")  # type: ignore[no-any-return, misc]
+        found, data = await self.redis.hmget(self.keys.file(file_id), ["owner", "data"])  # type: ignore[misc]
+        return data if found is not None and text(found) == owner else None  # type: ignore[no-any-return]
 
     async def delete(self, owner: str, file_id: str) -> bool:
         if await self.meta(owner, file_id) is None:
@@ -73,5 +80,5 @@ class Files:
 
     async def list(self, owner: str) -> list[dict[str, Any]]:
         ids = [text(i) for i in await self.redis.zrevrange(self.keys.files(owner), 0, _LISTED - 1)]
-        found = [await self.get(owner, file_id) for file_id in ids]
-        return [f for f in found if f is not None]
+        metas = await self._metas(owner, ids)
+        return [file_object(i, meta, self.ttl_s) for i, meta in zip(ids, metas, strict=True) if meta is not None]

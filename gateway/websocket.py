@@ -22,6 +22,7 @@ from aiohttp import WSMsgType, web
 
 from inferq.gateway import openai_api
 from inferq.gateway.callers import Caller
+from inferq.gateway.context import Gateway
 from inferq.gateway.errors import HttpError, from_inferq
 from inferq.shared.errors import InferqError
 
@@ -33,7 +34,7 @@ _HEARTBEAT_S = 30.0
 class Session:
     """One socket: its requests by the caller's tags, and one writer at a time."""
 
-    def __init__(self, gateway: Any, caller: Caller, ws: web.WebSocketResponse) -> None:
+    def __init__(self, gateway: Gateway, caller: Caller, ws: web.WebSocketResponse) -> None:
         self.gateway, self.caller, self.ws = gateway, caller, ws
         self.running: dict[str, asyncio.Task[None]] = {}
         self.request_ids: dict[str, str] = {}  # tag -> queue request id, once submitted
@@ -113,7 +114,7 @@ class Session:
         await asyncio.gather(*self.running.values(), return_exceptions=True)
 
 
-async def ws_generate(request: web.Request, gateway: Any, caller: Caller) -> web.WebSocketResponse:
+async def ws_generate(request: web.Request, gateway: Gateway, caller: Caller) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=_HEARTBEAT_S, max_msg_size=gateway.settings.gateway_max_body_bytes)
     await ws.prepare(request)
     session = Session(gateway, caller, ws)
