@@ -28,17 +28,27 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @contextlib.contextmanager
-def die_with_this_process() -> Iterator[None]:
-    """While vLLM starts: every engine process it spawns dies with this process (and theirs with them)."""
-    before = os.environ.get(HANDOFF)
-    os.environ[HANDOFF] = str(os.getpid())
+def handed_down(name: str, value: str | None) -> Iterator[None]:
+    """`name` set to `value` (None: unset) in this process's environment while vLLM starts, so the engine
+    processes it spawns inherit it; put back afterwards, so nothing this process starts later (the bench's
+    other targets) does. How an inferq engine tells its vLLM plugins what to do."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop(HANDOFF, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[HANDOFF] = before
+            os.environ[name] = before
+
+
+def die_with_this_process() -> contextlib.AbstractContextManager[None]:
+    """While vLLM starts: every engine process it spawns dies with this process (and theirs with them)."""
+    return handed_down(HANDOFF, str(os.getpid()))
 
 
 def apply() -> None:

@@ -30,6 +30,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from inferq.worker.vllm_children import handed_down
+
 # Under vLLM's "vllm" logger, which vLLM's engine processes print with their name in front.
 log = logging.getLogger("vllm.inferq")
 
@@ -54,19 +56,10 @@ def spin_for_children(seconds: float | None) -> Iterator[None]:
     None: vLLM's own. The environment is put back afterwards, so nothing this process starts later (the
     bench's other targets) inherits the window. This process's own class stays patched: it holds no
     such reader."""
-    before = os.environ.get(HANDOFF)
-    if seconds is None:
-        os.environ.pop(HANDOFF, None)
-    else:
-        os.environ[HANDOFF] = repr(seconds)
-        apply()
-    try:
+    with handed_down(HANDOFF, None if seconds is None else repr(seconds)):
+        if seconds is not None:
+            apply()
         yield
-    finally:
-        if before is None:
-            os.environ.pop(HANDOFF, None)
-        else:
-            os.environ[HANDOFF] = before
 
 
 def apply() -> None:
