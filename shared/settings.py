@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="a worker whose engine produced nothing this long while requests ran stops renewing their "
         "claims (other workers take them over) and exits 1",
     )
+    engine_profile: Literal["auto", "vllm", "cpu-shared"] = Field(
+        "auto",
+        description="how the worker sets vLLM up: `vllm` as it ships (CUDA graphs, its stats and metrics), "
+        "`cpu-shared` the tuning for a CPU box shared with Redis and clients (the three settings below, eager "
+        "mode), `auto` cpu-shared on a CPU and vllm elsewhere (worker/engine_profile.py)",
+    )
     worker_nice: int = Field(
         5,
         ge=0,
@@ -94,6 +100,18 @@ class Settings(BaseSettings):
         description="CPU: run the model in vLLM's engine core process, with the OpenMP threads vLLM would give a "
         "model process of its own, rather than in that process (vLLM's CPU default), which the core hands "
         "every step to and waits on: two process hand-offs per step (docs/benchmark-history.md)",
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics (Prometheus) and /ready on this port (none: no server)"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", min_length=1, description="address the metrics port listens on (0.0.0.0: every interface)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line, with a request's id, model, lane and timings"
+    )
+    log_requests: bool = Field(
+        False, description="log one line for each request that ends (as vLLM's --enable-log-requests does)"
     )
 
     # Admission and results.

@@ -76,7 +76,7 @@ async def test_smollm2_answers_paris_through_the_queue(
     assert (endless.usage.completion_tokens, endless.choices[0].finish_reason) == (40, "length")  # type: ignore[union-attr]
     assert endless.choices[0].message.content.startswith(result.text)  # type: ignore[union-attr]
 
-    # The worker runs the model in vLLM's engine core (worker/vllm_executor.py); greedy, it answers word for word
+    # The worker runs the model in vLLM's engine core (worker/vllm_private.py); greedy, it answers word for word
     # as vLLM as it ships does, whose engine core hands each step to a model process.
     shipped, titles = await as_vllm_ships(settings, str(path))
     assert any(t.startswith("VLLM::Worker") for t in titles), titles

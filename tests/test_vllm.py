@@ -260,7 +260,7 @@ async def test_worker_session_yields_cpu_to_redis_and_clients(tiny_worker: Worke
 
 def test_the_model_runs_in_the_engine_core_which_loads_the_spin_plugin(tiny_worker: WorkerProcess) -> None:
     # INFERQ_ENGINE_MODEL_IN_CORE (default on): vLLM's engine core runs the model itself, with the OpenMP threads
-    # vLLM would give a model process, and there is no model process (worker/vllm_executor.py). INFERQ_ENGINE_SPIN_MS
+    # vLLM would give a model process, and there is no model process (worker/vllm_private.py). INFERQ_ENGINE_SPIN_MS
     # (default 2) still reaches the engine core through our vLLM plugin, which logs it (worker/vllm_spin.py).
     log = tiny_worker.log()
     assert "vLLM runs the model in its engine core process" in log

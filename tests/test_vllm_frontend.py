@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from inferq.worker.vllm_engine import envs_cache, fast_encode
+from inferq.worker.vllm_engine import fast_encode
+from inferq.worker.vllm_private import envs_cache
 from tests.conftest import MODELS_DIR
 
 PROMPTS = [

@@ -14,9 +14,10 @@ from typing import Any
 from inferq.shared.errors import ConfigError, EngineError
 from inferq.shared.schemas import GenerationRequest
 from inferq.shared.settings import Settings
-from inferq.worker import vllm_children, vllm_executor, vllm_spin
+from inferq.worker import vllm_children, vllm_private, vllm_spin
 from inferq.worker.cpu_share import yield_to_neighbours
 from inferq.worker.engine import Delta, RequestRejected
+from inferq.worker.engine_profile import EngineSetup, engine_setup
 from inferq.worker.flow import EngineLoad
 from inferq.worker.vllm_load import LoadState, stat_loggers
 
@@ -91,15 +92,6 @@ def engine_args(given: dict[str, Any]) -> dict[str, Any]:
     return dict(given)
 
 
-def envs_cache(on: bool) -> None:
-    """vLLM's cache of its environment settings, where this vLLM has one."""
-    from vllm import envs
-
-    toggle = getattr(envs, "enable_envs_cache" if on else "disable_envs_cache", None)
-    if toggle is not None:
-        toggle()
-
-
 def _unstarted(text: str, special: bool) -> list[int]:
     raise EngineError("engine not started")
 
@@ -112,8 +104,8 @@ class VllmEngine:
     """One AsyncLLM in this process (its engine core runs in a spawned child process)."""
 
     def __init__(self, model_path: str, settings: Settings, *, as_shipped: bool = False) -> None:
-        """`as_shipped=True` starts vLLM as it ships, its busy-waiting and its processes (engine_spin_ms and
-        engine_model_in_core unused): the bench's direct ceiling is vLLM at its own defaults."""
+        """`as_shipped=True`: the profile's engine arguments, but vLLM's own busy-waiting and processes
+        (engine_spin_ms and engine_model_in_core unused): the bench's direct ceiling."""
         self.name = "vllm"
         self.model_path = model_path
         self.settings = settings
@@ -123,6 +115,7 @@ class VllmEngine:
         self._encode = Encoder(_unstarted)
         self._tokenizing: ThreadPoolExecutor | None = None  # one thread: long prompts, one at a time, in order
         self._load = LoadState()
+        self.setup: EngineSetup | None = None  # how it was set up (worker/engine_profile.py), once started
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -130,47 +123,31 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        # On CPU the KV cache is a fixed size (a GPU sizes it from free memory). vLLM's VLLM_CPU_KVCACHE_SPACE
-        # (whole GiB), if set, still overrides this.
-        kv_bytes = int(self.settings.kv_cache_gib * 2**30) if current_platform.is_cpu() else None
-        yield_to_neighbours(self.settings.worker_nice)  # before vLLM starts its busy-polling processes
-
-        spin = None if self.as_shipped else self.settings.engine_spin_ms / 1000
+        on_cpu = current_platform.is_cpu()
+        self.setup = setup = engine_setup(
+            self.settings, self.model_path, on_cpu=on_cpu, tested=vllm_private.tested,
+            serves_metrics=self.settings.metrics_port is not None, as_shipped=self.as_shipped,
+        )  # fmt: skip
+        log.info("engine profile %s (INFERQ_ENGINE_PROFILE=%s)", setup.profile, self.settings.engine_profile)
+        yield_to_neighbours(setup.nice)  # before vLLM starts its busy-polling processes
         # From here vLLM loads its plugins (as it reads the arguments), in this process and in each it spawns.
-        with vllm_spin.spin_for_children(spin), vllm_children.die_with_this_process():
-            defaults: dict[str, Any] = {
-                "model": self.model_path, "dtype": self._dtype(), "max_model_len": self.settings.max_model_len,
-                "max_num_seqs": max(self.settings.max_inflight, 1), "enforce_eager": True,
-                "kv_cache_memory_bytes": kv_bytes, "disable_log_stats": True,
-            }  # fmt: skip
-            args = AsyncEngineArgs(**{**defaults, **engine_args(self.settings.engine_args)})
+        with vllm_spin.spin_for_children(setup.spin_s), vllm_children.die_with_this_process():
+            args = AsyncEngineArgs(**setup.args)
             try:
                 config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
             except (TypeError, ValueError) as exc:  # what a value given in INFERQ_ENGINE_ARGS makes of it
                 raise ConfigError(f"vLLM refused the engine arguments: {exc}") from None
-            in_core = not self.as_shipped and self.settings.engine_model_in_core
-            with vllm_executor.model_in_core(config) if in_core else contextlib.nullcontext():
+            quiet = [vllm_private.quiet_prometheus()] if setup.quiet_vllm_metrics else []
+            in_core = vllm_private.model_in_core(config) if setup.model_in_core else contextlib.nullcontext()
+            with in_core:
                 self._llm = AsyncLLM.from_vllm_config(
-                    config, stat_loggers=stat_loggers(self._load), disable_log_stats=args.disable_log_stats
+                    config, stat_loggers=stat_loggers(self._load, *quiet), disable_log_stats=args.disable_log_stats
                 )
         self._tokenizer = self._llm.get_tokenizer()
         self._encode = fast_encode(self._tokenizer)
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-tokenize")
-        # vLLM reads its VLLM_* settings through a module __getattr__ that parses os.environ on every access, and
-        # its front end does so per request per step (6% of a busy worker's samples, in the stats it keeps for
-        # flow control). vLLM caches them in its own engine processes once they have started, not in the
-        # AsyncLLM process; this process sets no VLLM_* variable while the engine runs, so cache them here too.
-        envs_cache(True)
-
-    def _dtype(self) -> str:
-        """ "auto" means bf16 on the CPU build, whose AMX bf16 kernels died with SIGILL on our 2-core VMs
-        (the engine core exits on the first request). float32 works everywhere; pick it on CPU unless the
-        user asked for a dtype explicitly (INFERQ_DTYPE)."""
-        if self.settings.dtype != "auto":
-            return self.settings.dtype
-        from vllm.platforms import current_platform
-
-        return "float32" if current_platform.is_cpu() else "auto"
+        if setup.cache_envs:
+            vllm_private.envs_cache(True)
 
     def load(self) -> EngineLoad | None:
         return self._load.snapshot()
@@ -185,7 +162,8 @@ class VllmEngine:
         if self._tokenizing is not None:
             self._tokenizing.shutdown(wait=False, cancel_futures=True)
             self._tokenizing = None
-            envs_cache(False)  # an engine started later in this process (the bench, tests) reads them afresh
+            if self.setup is not None and self.setup.cache_envs:
+                vllm_private.envs_cache(False)
 
     def prompt_token_ids(
         self, request: GenerationRequest, encode: Callable[[str, bool], list[int]] | None = None

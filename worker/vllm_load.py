@@ -1,7 +1,8 @@
 """The engine's load as vLLM reports it: KV-cache use, running/waiting counts, preemptions (for worker.flow).
 
-vLLM hands per-step scheduler stats to custom stat loggers. Passing one turns stats on without vLLM's own
-log lines; a do-nothing stand-in for its Prometheus logger keeps it from building metrics we do not serve.
+vLLM hands per-step scheduler stats to custom stat loggers (its public StatLoggerBase). Passing one turns stats
+on without vLLM's own log lines; vLLM adds its Prometheus logger beside it (worker/engine_profile.py says when
+it is kept quiet).
 `record` runs on the worker's event loop (AsyncLLM's output handler), so plain attributes need no locks.
 """
 
@@ -26,9 +27,9 @@ class LoadState:
         return EngineLoad(self.kv_cache_usage, self.preemptions, self.running, self.waiting)
 
 
-def stat_loggers(state: LoadState) -> list[Any]:
-    """Factories for AsyncLLM.from_engine_args(stat_loggers=...) that feed `state`."""
-    from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
+def stat_loggers(state: LoadState, *extra: Any) -> list[Any]:
+    """Factories for AsyncLLM(stat_loggers=...): one that feeds `state`, then `extra`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
 
     class LoadLogger(StatLoggerBase):
         def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
@@ -51,23 +52,4 @@ def stat_loggers(state: LoadState) -> list[Any]:
         def log(self) -> None:
             pass
 
-    class NoPrometheus(PrometheusStatLogger):  # vLLM adds its own unless one of ours is an instance of it
-        def __init__(self, vllm_config: Any, engine_indexes: Any = None) -> None:
-            pass
-
-        def record(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def record_admission_rejection(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-        def log(self) -> None:
-            pass
-
-    return [LoadLogger, NoPrometheus]
+    return [LoadLogger, *extra]

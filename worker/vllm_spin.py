@@ -1,7 +1,7 @@
 """How long vLLM's engine processes busy-wait for each other before they sleep (INFERQ_ENGINE_SPIN_MS).
 
 With the multiprocess executor (tensor parallel on GPUs; vLLM's choice on CPU, where inferq runs the model in
-the engine core instead unless INFERQ_ENGINE_MODEL_IN_CORE is off: worker/vllm_executor.py) the engine core
+the engine core instead unless INFERQ_ENGINE_MODEL_IN_CORE is off: worker/vllm_private.py) the engine core
 hands each step to the model process, and each side waits for the other's shared-memory message. vLLM 0.32 waits
 by spinning (`sched_yield`) for up to one second after the last message, hard-coded
 (`SpinCondition.busy_loop_s`), and only then sleeps on a socket the writer pings. Under load a message comes
@@ -21,16 +21,13 @@ the plugins it names: add `inferq_engine_spin` to it.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator
-from typing import Any
 
 from inferq.worker.vllm_children import handed_down
+from inferq.worker.vllm_private import patch_busy_wait
 
 # Under vLLM's "vllm" logger, which vLLM's engine processes print with their name in front.
 log = logging.getLogger("vllm.inferq")
@@ -38,15 +35,6 @@ log = logging.getLogger("vllm.inferq")
 # The window in seconds, from the settings (INFERQ_ENGINE_SPIN_MS, validated there), set only while an inferq
 # engine starts vLLM: a user's INFERQ_* environment never reaches a vLLM started any other way.
 HANDOFF = "_INFERQ_ENGINE_BUSY_LOOP_S"
-# vLLM's writer pings a sleeping reader over a PUB socket with a send queue of one, and libzmq drops a ping
-# sent within ~1.2 ms of the previous one (it notices the queue drained only that often). A reader that read
-# the first of two quick messages, looked for the second too early and went to sleep misses its ping and
-# sleeps until its timeout: 5 s, with the whole engine waiting on it. This is what made a 0 ms window
-# stall (100 s for one request). A short window rarely lets it happen, as the reader is still spinning when
-# the second message comes, but a preempted reader can; so while it is busy a sleeping reader looks again
-# after this long.
-RECHECK_MS = 10
-_BUSY_S = 1.0  # "busy": read within the last second, vLLM's own window
 
 
 @contextlib.contextmanager
@@ -71,34 +59,10 @@ def apply() -> None:
         seconds = float(raw)
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError("not a number of seconds >= 0")
-        _patch(seconds)
+        patch_busy_wait(seconds)
     except Exception as exc:  # vLLM calls plugins unguarded: whatever this vLLM is, it must still start
         log.warning(
             "vLLM's busy-wait left as it ships: cannot apply %s=%r (%s: %s)", HANDOFF, raw, type(exc).__name__, exc
         )
         return
     log.info("busy-waits %g ms for the next message before it sleeps (INFERQ_ENGINE_SPIN_MS)", seconds * 1000)
-
-
-def _patch(seconds: float) -> None:
-    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
-
-    cls: Any = SpinCondition
-    init = getattr(cls.__init__, "__wrapped__", cls.__init__)  # applied again in one process: wrap vLLM's once
-    wait = getattr(cls.wait, "__wrapped__", cls.wait)
-    position = list(inspect.signature(init).parameters).index("busy_loop_s") - 1  # among the args after self
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if len(args) <= position:
-            kwargs.setdefault("busy_loop_s", seconds)
-        init(self, *args, **kwargs)
-
-    @functools.wraps(wait)
-    def wait_for_ping(self: Any, timeout_ms: int | None = None) -> None:
-        if self.is_reader and time.monotonic() - self.last_read < _BUSY_S:
-            timeout_ms = RECHECK_MS if timeout_ms is None else min(timeout_ms, RECHECK_MS)
-        wait(self, timeout_ms=timeout_ms)
-
-    cls.__init__ = __init__
-    cls.wait = wait_for_ping

@@ -1,4 +1,4 @@
-"""INFERQ_ENGINE_MODEL_IN_CORE: how worker/vllm_executor.py changes a real vLLM config for the engine core it spawns.
+"""INFERQ_ENGINE_MODEL_IN_CORE: how worker/vllm_private.py changes a real vLLM config for the engine core it spawns.
 
 That a running worker's engine core then runs the model, with no model process, is checked on the tiny worker in
 test_vllm.py; that it answers word for word as vLLM as it ships, on SmolLM2 in test_smollm2.py."""
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from inferq.worker.vllm_executor import model_in_core
+from inferq.worker.vllm_private import model_in_core
 from tests.conftest import MODELS_DIR
 
 OPENMP = ("OMP_NUM_THREADS", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY", "KMP_AFFINITY")
