@@ -295,6 +295,21 @@ def worker(
             "worker's own defaults",
         ),
     ] = None,
+    engine_profile: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (default): cpu-shared on a CPU, vllm elsewhere | vllm: vLLM as it ships (CUDA graphs, its "
+            "stats and metrics) | cpu-shared: tuned for a CPU box shared with Redis and clients"
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus /metrics (vllm:* and inferq_*) and /ready on this port")
+    ] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="address for --metrics-port (default 127.0.0.1)")] = None,
+    log_format: Annotated[str | None, typer.Option(help="text (default) or json: one object per line")] = None,
+    log_requests: Annotated[
+        bool | None, typer.Option("--log-requests/--no-log-requests", help="a log line for each request that ends")
+    ] = None,
     bulk_jobs: Annotated[
         bool, typer.Option(help="also run steps of detached bulk jobs (`inferq bulk submit`), with no engine cost")
     ] = True,
@@ -306,12 +321,15 @@ def worker(
     stops at once, leaving unfinished requests pending for other workers. Exits 1 if the engine dies.
 
     Each flag has an environment variable, which the flag overrides: INFERQ_MODEL, INFERQ_MAX_INFLIGHT,
-    INFERQ_MAX_MODEL_LEN, INFERQ_STREAM_INTERVAL, INFERQ_REDIS_URL (README, "Configuration", lists them all).
+    INFERQ_MAX_MODEL_LEN, INFERQ_STREAM_INTERVAL, INFERQ_ENGINE_PROFILE, INFERQ_METRICS_PORT, INFERQ_METRICS_HOST,
+    INFERQ_LOG_FORMAT, INFERQ_LOG_REQUESTS, INFERQ_REDIS_URL (README, "Configuration", lists them all).
+    Metrics, readiness and log fields: docs/METRICS.md.
     """
     base.one_of(engine, ("vllm", "standin"), "engine")
     settings = base.settings(
         redis_url=redis_url, model=model, max_inflight=max_inflight, max_model_len=max_model_len,
-        stream_interval=stream_interval,
+        stream_interval=stream_interval, engine_profile=engine_profile, metrics_port=metrics_port,
+        metrics_host=metrics_host, log_format=log_format, log_requests=log_requests,
     )  # fmt: skip
     if engine_arg:
         settings = settings.model_copy(update={"engine_args": {**settings.engine_args, **base.pairs(engine_arg)}})

@@ -8,20 +8,17 @@ import os
 import sys
 
 from inferq.console.base import die, model_path, run
+from inferq.console.logs import log_to_stderr
 from inferq.producer.bulk.detached import bulk_runner
 from inferq.shared.errors import ConfigError
 from inferq.shared.settings import Settings
 from inferq.worker.run import make_engine, run_until_signalled, serve
 
 
-def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def run_worker(settings: Settings, *, engine: str, consumer: str | None, bulk_jobs: bool) -> None:
     """Serve the model's requests (and, with `bulk_jobs`, steps of detached bulk jobs) until signalled; exits
     the process with the worker's code."""
-    _log_to_stderr()
+    log_to_stderr(settings.log_format, settings.data_dir)
     if engine == "vllm" and settings.engine_args:
         from inferq.worker.vllm_engine import engine_args
 
@@ -47,14 +44,14 @@ def run_worker(settings: Settings, *, engine: str, consumer: str | None, bulk_jo
 
 def run_bulk_runner(settings: Settings) -> int:
     """Run detached bulk jobs only (no engine) until signalled; returns the exit code."""
-    _log_to_stderr()
+    log_to_stderr(settings.log_format)
     code: int = run(run_until_signalled(lambda: bulk_runner(settings)), sigterm_cancels=False)
     return code
 
 
 def run_gateway(settings: Settings, host: str, port: int) -> None:
     """Serve the HTTP gateway until SIGTERM or Ctrl-C (exit 143 / 130, as for any other command)."""
-    _log_to_stderr()
+    log_to_stderr(settings.log_format)
     try:
         from inferq.gateway.server import serve as serve_gateway
     except ImportError as missing:  # aiohttp comes with the `gateway` extra

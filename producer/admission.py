@@ -108,7 +108,8 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
     def _call(self, batch: list[tuple[GenerationRequest, str | None]]) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of one admit.lua call (see the script) for requests of one lane and tenant."""
         first, dead_letter = batch[0]
-        keys = [self.keys.queue(first.model, first.priority), self.keys.tenants(first.model)]
+        model = first.model
+        keys = [self.keys.queue(model, first.priority), self.keys.tenants(model), self.keys.refusals(model)]
         keys += [self.keys.result(request.id) for request, _ in batch]
         args: list[Any] = [
             self.settings.lane_cap(first.priority),

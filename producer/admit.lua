@@ -2,7 +2,8 @@
 -- One call admits a batch of requests for one lane, in order, each checked against the caps as they stand
 -- after the ones before it (one script call per batch: the Lua call overhead is paid once).
 -- KEYS[1] lane stream, KEYS[2] the model's tenant counters (hash tenant -> unfinished requests),
--- KEYS[3 .. 2+n] the requests' result hashes, KEYS[3+n] (only to retry a dead letter, n = 1) the DLQ.
+-- KEYS[3] the model's refusal counters (hash `LANE:REASON` -> refusals, for the workers' metrics),
+-- KEYS[4 .. 3+n] the requests' result hashes, KEYS[4+n] (only to retry a dead letter, n = 1) the DLQ.
 -- ARGV: max_queue_len (this lane), max_lag (0: off), group, tenant_cap (0: off), n,
 --       tenant ('' for none; one per call), then the n payloads, then the n results' TTLs (seconds), then
 --       the n wait limits (unix seconds: past it, the request is not started but ends `expired`), then
@@ -13,10 +14,11 @@
 --   a result other than `failed` (it was retried already, or finished after all).
 -- A retry replaces the failed result and removes the dead letter in the same step. The tenant counter
 -- goes up here and down when a worker acknowledges the entry (worker/finish.lua).
-local stream, tenants = KEYS[1], KEYS[2]
+local stream, tenants, refusals = KEYS[1], KEYS[2], KEYS[3]
 local max_len, max_lag, group = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local tenant_cap, n, tenant = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local dlq = KEYS[3 + n]
+local dlq = KEYS[4 + n]
+local lane = string.match(stream, ':([^:]+)$')  -- keys.py ends a lane stream's name with its lane
 
 local qlen = redis.call('XLEN', stream)
 if qlen == 0 and redis.call('EXISTS', stream) == 0 then
@@ -37,7 +39,7 @@ end
 
 local out = {}
 for i = 1, n do
-  local result = KEYS[2 + i]
+  local result = KEYS[3 + i]
   local code, owned, entry_id = nil, 0, ''
   if dlq then  -- a retry: only of a letter still there, for a request whose stored result is `failed`
     local stored = redis.call('HGET', result, 'status')
@@ -79,6 +81,11 @@ for i = 1, n do
       if max_lag > 0 then lag = lag + 1 end
       code = 1
     end
+  end
+  if code == 0 or code == 3 then
+    local reason = (code == 3 and 'tenant_cap') or (qlen >= max_len and 'queue_full') or 'lag_cap'
+    local field = lane .. ':' .. reason
+    redis.call('HINCRBY', refusals, field, 1)
   end
   out[i] = {code, qlen, lag, entry_id, owned}
 end

@@ -112,6 +112,11 @@ class Keys:
         """Hash tenant -> that tenant's unfinished requests for the model (the per-tenant cap)."""
         return f"{self.prefix}:tenants:{model}"
 
+    def refusals(self, model: str) -> str:
+        """Hash `LANE:REASON` -> submits the admission refused (reasons queue_full, lag_cap, tenant_cap): a few
+        fields per model, read by the workers' metrics."""
+        return f"{self.prefix}:refused:{model}"
+
     @staticmethod
     def tenant_scoped(tenant: str, name: str) -> str:
         """A request id or client id of a tenant-bound client (`INFERQ_TENANT`): `{tenant}:{name}`, so that one

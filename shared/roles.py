@@ -51,6 +51,7 @@ def rules(role: str, keys: Keys, tenant: str | None = None) -> list[str]:
         f"%RW~{keys.queues_pattern()}",  # the admission adds entries; no command that reads one is granted
         f"%RW~{keys.result(scoped)}",
         f"%RW~{keys.tenants('*')}",
+        f"%RW~{keys.refusals('*')}",
         f"&{keys.tokens(scoped)}",
         f"&{keys.cancel()}",
         *_PRODUCER_COMMANDS,

@@ -250,6 +250,7 @@ def tiny_worker(redis_server: EmbeddedServer, tmp_path_factory: pytest.TempPathF
     from inferq.worker.models import prepare_model
 
     prepare_model("tiny", MODELS_DIR)
+    port = free_port()
     cfg = Settings(
         redis_url=redis_server.url, key_prefix="vllm-tiny", data_dir=MODELS_DIR, model="tiny", request_timeout_s=120
     )
@@ -262,8 +263,10 @@ def tiny_worker(redis_server: EmbeddedServer, tmp_path_factory: pytest.TempPathF
         "--no-bulk-jobs",  # detached-job tests start their own runners, to know (and kill) which one runs a job
         name="tiny-0",
         log_path=tmp_path_factory.mktemp("w") / "tiny.log",
-        env={"INFERQ_ENGINE_SPIN_MS": "2"},  # the default, whatever the shell says: test_vllm reads it in the log
+        # The default spin, whatever the shell says: test_vllm reads it in the log.
+        env={"INFERQ_ENGINE_SPIN_MS": "2", "INFERQ_METRICS_PORT": str(port)},
     )
+    proc.metrics_port = port  # type: ignore[attr-defined]
     proc.wait_ready()
     yield proc
     assert proc.stop() == 0, proc.log()[-3000:]

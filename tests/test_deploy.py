@@ -54,6 +54,9 @@ def check_services(config: dict[str, Any], password: str) -> None:
     assert "PONG" in health, f"redis-cli exits 0 on NOAUTH too: the healthcheck must look for PONG: {health}"
 
     assert environment(worker)["INFERQ_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+    # The worker's healthcheck asks its readiness endpoint on the port it serves metrics on (docs/METRICS.md).
+    probe = " ".join(worker["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{environment(worker)['INFERQ_METRICS_PORT']}/ready" in probe, probe
 
     gateway = config["services"]["gateway"]
     assert environment(gateway)["INFERQ_REDIS_URL"] == f"redis://:{password}@redis:6379/0"

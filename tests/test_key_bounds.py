@@ -94,6 +94,9 @@ async def _bound(redis: Redis, settings: Settings, keys: Keys, key: str) -> bool
             return await redis.xlen(key) <= settings.dlq_max_len
         if key == keys.dlq_dropped(model):  # one number
             return (await redis.type(key)) == b"string"
+        if key == keys.refusals(model):  # LANE:REASON fields
+            fields = {f.decode() for f in await redis.hkeys(key)}  # type: ignore[misc]
+            return fields <= {f"{lane}:{why}" for lane in LANES for why in ("queue_full", "lag_cap", "tenant_cap")}
         if key == keys.tenants(model):  # one field per tenant with unfinished requests, gone at zero
             return all(int(v) > 0 for v in (await redis.hgetall(key)).values())  # type: ignore[misc]
     if key == keys.bulk_jobs():  # the jobs that exist, and at most a few the next job prunes

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import openai
 import psutil
 import pytest
@@ -20,7 +23,8 @@ from inferq.producer.local import inferq_argv, worker_env
 from inferq.shared.codec import pack
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
-from tests.conftest import WorkerProcess, drained
+from tests.conftest import WorkerProcess, drained, free_port, wait_until
+from tests.test_worker_metrics import get, scrape
 
 
 @pytest.fixture
@@ -270,3 +274,77 @@ def test_the_model_runs_in_the_engine_core_which_loads_the_spin_plugin(tiny_work
     assert not any(t.startswith("VLLM::Worker") for t in titles), titles
     lines = [line for line in log.splitlines() if "busy-waits 2 ms" in line]
     assert any(line.startswith("(EngineCore pid=") for line in lines), lines
+
+
+def total(samples: dict[Any, float], name: str, **labels: str) -> float:
+    """The sum of a series' samples over the labels not given."""
+    return sum(v for (n, have), v in samples.items() if n == name and set(labels.items()) <= set(have))
+
+
+async def test_profile_vllm_runs_vllm_as_it_ships_with_its_metrics_and_readiness(
+    settings: Settings, start_worker
+) -> None:
+    """INFERQ_ENGINE_PROFILE=vllm on this CPU: vLLM's own model process and compile, its `vllm:*` series on the
+    worker's /metrics beside inferq's, /ready answering 503 while the engine loads and 200 after, and vLLM's own
+    log lines (engine core included) as JSON objects."""
+    port = free_port()
+    worker = start_worker(
+        "--model", "tiny", "--max-inflight", "8", "--no-bulk-jobs", "--engine-profile", "vllm",
+        "--metrics-port", str(port), "--log-format", "json", wait=False,
+    )  # fmt: skip
+
+    async def answers() -> bool:
+        try:
+            return (await get(port, "/health"))[0] == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_until(answers, 120, "the worker's metrics port")
+    assert await get(port, "/ready") == (503, "not ready: loading the engine\n")  # the engine takes ~30 s
+    await asyncio.to_thread(worker.wait_ready)
+    assert await get(port, "/ready") == (200, "ready\n")
+    before = await scrape(port)
+    async with InferenceClient(settings) as client:
+        handles = [
+            await client.submit(prompt=f"Metered {i}", max_tokens=8, ignore_eos=True, model="tiny", stream=False)
+            for i in range(3)
+        ]
+        results = [await h.result(timeout=120) for h in handles]
+    assert [r.usage.completion_tokens for r in results] == [8, 8, 8]
+    after = await scrape(port)
+
+    def moved(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert moved("vllm:generation_tokens_total", model_name="tiny") == 24  # vLLM's names and labels, as it serves
+    assert moved("vllm:request_success_total", model_name="tiny", finished_reason="length") == 3
+    assert moved("inferq_requests_ended_total", model="tiny", status="done") == 3
+    assert moved("inferq_generation_tokens_total", model="tiny") == 24
+    assert total(after, "vllm:num_requests_running", model_name="tiny") == 0
+    # vLLM as it ships on CPU: its model in a process of its own, and no busy-wait window of ours.
+    titles = [" ".join(p.cmdline()) for p in psutil.Process(worker.proc.pid).children(recursive=True)]
+    assert any(t.startswith("VLLM::Worker") for t in titles), titles
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert any(line["message"] == "engine profile vllm (INFERQ_ENGINE_PROFILE=vllm)" for line in lines)
+    assert any(line.get("process") == "EngineCore" and line["logger"].startswith("vllm") for line in lines)
+    assert not any("busy-waits" in line["message"] for line in lines)
+
+
+async def test_a_cpu_shared_worker_serves_vllms_metrics_beside_its_own(
+    tiny: Settings, tiny_worker: WorkerProcess
+) -> None:
+    port = tiny_worker.metrics_port  # type: ignore[attr-defined]
+    before = await scrape(port)
+    async with InferenceClient(tiny) as client:
+        handles = [
+            await client.submit(prompt=f"Counted {i}", max_tokens=5, ignore_eos=True, model="tiny") for i in range(2)
+        ]
+        results = [await h.result(timeout=60) for h in handles]
+    assert [r.status for r in results] == ["done", "done"]
+    after = await scrape(port)
+    for name, labels in (
+        ("vllm:generation_tokens_total", {"model_name": "tiny"}),
+        ("inferq_generation_tokens_total", {"model": "tiny"}),
+    ):
+        assert total(after, name, **labels) - total(before, name, **labels) == 10, name
+    assert await get(port, "/ready") == (200, "ready\n")

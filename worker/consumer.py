@@ -36,6 +36,7 @@ from inferq.worker.engine import Engine, RequestRejected
 from inferq.worker.flow import SlotControl
 from inferq.worker.jobs import Job
 from inferq.worker.lanes import LaneShares
+from inferq.worker.metrics import WorkerMetrics, queued_at
 from inferq.worker.outbox import Outbox
 from inferq.worker.requests import RequestWriter
 from inferq.worker.upkeep import Upkeep
@@ -53,7 +54,14 @@ class Worker(Upkeep, AsyncLifecycle):
     """`async with Worker(...) as w: await w.run()`; `stop_reading()` then `drain()` for a clean stop."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, redis: Redis, *, model: str, consumer: str | None = None
+        self,
+        settings: Settings,
+        engine: Engine,
+        redis: Redis,
+        *,
+        model: str,
+        consumer: str | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -65,7 +73,10 @@ class Worker(Upkeep, AsyncLifecycle):
         self.capacity = settings.max_inflight
         self.flow = SlotControl(self.capacity)
         self.outbox = Outbox(redis)
-        self.writer = RequestWriter(self.outbox, self.keys, settings, self.name, model)
+        self.metrics = metrics or WorkerMetrics(self.keys, model)
+        self.metrics.running.labels(model).set_function(lambda: len(self._jobs))
+        self.metrics.slots.labels(model).set_function(lambda: self.flow.slots)
+        self.writer = RequestWriter(self.outbox, self.keys, settings, self.name, model, self.metrics)
         self.claims = Claims(redis, settings, self.streams, self.name)
         self.lanes = LaneShares(settings.lane_min_share)
         self._start_script = BatchedScript(redis, scripts.START)
@@ -181,6 +192,8 @@ class Worker(Upkeep, AsyncLifecycle):
                 )  # fmt: skip
             elif taken:
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
+            for stream, *_ in taken:
+                self.metrics.taken_over.labels(self.model, self.metrics.lane(stream)).inc()
             if taken or self._suspect_waiting:
                 return taken
         reserved = self.lanes.reservations(free)
@@ -201,6 +214,8 @@ class Worker(Upkeep, AsyncLifecycle):
         if (stream, entry_id) in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
             return
         job = Job(stream, entry_id, fields, deliveries)
+        if deliveries > 1:
+            self.metrics.redelivered.labels(self.model, self.metrics.lane(stream)).inc()
         job.task = asyncio.create_task(self._process(job), name=f"inferq-{entry_id}")
         self._jobs[(stream, entry_id)] = job
         job.task.add_done_callback(lambda _t: self._release(job))
@@ -285,12 +300,12 @@ class Worker(Upkeep, AsyncLifecycle):
     async def _run(self, job: Job, request: GenerationRequest) -> None:
         """Start the request (unless it ended, was cancelled or is past its deadline) and generate it.
         An interrupt (cancel, deadline) raises CancelledError here; _process ends the request then."""
-        queued_at = int(job.entry_id.split("-")[0]) / 1000  # an entry id starts with the time it was added
-        if time.time() >= wait_limit(request, queued_at, self.settings):
+        added = queued_at(job.entry_id)
+        if time.time() >= wait_limit(request, added, self.settings):
             await self.writer.end(job.stream, job.entry_id, request, "expired", job.gen)
             return
         job.interruptible = True
-        status = await self._mark_running(request, job, queued_at)
+        status = await self._mark_running(request, job, added)
         if status == "foreign":
             job.interruptible = False
             reason = f"forged entry: request {request.id} was admitted with another queue entry; it was left as it is"
@@ -303,6 +318,8 @@ class Worker(Upkeep, AsyncLifecycle):
             # Or "cancelled" but not ended yet: the cancel came between the read and the start.
             await self.writer.end(job.stream, job.entry_id, request, status, job.gen)
             return
+        job.gen.started_at = time.time()
+        self.metrics.started(job.stream, job.entry_id)
         loop = asyncio.get_running_loop()
         limit = self.settings.max_run_s
         why = f"ran longer than {limit:g} s (INFERQ_MAX_RUN_S): stopped by the worker's watchdog"

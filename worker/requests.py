@@ -3,6 +3,7 @@ the final token event, all in one transaction through the outbox (docs/CONTRACTS
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,10 @@ from inferq.shared.schemas import SCHEMA_VERSION, GenerationRequest
 from inferq.shared.settings import Settings
 from inferq.worker import scripts
 from inferq.worker.engine import Delta
+from inferq.worker.metrics import WorkerMetrics, queued_at
 from inferq.worker.outbox import Outbox
+
+log = logging.getLogger("inferq.requests")
 
 
 @dataclass
@@ -24,6 +28,7 @@ class Generation:
     parts: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    started_at: float | None = None  # when it started running (None: it never ran)
     first_token_at: float | None = None
     finish_reason: str | None = None
     last: Delta | None = None  # the final delta, sent with the final event
@@ -62,8 +67,12 @@ def reply_record(request: GenerationRequest, outcome: dict[str, Any]) -> bytes:
 
 
 class RequestWriter:
-    def __init__(self, outbox: Outbox, keys: Keys, settings: Settings, worker_name: str, model: str) -> None:
+    def __init__(
+        self, outbox: Outbox, keys: Keys, settings: Settings, worker_name: str, model: str, metrics: WorkerMetrics
+    ) -> None:
         self.outbox = outbox
+        self.metrics = metrics
+        self.model = model
         self.dlq, self.dlq_dropped = keys.dlq(model), keys.dlq_dropped(model)
         self.keys = keys
         self.settings = settings
@@ -122,6 +131,28 @@ class RequestWriter:
         }
         events = ((request.reply_channel, event),) if request.reply_channel else ()
         await self.outbox.add(finish, events=events)
+        self.metrics.finished(stream, entry_id, status, gen.prompt_tokens, gen.completion_tokens)
+        if self.settings.log_requests:
+            self._log_end(stream, entry_id, request.id, status, gen, now, error)
+
+    def _log_end(
+        self, stream: str, entry_id: str, request_id: str, status: str, gen: Generation, now: float, error: str | None
+    ) -> None:
+        """One line per request that ends (INFERQ_LOG_REQUESTS), its numbers as fields for `--log-format json`."""
+        added = queued_at(entry_id)
+        fields: dict[str, Any] = {
+            "request_id": request_id, "model": self.model, "lane": self.metrics.lane(stream),
+            "worker": self.worker_name, "status": status, "prompt_tokens": gen.prompt_tokens,
+            "completion_tokens": gen.completion_tokens, "total_s": round(now - added, 4),
+        }  # fmt: skip
+        if gen.started_at is not None:
+            fields["queued_s"] = round(gen.started_at - added, 4)
+            fields["run_s"] = round(now - gen.started_at, 4)
+            if gen.first_token_at is not None:
+                fields["ttft_s"] = round(gen.first_token_at - added, 4)
+        level = logging.WARNING if error else logging.INFO
+        log.log(level, "request %s %s: %d tokens in %.3f s%s", request_id, status, gen.completion_tokens,
+                fields["total_s"], f" ({error})" if error else "", extra={"inferq": fields})  # fmt: skip
 
     async def dead_letter(
         self,
@@ -144,5 +175,6 @@ class RequestWriter:
             bound = self.settings.dlq_max_len
             keys = [self.dlq, self.dlq_dropped, stream]
             await self.outbox.add(scripts.DEAD_LETTER.command(keys, [bound, GROUP, entry_id, *dead]))
+            self.metrics.finished(stream, entry_id, "failed", 0, 0)
             return
         await self.end(stream, entry_id, request, "failed", Generation(), error=error, dead_letter=dead)

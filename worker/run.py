@@ -9,12 +9,19 @@ import logging
 import signal
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
 
 from inferq.shared.connection import connect
+from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 from inferq.worker.consumer import Worker
 from inferq.worker.engine import Engine
+from inferq.worker.metrics import WorkerMetrics
+
+if TYPE_CHECKING:
+    from inferq.worker.probe import Probe
 
 log = logging.getLogger("inferq.worker")
 
@@ -42,11 +49,37 @@ async def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT. First signal: stop reading and drain (up to drain_timeout_s), exit 0.
     Second signal: abort in-flight work, leaving it pending for other workers. Dead engine: exit 1.
-    `alongside` (the detached bulk-job runner) runs while the worker reads and stops at the first signal."""
+    `alongside` (the detached bulk-job runner) runs while the worker reads and stops at the first signal.
+    With INFERQ_METRICS_PORT, /metrics and /ready are served from before the engine loads until the end."""
     redis = connect(settings)
+    metrics = WorkerMetrics(Keys(settings.key_prefix), model)
+    probe = None
+    if settings.metrics_port:
+        from inferq.worker.probe import Probe  # aiohttp: with the engine extras (vLLM serves HTTP with it too)
+
+        probe = Probe(settings.metrics_host, settings.metrics_port, redis, metrics)
+    try:
+        async with probe or contextlib.nullcontext():
+            return await _serve(settings, engine, redis, metrics, probe, model, consumer, alongside)
+    finally:
+        await redis.aclose()
+
+
+async def _serve(
+    settings: Settings,
+    engine: Engine,
+    redis: Redis,
+    metrics: WorkerMetrics,
+    probe: Probe | None,
+    model: str,
+    consumer: str | None,
+    alongside: Alongside | None,
+) -> int:
     await engine.start()
     try:
-        async with Worker(settings, engine, redis, model=model, consumer=consumer) as worker:
+        async with Worker(settings, engine, redis, model=model, consumer=consumer, metrics=metrics) as worker:
+            if probe is not None:
+                probe.state = "ready"
             loop = asyncio.get_running_loop()
             signals = 0
             hard_stop = asyncio.Event()
@@ -60,6 +93,8 @@ async def serve(
                         signal.Signals(signum).name,
                     )
                     worker.stop_reading()
+                    if probe is not None:
+                        probe.state = "draining: no new work"
                 else:
                     log.warning("second signal: leaving in-flight requests pending for other workers")
                     hard_stop.set()
@@ -81,8 +116,9 @@ async def serve(
                     loop.remove_signal_handler(sig)
         return 1 if worker.fatal else 0
     finally:
+        if probe is not None:
+            probe.state = "stopping"
         await engine.stop()
-        await redis.aclose()
 
 
 async def run_until_signalled(service: Alongside) -> int:

@@ -23,6 +23,7 @@ from inferq.worker.claims import Claims
 from inferq.worker.engine import Engine
 from inferq.worker.flow import SlotControl
 from inferq.worker.jobs import Job
+from inferq.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("inferq.worker")
 
@@ -36,6 +37,7 @@ class Upkeep:
     name: str
     capacity: int
     flow: SlotControl
+    metrics: WorkerMetrics
     claims: Claims
     fatal: BaseException | None
     tokens_out: int
@@ -116,6 +118,7 @@ class Upkeep:
         job = self._jobs.get((stream, entry_id))
         if job is not None and job.task is not None and job.interruptible:
             log.warning("entry %s was taken over by another worker; dropping our run of it", entry_id)
+            self.metrics.lost.labels(self.model, self.metrics.lane(stream)).inc()
             job.task.cancel()
 
     async def _check_cancel(self, request_id: str) -> None:

@@ -1,0 +1,172 @@
+"""A worker's Prometheus series (docs/METRICS.md lists them): its own `inferq_*` ones, counted as requests end,
+and the queue's, read from Redis when scraped. vLLM's `vllm:*` series come from vLLM's own stat logger, in
+prometheus_client's default registry, and are served beside these as vLLM serves them (worker/probe.py).
+
+Queue series (lane length, lag, pending, admissions, refusals, dead letters) describe the whole queue of the
+model: every worker of it reports the same numbers, so aggregate them with max(), not sum().
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+
+from inferq.shared.codec import text
+from inferq.shared.keys import GROUP, LANES, Keys
+from inferq.shared.schemas import FINAL_STATES
+
+# From a few milliseconds (a short queue wait) to an hour (a long generation, a deep backlog).
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+def queued_at(entry_id: str) -> float:
+    """When an entry was added: a stream entry id starts with its add time in milliseconds."""
+    return int(entry_id.split("-")[0]) / 1000
+
+
+class WorkerMetrics:
+    """This worker's series, in a registry of its own (two workers in one process keep apart)."""
+
+    def __init__(self, keys: Keys, model: str) -> None:
+        self.registry = CollectorRegistry()
+        self.keys = keys
+        self.model = model
+        r = self.registry
+        self.ended = Counter(
+            "inferq_requests_ended", "requests this worker ended, by final status", ["model", "lane", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "inferq_queue_wait_seconds", "time from admission to the start of the run (requests that ran)",
+            ["model", "lane"], buckets=SECONDS, registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "inferq_request_duration_seconds", "time from admission to the stored final state, every status",
+            ["model", "lane"], buckets=SECONDS, registry=r,
+        )  # fmt: skip
+        self.generated = Counter("inferq_generation_tokens", "tokens generated", ["model"], registry=r)
+        self.prompt = Counter("inferq_prompt_tokens", "prompt tokens of the requests that ran", ["model"], registry=r)
+        self.redelivered = Counter(
+            "inferq_redeliveries", "entries this worker got that an earlier delivery did not end", ["model", "lane"],
+            registry=r,
+        )  # fmt: skip
+        self.taken_over = Counter(
+            "inferq_claims_taken_over", "entries taken over from a worker that died or stalled (XAUTOCLAIM)",
+            ["model", "lane"], registry=r,
+        )  # fmt: skip
+        self.lost = Counter(
+            "inferq_claims_lost", "entries of this worker another worker took over before it ended them",
+            ["model", "lane"], registry=r,
+        )  # fmt: skip
+        self.running = Gauge("inferq_requests_running", "requests in this worker now", ["model"], registry=r)
+        self.slots = Gauge(
+            "inferq_slots", "requests this worker takes at most now (flow control)", ["model"], registry=r
+        )
+        self.queue = QueueSeries(keys, model)
+        r.register(self.queue)
+        # Every series from the start, at 0: a rate() over a counter that appears only at its first event misses it.
+        for lane in LANES:
+            for status in sorted(FINAL_STATES):
+                self.ended.labels(model, lane, status)
+            for series in (self.queue_wait, self.duration, self.redelivered, self.taken_over, self.lost):
+                series.labels(model, lane)
+        self.generated.labels(model)
+        self.prompt.labels(model)
+
+    def lane(self, stream: str) -> str:
+        parsed = self.keys.parse_queue(stream)
+        return parsed[1] if parsed else "unknown"
+
+    def started(self, stream: str, entry_id: str) -> None:
+        self.queue_wait.labels(self.model, self.lane(stream)).observe(max(time.time() - queued_at(entry_id), 0.0))
+
+    def finished(self, stream: str, entry_id: str, status: str, prompt_tokens: int, tokens: int) -> None:
+        lane = self.lane(stream)
+        self.ended.labels(self.model, lane, status).inc()
+        self.duration.labels(self.model, lane).observe(max(time.time() - queued_at(entry_id), 0.0))
+        if tokens:
+            self.generated.labels(self.model).inc(tokens)
+        if prompt_tokens:
+            self.prompt.labels(self.model).inc(prompt_tokens)
+
+
+class QueueSeries(Collector):
+    """The model's queue as Redis holds it, read by `refresh` (one pipelined round trip) before each scrape."""
+
+    def __init__(self, keys: Keys, model: str) -> None:
+        self.keys = keys
+        self.model = model
+        self.streams = keys.queues(model)
+        self._lanes: list[dict[str, int]] = []
+        self._dead = self._dropped = 0
+        self._refused: dict[str, int] = {}
+
+    async def refresh(self, redis: Redis) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xinfo_stream(stream)
+                pipe.xinfo_groups(stream)
+            pipe.xlen(self.keys.dlq(self.model))
+            pipe.get(self.keys.dlq_dropped(self.model))
+            pipe.hgetall(self.keys.refusals(self.model))
+            replies = await pipe.execute(raise_on_error=False)
+        lanes = []
+        for i in range(len(self.streams)):
+            info, groups = replies[2 * i], replies[2 * i + 1]
+            lanes.append(_lane(info, groups))
+        self._lanes = lanes
+        self._dead = _int(replies[-3])
+        self._dropped = _int(replies[-2])
+        refused = replies[-1]
+        self._refused = {text(k): int(v) for k, v in refused.items()} if isinstance(refused, dict) else {}
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "lane"]
+        length = GaugeMetricFamily(
+            "inferq_lane_length", "entries in the lane's stream (unfinished requests)", labels=labels
+        )
+        lag = GaugeMetricFamily("inferq_lane_lag", "entries in the lane no worker has read yet", labels=labels)
+        pending = GaugeMetricFamily("inferq_lane_pending", "entries read by a worker and not yet ended", labels=labels)
+        admitted = CounterMetricFamily("inferq_admissions", "requests admitted to the lane", labels=labels)
+        for lane, numbers in zip(LANES, self._lanes, strict=False):
+            length.add_metric([self.model, lane], numbers["length"])
+            lag.add_metric([self.model, lane], numbers["lag"])
+            pending.add_metric([self.model, lane], numbers["pending"])
+            admitted.add_metric([self.model, lane], numbers["added"])
+        refused = CounterMetricFamily(
+            "inferq_refusals", "submits the admission refused, by reason", labels=["model", "lane", "reason"]
+        )
+        for field, count in sorted(self._refused.items()):
+            lane, _, reason = field.partition(":")
+            refused.add_metric([self.model, lane, reason], count)
+        dead = GaugeMetricFamily("inferq_dead_letters", "letters in the model's DLQ", labels=["model"])
+        dead.add_metric([self.model], self._dead)
+        dropped = CounterMetricFamily(
+            "inferq_dead_letters_dropped", "dead letters dropped past INFERQ_DLQ_MAX_LEN", labels=["model"]
+        )
+        dropped.add_metric([self.model], self._dropped)
+        yield from (length, lag, pending, admitted, refused, dead, dropped)
+
+
+def _int(reply: Any) -> int:
+    return 0 if reply is None or isinstance(reply, Exception) else int(reply)
+
+
+def _lane(info: Any, groups: Any) -> dict[str, int]:
+    if isinstance(info, Exception) or isinstance(groups, Exception):  # no stream yet
+        return {"length": 0, "lag": 0, "pending": 0, "added": 0}
+    length = int(info["length"])
+    added = int(info.get("entries-added", length))
+    lag = pending = 0
+    for group in groups:
+        if text(group["name"]) == GROUP:
+            pending = int(group["pending"])
+            raw = group.get("lag")  # None after an entry the group never read was deleted
+            lag = int(raw) if raw is not None else max(length - pending, 0)
+    return {"length": length, "lag": lag, "pending": pending, "added": added}
