@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from inferq.bench.direct import server_flags
 from inferq.bench.server import temporary_server
 from inferq.producer.local import in_own_group, inferq_argv, stop_group
 from inferq.shared.errors import InferqError
@@ -87,7 +88,7 @@ async def bench_bulk(
         out = work / f"runbatch-{n}.out.jsonl"
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o", str(out),
-            "--model", model_path, "--served-model-name", settings.model, "--dtype", "float32", "--enforce-eager",
+            "--model", model_path, "--served-model-name", settings.model, *server_flags(settings),
             "--max-model-len", str(settings.max_model_len), "--disable-log-stats",
         ]  # fmt: skip
         return await timed(cmd, {**base_env, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}, out.with_suffix(".log")), out

@@ -85,6 +85,7 @@ def bench_online_command(
     """Throughput and latency of one workload on each target, like `vllm bench serve`: request and token
     throughput; TTFT, TPOT, ITL and end-to-end latency (mean, p50, p90, p99); errors. Prints the targets
     side by side. inferq needs running workers for the model, or --local; openai needs --url, or --local."""
+    from inferq.bench.direct import server_flags
     from inferq.bench.online import bench_online, dataset_prompts, fixed_prompts, inferq_target, openai_target, run_size
     from inferq.bench.tables import describe_environment, engine_setup, table
 
@@ -109,6 +110,7 @@ def bench_online_command(
         "openai": lambda: openai_target(
             None if local else url, name, path, max_num_seqs=max(levels), max_model_len=settings.max_model_len,
             kv_gib=max(1, round(settings.kv_cache_gib)), stream_interval=settings.stream_interval,
+            engine_flags=server_flags(settings),
         ),
     }  # fmt: skip
     if {"direct", "direct-inferq"} & set(targets):

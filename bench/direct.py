@@ -16,6 +16,22 @@ from inferq.worker.vllm_engine import VllmEngine
 Send = Callable[[Prompt, Timing], Awaitable[None]]
 
 
+def server_flags(settings: Settings) -> list[str]:
+    """vLLM command-line flags (its OpenAI server, run-batch) for the engine arguments inferq's profile sets
+    on this machine: float32 and eager mode on a CPU (INFERQ_ENGINE_PROFILE auto or cpu-shared), nothing on a GPU,
+    where vLLM runs as it ships. The other targets of a bench then run the same engine as inferq's."""
+    from vllm.platforms import current_platform
+
+    from inferq.worker import vllm_private
+    from inferq.worker.engine_profile import engine_setup
+
+    args = engine_setup(
+        settings, "", on_cpu=current_platform.is_cpu(), tested=vllm_private.tested, serves_metrics=False
+    ).args
+    flags = ["--dtype", str(args["dtype"])] if "dtype" in args else []
+    return [*flags, "--enforce-eager"] if args.get("enforce_eager") else flags
+
+
 @contextlib.asynccontextmanager
 async def direct_sender(model_path: str, settings: Settings, *, as_shipped: bool = True) -> AsyncIterator[Send]:
     """The ceiling is vLLM as it ships; `as_shipped=False` sets it up as the worker does (benchmarks/engine_setup.py

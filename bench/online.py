@@ -177,9 +177,17 @@ async def openai_session() -> AsyncIterator[Any]:
 
 @contextlib.asynccontextmanager
 async def openai_server(
-    model_path: str, model: str, *, max_num_seqs: int, max_model_len: int, kv_gib: int, stream_interval: int
+    model_path: str,
+    model: str,
+    *,
+    max_num_seqs: int,
+    max_model_len: int,
+    kv_gib: int,
+    stream_interval: int,
+    engine_flags: list[str],
 ) -> AsyncIterator[str]:
-    """vLLM's OpenAI server on a free port with inferq's engine settings; yields its URL once /health answers."""
+    """vLLM's OpenAI server on a free port with inferq's engine settings (`engine_flags`: bench.direct.server_flags);
+    yields its URL once /health answers."""
     import socket
 
     with socket.socket() as s:
@@ -188,7 +196,7 @@ async def openai_server(
     log = Path(tempfile.mkstemp(prefix="inferq-bench-openai-", suffix=".log")[1])
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--served-model-name", model,
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len), "--max-num-seqs",
+        *engine_flags, "--max-model-len", str(max_model_len), "--max-num-seqs",
         str(max_num_seqs), "--port", str(port), "--host", "127.0.0.1", "--disable-log-stats",
         "--disable-uvicorn-access-log", "--stream-interval", str(stream_interval),
     ]  # fmt: skip
@@ -261,6 +269,7 @@ async def openai_target(
     max_model_len: int,
     kv_gib: int,
     stream_interval: int,
+    engine_flags: list[str],
 ) -> AsyncIterator[Send]:
     """vLLM's OpenAI server at `url`, or (None) one started for the bench with inferq's engine settings."""
     async with contextlib.AsyncExitStack() as stack:
@@ -268,7 +277,7 @@ async def openai_target(
             url = await stack.enter_async_context(
                 openai_server(
                     model_path, model, max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_gib=kv_gib,
-                    stream_interval=stream_interval,
+                    stream_interval=stream_interval, engine_flags=engine_flags,
                 )
             )  # fmt: skip
         session = await stack.enter_async_context(openai_session())

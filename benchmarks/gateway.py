@@ -286,6 +286,7 @@ def random_prompts(args: argparse.Namespace, model_path: str, count: int) -> lis
 
 
 async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
+    from inferq.bench.direct import server_flags
     from inferq.bench.idle import IdleFreezer
     from inferq.bench.online import SETTLE_S, medians, openai_server, paired, run_size
     from inferq.bench.stats import environment
@@ -314,6 +315,7 @@ async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
                 openai_server(
                     model_path, args.model, max_num_seqs=settings.max_inflight, max_model_len=settings.max_model_len,
                     kv_gib=max(1, round(settings.kv_cache_gib)), stream_interval=settings.stream_interval,
+                    engine_flags=server_flags(settings),
                 )
             )  # fmt: skip
         stack.callback(freezer.thaw_all)  # first on the way out: a stopped target cannot shut down

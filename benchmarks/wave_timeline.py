@@ -22,6 +22,7 @@ import contextlib
 import json
 import statistics
 
+from inferq.bench.direct import server_flags
 from inferq.bench.online import SETTLE_S, Send, fixed_prompts, inferq_target, openai_target, run_load
 from inferq.bench.stats import Timing
 from inferq.shared import aio
@@ -65,6 +66,7 @@ async def main(args: argparse.Namespace) -> None:
                 openai_target(
                     None, settings.model, path, max_num_seqs=args.concurrency, max_model_len=settings.max_model_len,
                     kv_gib=max(1, round(settings.kv_cache_gib)), stream_interval=settings.stream_interval,
+                    engine_flags=server_flags(settings),
                 )
             ),
         }  # fmt: skip

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from redis.asyncio import Redis
 
 from inferq.producer.local import inferq_argv
 from inferq.shared.settings import Settings
-from tests.conftest import MODELS_DIR, drained
+from tests.conftest import MODELS_DIR, ROOT, drained
 
 
 async def bench(settings: Settings, tmp_path: Path, *args: str, timeout: float = 600) -> dict[str, Any]:
@@ -124,3 +126,18 @@ async def test_bulk_bench_runs_both_tools_on_one_file(settings: Settings, tmp_pa
         assert row[tool]["errors"] == 0 and 0 < row[tool]["output_tokens"] <= 6 * 4
     assert row["inferq bulk --local"]["output_tokens"] == row["vllm run-batch"]["output_tokens"]
     assert row["ratio"] > 0 and report["median_ratio"] == row["ratio"]
+
+
+def test_the_gpu_check_says_in_one_line_what_it_needs(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py runs only on an NVIDIA GPU with vLLM's CUDA build; elsewhere one line, exit 2."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")]
+    no_model = subprocess.run([*script, "--model", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert no_model.returncode == 2 and "is not a model folder" in no_model.stderr, no_model.stderr
+    if shutil.which("nvidia-smi") is not None:
+        return  # a GPU machine: the check itself is what runs there
+    (tmp_path / "config.json").write_text("{}")
+    here = subprocess.run([*script, "--model", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert (here.returncode, here.stderr.strip()) == (
+        2,
+        "error: no NVIDIA GPU here (nvidia-smi not found): this check runs on a GPU machine",
+    ), here.stderr
