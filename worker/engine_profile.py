@@ -1,4 +1,4 @@
-"""How a worker sets vLLM up: one switch, INFERQ_ENGINE_PROFILE (docs/CONTRACTS.md, "Engine profiles").
+"""How a worker sets vLLM up: one switch, INFERQ_ENGINE_PROFILE (README, "Running a fleet").
 
 - `vllm`: vLLM as it ships. No eager mode forced (CUDA graphs and torch.compile on), vLLM's stats logging and
   its Prometheus metrics on, its own processes and busy-waiting. What a GPU worker wants.
