@@ -53,7 +53,8 @@ def log_to_stderr(log_format: str, data_dir: Path | None = None) -> None:
 
 def _vllm_config(data_dir: Path) -> Path:
     """A logging config for vLLM (it reads VLLM_LOGGING_CONFIG_PATH in every process it starts): its `vllm`
-    logger through JsonFormatter, to stderr, at vLLM's own level."""
+    logger and the root logger through JsonFormatter, to stderr. Progress bars (tqdm, as weights load) are
+    not log records and stay as they are."""
     config = {
         "version": 1,
         "disable_existing_loggers": False,
@@ -61,6 +62,9 @@ def _vllm_config(data_dir: Path) -> Path:
         "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "loggers": {"vllm": {"handlers": ["json"], "level": os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper(),
                              "propagate": False}},
+        # What torch and transformers log in vLLM's processes goes to the root logger: JSON too. In the worker's
+        # own process this is the handler log_to_stderr set already, set again as vLLM loads.
+        "root": {"handlers": ["json"], "level": "INFO"},
     }  # fmt: skip
     path = data_dir / "vllm-logging.json"
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,9 @@ async def test_every_documented_series_moves_by_what_happened(settings: Settings
         for _ in range(2):
             with pytest.raises(QueueFull):
                 await client.submit(prompt="one too many", model=MODEL, max_tokens=3)
-        await redis.xadd(keys.queue(MODEL), {"m": b"\xc1 not msgpack"})  # poison: dead-lettered, ends failed
+        await redis.xadd(keys.queue(MODEL), {"m": b"\xc1 not msgpack"})  # poison: dead-lettered, no request
+        # What a hostile producer may write beside admit.lua's counters: neither a label nor a broken scrape.
+        await redis.hset(keys.refusals(MODEL), mapping={"normal:made_up": 7, "normal:tenant_cap": "many"})
         port = free_port()
         worker = start_worker(
             "--engine", "standin", "--model", MODEL, "--metrics-port", str(port), "--log-format", "json",
@@ -73,12 +75,14 @@ async def test_every_documented_series_moves_by_what_happened(settings: Settings
     missing = [s for s in documented_series() if s not in names and f"{s}_count" not in names]
     assert documented_series() and missing == [], f"documented but not served: {missing}"
     assert value(samples, "inferq_requests_ended_total", lane="normal", status="done") == 5
-    assert value(samples, "inferq_requests_ended_total", lane="normal", status="failed") == 1
+    assert value(samples, "inferq_requests_ended_total", lane="normal", status="failed") == 0
+    assert value(samples, "inferq_bad_entries_total", lane="normal") == 1
     assert value(samples, "inferq_generation_tokens_total") == sum(3 + i for i in range(5))
     assert value(samples, "inferq_queue_wait_seconds_count", lane="normal") == 5  # the poison never ran
-    assert value(samples, "inferq_request_duration_seconds_count", lane="normal") == 6
+    assert value(samples, "inferq_request_duration_seconds_count", lane="normal") == 5
     assert value(samples, "inferq_admissions_total", lane="normal") == 6  # five requests and the poison
     assert value(samples, "inferq_refusals_total", lane="normal", reason="queue_full") == 2
+    assert {dict(labels)["reason"] for name, labels in samples if name == "inferq_refusals_total"} == {"queue_full"}
     assert value(samples, "inferq_dead_letters") == 1
     for gauge in ("inferq_lane_length", "inferq_lane_lag", "inferq_lane_pending"):
         assert value(samples, gauge, lane="normal") == 0

@@ -192,8 +192,9 @@ class Worker(Upkeep, AsyncLifecycle):
                 )  # fmt: skip
             elif taken:
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
-            for stream, *_ in taken:
-                self.metrics.taken_over.labels(self.model, self.metrics.lane(stream)).inc()
+            for stream, entry_id, *_ in taken:
+                if (stream, entry_id) not in self._jobs:  # not one of ours that lost a renewal and runs on
+                    self.metrics.taken_over.labels(self.model, self.metrics.lane(stream)).inc()
             if taken or self._suspect_waiting:
                 return taken
         reserved = self.lanes.reservations(free)

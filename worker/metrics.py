@@ -22,6 +22,7 @@ from inferq.shared.keys import GROUP, LANES, Keys
 from inferq.shared.schemas import FINAL_STATES
 
 # From a few milliseconds (a short queue wait) to an hour (a long generation, a deep backlog).
+REFUSAL_REASONS = ("queue_full", "lag_cap", "tenant_cap")  # admit.lua's names for why it refused
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -57,12 +58,16 @@ class WorkerMetrics:
             registry=r,
         )  # fmt: skip
         self.taken_over = Counter(
-            "inferq_claims_taken_over", "entries taken over from a worker that died or stalled (XAUTOCLAIM)",
+            "inferq_claims_taken_over", "entries taken over from a worker that died or stalled (XCLAIM)",
             ["model", "lane"], registry=r,
         )  # fmt: skip
         self.lost = Counter(
             "inferq_claims_lost", "entries of this worker another worker took over before it ended them",
             ["model", "lane"], registry=r,
+        )  # fmt: skip
+        self.bad_entries = Counter(
+            "inferq_bad_entries", "queue entries dead-lettered that name no request of their own: undecodable, "
+            "no usable id, or forged", ["model", "lane"], registry=r,
         )  # fmt: skip
         self.running = Gauge("inferq_requests_running", "requests in this worker now", ["model"], registry=r)
         self.slots = Gauge(
@@ -74,7 +79,8 @@ class WorkerMetrics:
         for lane in LANES:
             for status in sorted(FINAL_STATES):
                 self.ended.labels(model, lane, status)
-            for series in (self.queue_wait, self.duration, self.redelivered, self.taken_over, self.lost):
+            per_lane = (self.queue_wait, self.duration, self.redelivered, self.taken_over, self.lost, self.bad_entries)
+            for series in per_lane:
                 series.labels(model, lane)
         self.generated.labels(model)
         self.prompt.labels(model)
@@ -121,10 +127,9 @@ class QueueSeries(Collector):
             info, groups = replies[2 * i], replies[2 * i + 1]
             lanes.append(_lane(info, groups))
         self._lanes = lanes
-        self._dead = _int(replies[-3])
-        self._dropped = _int(replies[-2])
-        refused = replies[-1]
-        self._refused = {text(k): int(v) for k, v in refused.items()} if isinstance(refused, dict) else {}
+        self._dead = _count(replies[-3]) or 0
+        self._dropped = _count(replies[-2]) or 0
+        self._refused = _refusals(replies[-1])
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "lane"]
@@ -154,8 +159,27 @@ class QueueSeries(Collector):
         yield from (length, lag, pending, admitted, refused, dead, dropped)
 
 
-def _int(reply: Any) -> int:
-    return 0 if reply is None or isinstance(reply, Exception) else int(reply)
+def _refusals(reply: Any) -> dict[str, int]:
+    """The refusal counters as admit.lua writes them. A producer may write that hash too (docs/CONTRACTS.md, "Who
+    may do what"): fields of any other shape, or values that are not counts, are left out, so neither a label
+    nobody defined nor a broken scrape can come of it."""
+    if not isinstance(reply, dict):
+        return {}
+    out = {}
+    for raw, count in reply.items():
+        field = text(raw)
+        lane, _, reason = field.partition(":")
+        if lane in LANES and reason in REFUSAL_REASONS and (n := _count(count)) is not None:
+            out[field] = n
+    return out
+
+
+def _count(reply: Any) -> int | None:
+    """A count Redis answered, or None for none (no key, an error, not a number)."""
+    try:
+        return None if reply is None or isinstance(reply, Exception) else max(int(reply), 0)
+    except ValueError:
+        return None
 
 
 def _lane(info: Any, groups: Any) -> dict[str, int]:

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from inferq.shared.errors import ConfigError
 from inferq.shared.lifecycle import AsyncLifecycle
+from inferq.worker.consumer import Worker
 from inferq.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("inferq.worker")
@@ -30,13 +31,15 @@ _QUEUE_READ_TIMEOUT_S = 2.0
 
 
 class Probe(AsyncLifecycle):
-    """`async with Probe(host, port, redis, metrics) as probe:`; the worker's run sets `probe.state`."""
+    """`async with Probe(host, port, redis, metrics) as probe:`; the worker's run sets `probe.state` and
+    `probe.worker`."""
 
     def __init__(self, host: str, port: int, redis: Redis, metrics: WorkerMetrics) -> None:
         self.host, self.port = host, port
         self.redis = redis
         self.metrics = metrics
         self.state = "loading the engine"  # "ready" once the worker reads; any other text is why it is not
+        self.worker: Worker | None = None  # set once it runs: a worker whose engine failed is not ready
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -64,12 +67,14 @@ class Probe(AsyncLifecycle):
     async def _metrics(self, _: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(self.metrics.queue.refresh(self.redis), _QUEUE_READ_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError) as exc:  # serve the last numbers read; the engine's are live
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:  # the last numbers read; the engine's are live
             log.warning("metrics: could not read the queue from Redis (%s)", exc)
         body = generate_latest(REGISTRY) + generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _ready(self, _: web.Request) -> web.Response:
+        if self.worker is not None and self.worker.fatal is not None:
+            self.state = "the engine failed; the worker is leaving its work to others"
         if self.state != "ready":
             return web.Response(status=503, text=f"not ready: {self.state}\n")
         try:

@@ -175,6 +175,6 @@ class RequestWriter:
             bound = self.settings.dlq_max_len
             keys = [self.dlq, self.dlq_dropped, stream]
             await self.outbox.add(scripts.DEAD_LETTER.command(keys, [bound, GROUP, entry_id, *dead]))
-            self.metrics.finished(stream, entry_id, "failed", 0, 0)
+            self.metrics.bad_entries.labels(self.model, self.metrics.lane(stream)).inc()
             return
         await self.end(stream, entry_id, request, "failed", Generation(), error=error, dead_letter=dead)

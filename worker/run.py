@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import Redis
 
 from inferq.shared.connection import connect
+from inferq.shared.errors import ConfigError
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 from inferq.worker.consumer import Worker
@@ -55,7 +56,12 @@ async def serve(
     metrics = WorkerMetrics(Keys(settings.key_prefix), model)
     probe = None
     if settings.metrics_port:
-        from inferq.worker.probe import Probe  # aiohttp: with the engine extras (vLLM serves HTTP with it too)
+        try:
+            from inferq.worker.probe import Probe
+        except ImportError as missing:  # aiohttp comes with the engine extras (vLLM serves HTTP with it too)
+            if missing.name != "aiohttp":
+                raise
+            raise ConfigError("--metrics-port needs aiohttp: pip install 'inferq[gpu]' (or [cpu])") from None
 
         probe = Probe(settings.metrics_host, settings.metrics_port, redis, metrics)
     try:
@@ -79,7 +85,7 @@ async def _serve(
     try:
         async with Worker(settings, engine, redis, model=model, consumer=consumer, metrics=metrics) as worker:
             if probe is not None:
-                probe.state = "ready"
+                probe.state, probe.worker = "ready", worker
             loop = asyncio.get_running_loop()
             signals = 0
             hard_stop = asyncio.Event()

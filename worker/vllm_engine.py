@@ -123,6 +123,7 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        engine_args(self.settings.engine_args)  # a name vLLM does not have: one line that names it
         on_cpu = current_platform.is_cpu()
         self.setup = setup = engine_setup(
             self.settings, self.model_path, on_cpu=on_cpu, tested=vllm_private.tested,
