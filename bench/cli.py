@@ -172,6 +172,35 @@ def bench_bulk_command(
         json_out.write_text(json.dumps(report, indent=1))
 
 
+@app.command("capacity")
+def bench_capacity_command(
+    workers: Annotated[int, typer.Option(help="stand-in workers (an engine that costs nothing)")] = 1,
+    producer_procs: Annotated[int, typer.Option(help="producer processes, each an InferenceClient")] = 2,
+    closed: Annotated[str, typer.Option(help="closed loop: callers per producer process, comma-separated")] = "8,64",
+    rates: Annotated[
+        str, typer.Option(help="open loop: offered requests/s in all, rising, comma-separated; stops once behind")
+    ] = "1000,2000,4000,6000,8000,10000,12000",
+    seconds: Annotated[float, typer.Option(help="seconds per cell")] = 5.0,
+    json_out: JsonOut = None,
+) -> None:
+    """How many requests/s the queue carries end to end through one Redis, and where it saturates: closed loop
+    with many callers, open loop at rising rates, stand-in workers at no engine cost; latency p50/p99, Redis
+    CPU, Redis commands and round trips per request, beside raw pipelined XADD on the same server."""
+    from inferq.bench.capacity import bench_capacity, capacity_table
+
+    report = base.run(
+        bench_capacity(
+            base.settings(), workers=workers, producer_procs=producer_procs,
+            closed=numbers(closed, "--closed"), rates=[float(r) for r in numbers(rates, "--rates")], seconds=seconds,
+            on_row=lambda r: typer.echo(f"{r['mode']} {r['load']:g} x {r['producer_procs']}: "
+                                        f"{r['requests_per_s']:.0f} requests/s", err=True),
+        )
+    )  # fmt: skip
+    typer.echo(capacity_table(report))
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+
+
 @app.command("queue")
 def bench_queue_command(
     workers: Annotated[str, typer.Option(help="stand-in worker counts to measure, comma-separated")] = "1,2,4,8",

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
         "model process of its own, rather than in that process (vLLM's CPU default), which the core hands "
         "every step to and waits on: two process hand-offs per step (docs/benchmark-history.md)",
     )
+    standin_step_ms: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="the stand-in engine's time per token (`--engine standin`, "
+        "for tests and queue benchmarks); 0: no wait at all, the queue's own capacity"
+    )  # fmt: skip
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="serve /metrics (Prometheus) and /ready on this port (none: no server)"
     )

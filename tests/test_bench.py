@@ -117,6 +117,20 @@ async def test_queue_bench_reports_each_cell(settings: Settings, tmp_path: Path)
         assert r["completed"] > 0 and r["errors"] == 0 and r["added_ms_p99"] >= r["added_ms_p50"] > 0
 
 
+async def test_capacity_bench_counts_every_request_and_what_redis_did(settings: Settings, tmp_path: Path) -> None:
+    report = await bench(
+        settings, tmp_path, "capacity", "--producer-procs", "2", "--closed", "4", "--rates", "200,400", "--seconds", "1"
+    )
+    assert report["raw_xadd_per_s"] > 0 and report["saturated_at_offered_per_s"] is None
+    assert [(r["mode"], r["load"]) for r in report["rows"]] == [("closed", 4), ("open", 100), ("open", 200)]
+    for r in report["rows"]:
+        assert r["completed"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
+        # Each request costs Redis at least its admission, start, end and result read; each a round trip or part of one.
+        assert r["commands_per_request"] >= 4 and 0 < r["round_trips_per_request"] <= r["commands_per_request"]
+    for r in report["rows"][1:]:  # the open loop ran at its offered rate
+        assert r["completed"] >= 0.9 * r["offered_per_s"] * report["seconds_per_cell"]
+
+
 async def test_bulk_bench_runs_both_tools_on_one_file(settings: Settings, tmp_path: Path) -> None:
     report = await bench(
         settings, tmp_path, "bulk", "--model", "tiny", "--requests", "6", "--max-tokens", "4", "--rounds", "1"

@@ -31,7 +31,7 @@ def make_engine(kind: str, model_path: str, settings: Settings) -> Engine:
     if kind == "standin":
         from inferq.worker.standin import StandInEngine
 
-        return StandInEngine()
+        return StandInEngine(settings.standin_step_ms / 1000)
     from inferq.worker.vllm_engine import VllmEngine
 
     return VllmEngine(model_path, settings)

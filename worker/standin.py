@@ -42,6 +42,6 @@ class StandInEngine:
             await asyncio.Event().wait()  # until cancelled
         prompt_tokens = len((request.prompt or "".join(m.content for m in request.messages or [])).split())
         for i in range(request.max_tokens):
-            await asyncio.sleep(self.step_s)
+            await asyncio.sleep(self.step_s)  # 0 still lets the loop run the others between tokens
             last = i == request.max_tokens - 1
             yield Delta(f"t{i} ", [i], last, "length" if last else None, prompt_tokens)

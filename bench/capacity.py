@@ -1,0 +1,227 @@
+"""`inferq bench capacity`: how many requests per second the queue carries end to end through one Redis, where it
+saturates, and what each request costs Redis.
+
+Stand-in workers whose engine costs nothing (INFERQ_STANDIN_STEP_MS=0, one token a request) serve producers
+that run in processes of their own, each an InferenceClient; a request counts once its producer holds the
+result. Two loads, each measured after a warm-up, all processes up before the clock starts:
+
+- closed loop: each producer process runs P callers that submit their next request when the last one ended;
+- open loop: requests at a fixed offered rate, raised step by step until the queue falls behind (served less
+  than 95% of the offered rate): the saturation point.
+
+Per cell: requests/s end to end, latency p50/p99 (submit to result in hand; the engine adds nothing, so it is
+all the queue's), Redis CPU, and per request the commands Redis ran and its socket reads (one per round trip
+a client or worker made, pipelines counted once). Beside it, raw pipelined XADD/s on the same server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+from inferq.bench.queue import MODEL, raw_xadd_per_s
+from inferq.bench.server import temporary_server
+from inferq.producer.client import InferenceClient
+from inferq.producer.local import local_worker
+from inferq.shared import aio
+from inferq.shared.settings import Settings, load_settings
+
+_WARMUP_REQUESTS = 200  # per producer process, before it says it is ready
+_GRACE_S = 10.0  # how long requests still out at the end of an open-loop cell may take to come back
+_BEHIND = 0.95  # an open-loop cell served less than this share of its offered rate: saturated
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Environment variables for the worker processes started inside (they inherit this process's)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+# ---- one producer process --------------------------------------------------------------------------------
+def _producer(url: str, prefix: str, mode: str, load: float, seconds: float, conn: Connection) -> None:
+    """A producer process: warm up, say ready, wait for go, run `seconds` of `mode` load, send what it saw."""
+    settings = load_settings(redis_url=url, key_prefix=prefix, model=MODEL)
+    conn.send(aio.run(_produce(settings, mode, load, seconds, conn)))
+    conn.close()
+
+
+async def _produce(settings: Settings, mode: str, load: float, seconds: float, conn: Connection) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    async with InferenceClient(settings) as client:
+
+        async def one(record: bool) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                handle = await client.submit(prompt="capacity", model=MODEL, max_tokens=1, stream=False, wait=True)
+                result = await handle.result(timeout=60)
+            except Exception:
+                errors += record
+                return
+            if result.status != "done":
+                errors += record
+            elif record:
+                latencies.append(time.perf_counter() - t0)
+
+        warm = asyncio.Semaphore(32)
+
+        async def warm_one() -> None:
+            async with warm:
+                await one(False)
+
+        await asyncio.gather(*(warm_one() for _ in range(_WARMUP_REQUESTS)))
+        conn.send("ready")
+        await asyncio.to_thread(conn.recv)  # go
+        start = time.perf_counter()
+        stop = start + seconds
+        if mode == "closed":
+
+            async def caller() -> None:
+                while time.perf_counter() < stop:
+                    await one(True)
+
+            await asyncio.gather(*(caller() for _ in range(int(load))))
+        else:
+            tasks = []
+            for i in range(int(load * seconds)):
+                delay = start + i / load - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(True)))
+            await asyncio.wait(tasks, timeout=_GRACE_S) if tasks else None
+        wall = time.perf_counter() - start
+    return {"latencies": latencies, "errors": errors, "wall_s": wall}
+
+
+# ---- the bench -------------------------------------------------------------------------------------------
+async def _redis_counters(client: InferenceClient) -> dict[str, float]:
+    cpu, stats = await client.redis.info("cpu"), await client.redis.info("stats")
+    return {
+        "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        "commands": float(stats["total_commands_processed"]),
+        "reads": float(stats["total_reads_processed"]),
+    }
+
+
+async def _cell(client: InferenceClient, url: str, procs: int, mode: str, load: float, seconds: float) -> dict:
+    """One measurement: `procs` producer processes, each with `load` callers (closed) or `load` requests/s (open)."""
+    context = multiprocessing.get_context("spawn")
+    pipes, children = [], []
+    for _ in range(procs):
+        ours, theirs = context.Pipe()
+        child = context.Process(
+            target=_producer, args=(url, client.settings.key_prefix, mode, load, seconds, theirs), daemon=True
+        )
+        child.start()
+        pipes.append(ours)
+        children.append(child)
+    try:
+        for pipe in pipes:
+            assert await asyncio.to_thread(pipe.recv) == "ready"
+        before, t0 = await _redis_counters(client), time.perf_counter()
+        for pipe in pipes:
+            pipe.send("go")
+        reports = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
+        wall = time.perf_counter() - t0
+        after = await _redis_counters(client)
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+    latencies = sorted(x for r in reports for x in r["latencies"])
+    done = len(latencies)
+    per = max(done, 1)
+    return {
+        "mode": mode, "producer_procs": procs, "load": load,
+        "offered_per_s": load * procs if mode == "open" else None,
+        "completed": done, "errors": sum(r["errors"] for r in reports),
+        "requests_per_s": done / max(r["wall_s"] for r in reports),
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else 0.0,
+        "p99_ms": 1000 * _percentile(latencies, 0.99),
+        "redis_cpu_pct": 100 * (after["cpu_s"] - before["cpu_s"]) / wall,
+        "commands_per_request": (after["commands"] - before["commands"]) / per,
+        "round_trips_per_request": (after["reads"] - before["reads"]) / per,
+    }  # fmt: skip
+
+
+async def bench_capacity(
+    base: Settings,
+    *,
+    workers: int,
+    producer_procs: int,
+    closed: list[int],
+    rates: list[float],
+    seconds: float,
+    on_row: Any = lambda row: None,
+) -> dict[str, Any]:
+    """Closed-loop cells (`closed`: callers per producer process), then open-loop cells at rising `rates`
+    (requests/s in all) until one falls behind."""
+    server = temporary_server()
+    settings = load_settings(redis_url=server.url, key_prefix="capacity", model=MODEL, data_dir=base.data_dir)
+    rows: list[dict[str, Any]] = []
+    saturated_at = None
+    try:
+        async with InferenceClient(settings) as client, contextlib.AsyncExitStack() as fleet:
+            raw = await raw_xadd_per_s(client)
+            with _environment(INFERQ_STANDIN_STEP_MS="0"):
+                for _ in range(workers):
+                    await fleet.enter_async_context(
+                        local_worker(settings, model=MODEL, engine="standin", args=("--max-inflight", "1024"))
+                    )
+            for callers in closed:
+                rows.append(await _cell(client, server.url, producer_procs, "closed", callers, seconds))
+                on_row(rows[-1])
+            for rate in rates:
+                row = await _cell(client, server.url, producer_procs, "open", rate / producer_procs, seconds)
+                rows.append(row)
+                on_row(row)
+                if row["requests_per_s"] < _BEHIND * rate or row["errors"]:
+                    saturated_at = rate
+                    break
+    finally:
+        server.stop()
+    return {
+        "raw_xadd_per_s": raw, "workers": workers, "producer_procs": producer_procs, "seconds_per_cell": seconds,
+        "saturated_at_offered_per_s": saturated_at, "rows": rows,
+    }  # fmt: skip
+
+
+def capacity_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"raw pipelined XADD on this server: {report['raw_xadd_per_s']:,.0f}/s; {report['workers']} stand-in "
+        f"worker(s), {report['producer_procs']} producer process(es), {report['seconds_per_cell']:g} s a cell",
+        f"{'load':>16}{'requests/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'redis CPU %':>13}{'cmds/req':>10}"
+        f"{'trips/req':>11}{'errors':>8}",
+    ]
+    for r in report["rows"]:
+        closed = r["mode"] == "closed"
+        load = f"closed {r['load'] * r['producer_procs']:g}" if closed else f"open {r['offered_per_s']:g}/s"
+        lines.append(
+            f"{load:>16}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['redis_cpu_pct']:>13.0f}"
+            f"{r['commands_per_request']:>10.1f}{r['round_trips_per_request']:>11.1f}{r['errors']:>8}"
+        )
+    if report["saturated_at_offered_per_s"]:
+        lines.append(f"saturated: the open loop fell behind at {report['saturated_at_offered_per_s']:,.0f}/s offered")
+    return "\n".join(lines)
