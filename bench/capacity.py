@@ -116,11 +116,14 @@ async def _produce(settings: Settings, mode: str, load: float, seconds: float, c
 
 # ---- the bench -------------------------------------------------------------------------------------------
 async def _redis_counters(client: InferenceClient) -> dict[str, float]:
+    """Redis's CPU seconds, commands run (those scripts run included), socket reads, and calls per command."""
     cpu, stats = await client.redis.info("cpu"), await client.redis.info("stats")
+    calls = await client.redis.info("commandstats")
     return {
         "cpu_s": float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
         "commands": float(stats["total_commands_processed"]),
         "reads": float(stats["total_reads_processed"]),
+        **{f"cmd {name.removeprefix('cmdstat_')}": float(c["calls"]) for name, c in calls.items()},
     }
 
 
@@ -163,6 +166,11 @@ async def _cell(client: InferenceClient, url: str, procs: int, mode: str, load: 
         "redis_cpu_pct": 100 * (after["cpu_s"] - before["cpu_s"]) / wall,
         "commands_per_request": (after["commands"] - before["commands"]) / per,
         "round_trips_per_request": (after["reads"] - before["reads"]) / per,
+        "calls_per_request": {  # the commands behind commands_per_request, most first
+            name.removeprefix("cmd "): round((after[name] - before.get(name, 0.0)) / per, 2)
+            for name in sorted(after, key=lambda n: before.get(n, 0.0) - after[n]) if name.startswith("cmd ")
+            and after[name] > before.get(name, 0.0)
+        },
     }  # fmt: skip
 
 
@@ -222,6 +230,8 @@ def capacity_table(report: dict[str, Any]) -> str:
             f"{load:>16}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['redis_cpu_pct']:>13.0f}"
             f"{r['commands_per_request']:>10.1f}{r['round_trips_per_request']:>11.1f}{r['errors']:>8}"
         )
+    top = report["rows"][-1]["calls_per_request"] if report["rows"] else {}
+    lines.append("commands per request in the last cell: " + ", ".join(f"{k} {v:g}" for k, v in list(top.items())[:10]))
     if report["saturated_at_offered_per_s"]:
         lines.append(f"saturated: the open loop fell behind at {report['saturated_at_offered_per_s']:,.0f}/s offered")
     return "\n".join(lines)
