@@ -17,6 +17,7 @@ from inferq.producer.admission import EXISTS, Admission, Admitter
 from inferq.producer.ops import stats
 from inferq.producer.ops.dead_letters import DeadLetters
 from inferq.producer.replies import DEADLINE, TICK, ReplyListener, Signal
+from inferq.shared.batching import BatchedHashReads
 from inferq.shared.codec import pack, text
 from inferq.shared.connection import OUTAGE, as_inferq_error, connect, redis_errors
 from inferq.shared.errors import (
@@ -180,6 +181,7 @@ class InferenceClient(AsyncLifecycle):
         self._own_redis = redis is None
         self._replies: ReplyListener
         self._admitter: Admitter
+        self._reads: BatchedHashReads
         self._started = False
 
     @classmethod
@@ -202,6 +204,8 @@ class InferenceClient(AsyncLifecycle):
             self._redis = await asyncio.to_thread(connect, self.settings)
         self._admitter = Admitter(self.redis, self.settings, self._tenant_caps)
         self._admitter.start()
+        self._reads = BatchedHashReads(self.redis)
+        self._reads.start()
         self._replies = ReplyListener(self.redis, self.channel)
         await self._replies.start()
         self._started = True
@@ -210,6 +214,7 @@ class InferenceClient(AsyncLifecycle):
         if not self._started:
             return
         await self._admitter.stop()
+        await self._reads.stop()
         await self._replies.stop()
         if self._own_redis and self._redis is not None:
             await self._redis.aclose()
@@ -380,7 +385,8 @@ class InferenceClient(AsyncLifecycle):
         """The stored result of any request (queued, running or finished)."""
         key = self.keys.result(request_id)
         try:
-            raw = await self.redis.hgetall(key)  # type: ignore[misc]
+            # Batched with the other reads of this loop turn (a closed loop of many callers: one round trip).
+            raw = await (self._reads.call(key) if self._started else self.redis.hgetall(key))  # type: ignore[misc]
         except RedisError as exc:
             raise as_inferq_error(exc, f"read request {request_id!r}") or exc from None
         if not raw:

@@ -103,3 +103,18 @@ class BatchedScript(Batcher[Call]):
 
     async def send(self, items: list[Call]) -> list[Any]:
         return await self.script.run_all(self.redis, items)
+
+
+class BatchedHashReads(Batcher[str]):
+    """HGETALL of whole hashes (stored results): the reads of one loop turn go out as one pipeline, so many
+    callers waiting on their results cost one round trip, not one each."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__("hash-reads")
+        self.redis = redis
+
+    async def send(self, items: list[str]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in items:
+                pipe.hgetall(key)
+            return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
