@@ -15,11 +15,12 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from inferq.shared.aio import cancel_and_wait, unless
+from inferq.shared.aio import cancel_and_wait
 from inferq.shared.batching import BatchedScript
 from inferq.shared.codec import text, unpack
 from inferq.shared.connection import OUTAGE, Backoff, retry_outages, wait_for_redis
@@ -32,7 +33,7 @@ from inferq.shared.settings import Settings
 from inferq.shared.subscription import Subscription
 from inferq.worker import scripts
 from inferq.worker.claims import Claims, Entry, pairs
-from inferq.worker.engine import Engine, RequestRejected
+from inferq.worker.engine import Delta, Engine, RequestRejected
 from inferq.worker.flow import SlotControl
 from inferq.worker.jobs import Job
 from inferq.worker.lanes import LaneShares
@@ -198,18 +199,26 @@ class Worker(Upkeep, AsyncLifecycle):
             if taken or self._suspect_waiting:
                 return taken
         reserved = self.lanes.reservations(free)
-        found, tails = await scripts.READ_LANES(self.redis, self.streams, [GROUP, self.name, free, *reserved])
+        found = await scripts.READ_LANES(self.redis, self.streams, [GROUP, self.name, free, *reserved])
         got = [0] * len(self.streams)
         for i, _, _ in found:
             got[int(i) - 1] += 1
         self.lanes.record(reserved, got)
         if not found:
-            # Nothing new: wait until any lane gets an entry newer than its tail. XREAD takes nothing, so
-            # the next pass reads through the script again, within the free slots and the lane floors.
-            # A stop cuts the wait short (XREAD takes nothing, so that is safe), so a drain does not wait on it.
-            tails_by_stream = dict(zip(self.streams, map(text, tails), strict=True))
-            await unless(self._stopping, self.redis.xread(tails_by_stream, count=1, block=_BLOCK_MS))
+            return await self._wait_for_entries(free)
         return [(self.streams[int(i) - 1], text(eid), pairs(f), 1) for i, eid, f in found]
+
+    async def _wait_for_entries(self, free: int) -> list[Entry]:
+        """Nothing new in any lane: wait for the next entries and take them in the same round trip (a blocking
+        XREADGROUP on every lane), so an idle worker starts a request one round trip after it is admitted.
+        No lane can hand out more than its share of the free slots. Idle, there is no lane to favour: the
+        floors and priorities of the script apply again from the next read, once there is work to share. The
+        wait is not cut short by a stop (what it takes is this worker's then): a drain waits at most
+        _BLOCK_MS for it, and runs what it took."""
+        count = max(free // len(self.streams), 1)
+        lanes = dict.fromkeys(self.streams, ">")
+        replies = await self.redis.xreadgroup(GROUP, self.name, lanes, count=count, block=_BLOCK_MS)
+        return [(text(stream), text(eid), fields, 1) for stream, entries in replies or [] for eid, fields in entries]
 
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
         if (stream, entry_id) in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
@@ -306,7 +315,19 @@ class Worker(Upkeep, AsyncLifecycle):
             await self.writer.end(job.stream, job.entry_id, request, "expired", job.gen)
             return
         job.interruptible = True
-        status = await self._mark_running(request, job, added)
+        # The engine takes the prompt (tokenizing, scheduling its prefill) while start.lua's round trip runs: the
+        # first token's wait no longer includes it. Nothing is written for the request until start.lua has
+        # said "running"; any other answer aborts the engine's work. Not when this worker runs another entry
+        # with the same request id (a forged one): the engine knows a request by its id.
+        deltas = self.engine.generate(request)
+        first = asyncio.ensure_future(anext(deltas)) if self._by_request.get(request.id) is job else None
+        try:
+            status = await self._mark_running(request, job, added)
+        except BaseException:
+            await _discard(first, deltas)
+            raise
+        if status != "running":
+            await _discard(first, deltas)
         if status == "foreign":
             job.interruptible = False
             reason = f"forged entry: request {request.id} was admitted with another queue entry; it was left as it is"
@@ -329,7 +350,7 @@ class Worker(Upkeep, AsyncLifecycle):
             delay = max(request.deadline - time.time(), 0.0)
             timers.append(loop.call_later(delay, self.interrupt, request.id, "expired"))
         try:
-            await self._generate(job, request)
+            await self._generate(job, request, _resumed(first, deltas))
         finally:
             for timer in timers:
                 timer.cancel()
@@ -343,10 +364,10 @@ class Worker(Upkeep, AsyncLifecycle):
         )
         return text(status)
 
-    async def _generate(self, job: Job, request: GenerationRequest) -> None:
+    async def _generate(self, job: Job, request: GenerationRequest, deltas: AsyncIterator[Delta]) -> None:
         gen = job.gen
         channel = request.reply_channel if request.stream else None
-        async for delta in self.engine.generate(request):
+        async for delta in deltas:
             self._progress_at = time.monotonic()
             if gen.add(delta):
                 break
@@ -363,3 +384,26 @@ class Worker(Upkeep, AsyncLifecycle):
         error = None if sent.cancelled() else sent.exception()
         if error is not None:
             self.interrupt(request_id, "failed", f"Redis refused the request's token events: {error}")
+
+
+async def _resumed(first: asyncio.Future[Delta] | None, rest: AsyncGenerator[Delta, None]) -> AsyncIterator[Delta]:
+    """The engine's deltas, `first` (already asked for) ahead of the rest; closing this closes the engine's."""
+    try:
+        if first is not None:
+            try:
+                yield await first
+            except StopAsyncIteration:
+                return
+        async for delta in rest:
+            yield delta
+    finally:
+        await _discard(first, rest)
+
+
+async def _discard(first: asyncio.Future[Delta] | None, rest: AsyncGenerator[Delta, None]) -> None:
+    """Stop an engine run that must not go on (AsyncLLM aborts a request whose generator is closed)."""
+    if first is not None and not first.done():
+        first.cancel()
+    if first is not None:
+        await asyncio.gather(first, return_exceptions=True)
+    await rest.aclose()

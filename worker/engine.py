@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,8 +29,9 @@ class RequestRejected(InferqError):
 class Engine(Protocol):
     """An async engine: many `generate` calls run at once and are batched by the engine itself.
 
-    Cancelling the task iterating `generate` aborts the request in the engine. An engine that died raises
-    `shared.errors.EngineError` from `generate`; the worker then stops and leaves its work pending."""
+    Cancelling the task iterating `generate`, or closing the generator, aborts the request in the engine. An
+    engine that died raises `shared.errors.EngineError` from `generate`; the worker then stops and leaves its
+    work pending."""
 
     name: str
 
@@ -38,7 +39,7 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]: ...
 
     def load(self) -> EngineLoad | None:
         """The engine's latest KV-cache use and preemption count, or None if it does not report them."""

@@ -2,9 +2,8 @@
 -- KEYS: the model's lane streams in priority order (high, normal, low).
 -- ARGV[4..]: per lane, how many of the slots are reserved for it first (anti-starvation: a lower lane
 -- that has work still gets its minimum share). Then the remaining slots are filled highest lane first.
--- Returns {entries, tails}: entries = {{lane_index, entry_id, fields}, ...}, never more than ARGV[3];
--- when there are none, tails = each stream's newest entry id, so the worker can block (XREAD, which
--- takes nothing) until something newer arrives and then read here again.
+-- Returns {{lane_index, entry_id, fields}, ...}, never more than ARGV[3]. When there are none, the worker
+-- blocks in XREADGROUP on every lane until some arrive (worker/consumer.py, _wait_for_entries).
 local want = tonumber(ARGV[3])
 local out = {}
 local function take(i, n)
@@ -24,11 +23,4 @@ for i = 1, #KEYS do
   if want <= 0 then break end
   take(i, want)
 end
-local tails = {}
-if #out == 0 then
-  for i, key in ipairs(KEYS) do
-    local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-    tails[i] = last[1] and last[1][1] or '0-0'
-  end
-end
-return {out, tails}
+return out

@@ -10,7 +10,7 @@ the prompt "die" fails the whole engine (EngineError), as a crashed vLLM engine 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from inferq.shared.errors import EngineError
 from inferq.shared.schemas import GenerationRequest
@@ -31,7 +31,7 @@ class StandInEngine:
     def load(self) -> None:
         return None  # no KV cache: the stand-in never runs out of room
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         if request.prompt == "fail":
             raise RequestRejected("stand-in engine refuses the prompt 'fail'")
         if request.prompt == "crash":
