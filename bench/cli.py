@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import psutil  # noqa: F401 - the bench extra's: importing this module is how the CLI knows it is installed
 import typer
@@ -196,9 +196,7 @@ def bench_capacity_command(
                                         f"{r['requests_per_s']:.0f} requests/s", err=True),
         )
     )  # fmt: skip
-    typer.echo(capacity_table(report))
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1))
+    _report(capacity_table(report), report, json_out)
 
 
 @app.command("queue")
@@ -222,7 +220,12 @@ def bench_queue_command(
                                         f"{r['requests_per_s']:.0f} requests/s", err=True),
         )
     )  # fmt: skip
-    typer.echo(queue_table(report))
+    _report(queue_table(report), report, json_out)
+
+
+def _report(table: str, report: dict[str, Any], json_out: Path | None) -> None:
+    """Print a queue bench's table, write its JSON if asked; exit 1 if any request failed."""
+    typer.echo(table)
     if json_out:
         json_out.write_text(json.dumps(report, indent=1))
     if any(r["errors"] for r in report["rows"]):

@@ -211,7 +211,8 @@ class Worker(Upkeep, AsyncLifecycle):
     async def _wait_for_entries(self, free: int) -> list[Entry]:
         """Nothing new in any lane: wait for the next entries and take them in the same round trip (a blocking
         XREADGROUP on every lane), so an idle worker starts a request one round trip after it is admitted.
-        No lane can hand out more than its share of the free slots. Idle, there is no lane to favour: the
+        No lane hands out more than a third of the free slots, or one (with fewer than three free, up to one
+        entry per lane: the engine queues the one or two over its slots briefly). Idle, there is no lane to favour: the
         floors and priorities of the script apply again from the next read, once there is work to share. The
         wait is not cut short by a stop (what it takes is this worker's then): a drain waits at most
         _BLOCK_MS for it, and runs what it took."""
