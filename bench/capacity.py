@@ -19,42 +19,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import os
-import statistics
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 from inferq.bench.queue import MODEL, raw_xadd_per_s
 from inferq.bench.server import temporary_server
+from inferq.bench.stats import spread
 from inferq.producer.client import InferenceClient
 from inferq.producer.local import local_worker
 from inferq.shared import aio
 from inferq.shared.settings import Settings, load_settings
+from inferq.worker.vllm_children import handed_down
 
 _WARMUP_REQUESTS = 200  # per producer process, before it says it is ready
 _GRACE_S = 10.0  # how long requests still out at the end of an open-loop cell may take to come back
 _BEHIND = 0.95  # an open-loop cell served less than this share of its offered rate: saturated
-
-
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Environment variables for the worker processes started inside (they inherit this process's)."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
 # ---- one producer process --------------------------------------------------------------------------------
@@ -153,16 +133,15 @@ async def _cell(client: InferenceClient, url: str, procs: int, mode: str, load: 
             child.join(timeout=30)
             if child.is_alive():
                 child.kill()
-    latencies = sorted(x for r in reports for x in r["latencies"])
-    done = len(latencies)
+    latencies = [x for r in reports for x in r["latencies"]]
+    times, done = spread(latencies), len(latencies)
     per = max(done, 1)
     return {
         "mode": mode, "producer_procs": procs, "load": load,
         "offered_per_s": load * procs if mode == "open" else None,
         "completed": done, "errors": sum(r["errors"] for r in reports),
         "requests_per_s": done / max(r["wall_s"] for r in reports),
-        "p50_ms": 1000 * statistics.median(latencies) if latencies else 0.0,
-        "p99_ms": 1000 * _percentile(latencies, 0.99),
+        "p50_ms": times["p50"], "p99_ms": times["p99"],
         "redis_cpu_pct": 100 * (after["cpu_s"] - before["cpu_s"]) / wall,
         "commands_per_request": (after["commands"] - before["commands"]) / per,
         "round_trips_per_request": (after["reads"] - before["reads"]) / per,
@@ -193,7 +172,7 @@ async def bench_capacity(
     try:
         async with InferenceClient(settings) as client, contextlib.AsyncExitStack() as fleet:
             raw = await raw_xadd_per_s(client)
-            with _environment(INFERQ_STANDIN_STEP_MS="0"):
+            with handed_down("INFERQ_STANDIN_STEP_MS", "0"):  # the workers started inside inherit it
                 for _ in range(workers):
                     await fleet.enter_async_context(
                         local_worker(settings, model=MODEL, engine="standin", args=("--max-inflight", "1024"))

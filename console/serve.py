@@ -20,10 +20,10 @@ def run_worker(settings: Settings, *, engine: str, consumer: str | None, bulk_jo
     the process with the worker's code."""
     log_to_stderr(settings.log_format, settings.data_dir)
     if engine == "vllm" and settings.engine_args:
-        from inferq.worker.vllm_engine import engine_args
+        from inferq.worker.vllm_engine import check_engine_args
 
         try:  # a name vLLM does not have is refused now, before the model is built or loaded
-            engine_args(settings.engine_args)
+            check_engine_args(settings.engine_args)
         except ConfigError as exc:
             die(str(exc))
     path = model_path(settings) if engine == "vllm" else settings.model

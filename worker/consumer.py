@@ -193,9 +193,6 @@ class Worker(Upkeep, AsyncLifecycle):
                 )  # fmt: skip
             elif taken:
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
-            for stream, entry_id, *_ in taken:
-                if (stream, entry_id) not in self._jobs:  # not one of ours that lost a renewal and runs on
-                    self.metrics.taken_over.labels(self.model, self.metrics.lane(stream)).inc()
             if taken or self._suspect_waiting:
                 return taken
         reserved = self.lanes.reservations(free)
@@ -212,9 +209,9 @@ class Worker(Upkeep, AsyncLifecycle):
         """Nothing new in any lane: wait for the next entries and take them in the same round trip (a blocking
         XREADGROUP on every lane), so an idle worker starts a request one round trip after it is admitted.
         No lane hands out more than a third of the free slots, or one (with fewer than three free, up to one
-        entry per lane: the engine queues the one or two over its slots briefly). Idle, there is no lane to favour: the
-        floors and priorities of the script apply again from the next read, once there is work to share. The
-        wait is not cut short by a stop (what it takes is this worker's then): a drain waits at most
+        entry per lane: the engine queues the one or two over its slots briefly). Idle, there is no lane to
+        favour: the floors and priorities of the script apply again from the next read, once there is work to
+        share. The wait is not cut short by a stop (what it takes is this worker's then): a drain waits at most
         _BLOCK_MS for it, and runs what it took."""
         count = max(free // len(self.streams), 1)
         lanes = dict.fromkeys(self.streams, ">")
@@ -225,8 +222,10 @@ class Worker(Upkeep, AsyncLifecycle):
         if (stream, entry_id) in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
             return
         job = Job(stream, entry_id, fields, deliveries)
-        if deliveries > 1:
-            self.metrics.redelivered.labels(self.model, self.metrics.lane(stream)).inc()
+        if deliveries > 1:  # an entry is delivered again only when a worker takes it over (claim.lua)
+            series = self.metrics.of(stream)
+            series.redelivered.inc()
+            series.taken_over.inc()
         job.task = asyncio.create_task(self._process(job), name=f"inferq-{entry_id}")
         self._jobs[(stream, entry_id)] = job
         job.task.add_done_callback(lambda _t: self._release(job))
@@ -403,8 +402,7 @@ async def _resumed(first: asyncio.Future[Delta] | None, rest: AsyncGenerator[Del
 
 async def _discard(first: asyncio.Future[Delta] | None, rest: AsyncGenerator[Delta, None]) -> None:
     """Stop an engine run that must not go on (AsyncLLM aborts a request whose generator is closed)."""
-    if first is not None and not first.done():
-        first.cancel()
     if first is not None:
+        first.cancel()  # nothing, if it is done
         await asyncio.gather(first, return_exceptions=True)
     await rest.aclose()

@@ -21,8 +21,6 @@ from typing import Any
 
 from inferq.shared.settings import Settings
 
-PROFILES = ("auto", "vllm", "cpu-shared")
-
 
 @dataclass(frozen=True)
 class EngineSetup:
@@ -33,14 +31,6 @@ class EngineSetup:
     nice: int  # the session's scheduling-group nice value (worker/cpu_share.py); 0: left alone
     cache_envs: bool  # vLLM's VLLM_* settings cached in the front-end process while the engine runs
     quiet_vllm_metrics: bool  # vLLM builds no Prometheus series (nobody scrapes them)
-
-
-def resolve(profile: str, *, on_cpu: bool) -> str:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown engine profile {profile!r}; use one of {', '.join(PROFILES)}")
-    if profile == "auto":
-        return "cpu-shared" if on_cpu else "vllm"
-    return profile
 
 
 def engine_setup(
@@ -55,7 +45,9 @@ def engine_setup(
     """The engine set-up `settings` ask for on this machine (`on_cpu`); `tested()` says whether this vLLM is the
     release the private tuning was tested on (asked only where the profile would use it). `as_shipped` (the
     bench's direct ceiling): the same engine arguments, but vLLM's own processes and busy-wait."""
-    profile = resolve(settings.engine_profile, on_cpu=on_cpu)
+    profile = settings.engine_profile  # one of the names Settings allows
+    if profile == "auto":
+        profile = "cpu-shared" if on_cpu else "vllm"
     args: dict[str, Any] = {
         "model": model_path,
         "served_model_name": settings.model,  # vLLM's metrics label (model_name) and logs name the queue's model

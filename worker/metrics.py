@@ -75,31 +75,42 @@ class WorkerMetrics:
         )
         self.queue = QueueSeries(keys, model)
         r.register(self.queue)
-        # Every series from the start, at 0: a rate() over a counter that appears only at its first event misses it.
-        for lane in LANES:
-            for status in sorted(FINAL_STATES):
-                self.ended.labels(model, lane, status)
-            per_lane = (self.queue_wait, self.duration, self.redelivered, self.taken_over, self.lost, self.bad_entries)
-            for series in per_lane:
-                series.labels(model, lane)
-        self.generated.labels(model)
-        self.prompt.labels(model)
+        # Every series made at 0 from the start (a rate() over a counter that appears only at its first event
+        # misses it), and each lane's children kept by stream name: the hot path looks nothing up.
+        self.lanes = {keys.queue(model, lane): LaneSeries(self, lane) for lane in LANES}
+        self._generated = self.generated.labels(model)
+        self._prompt = self.prompt.labels(model)
 
-    def lane(self, stream: str) -> str:
-        parsed = self.keys.parse_queue(stream)
-        return parsed[1] if parsed else "unknown"
+    def of(self, stream: str) -> LaneSeries:
+        """The series of one of the model's lane streams."""
+        return self.lanes[stream]
 
     def started(self, stream: str, entry_id: str) -> None:
-        self.queue_wait.labels(self.model, self.lane(stream)).observe(max(time.time() - queued_at(entry_id), 0.0))
+        self.lanes[stream].queue_wait.observe(max(time.time() - queued_at(entry_id), 0.0))
 
     def finished(self, stream: str, entry_id: str, status: str, prompt_tokens: int, tokens: int) -> None:
-        lane = self.lane(stream)
-        self.ended.labels(self.model, lane, status).inc()
-        self.duration.labels(self.model, lane).observe(max(time.time() - queued_at(entry_id), 0.0))
+        series = self.lanes[stream]
+        series.ended[status].inc()
+        series.duration.observe(max(time.time() - queued_at(entry_id), 0.0))
         if tokens:
-            self.generated.labels(self.model).inc(tokens)
+            self._generated.inc(tokens)
         if prompt_tokens:
-            self.prompt.labels(self.model).inc(prompt_tokens)
+            self._prompt.inc(prompt_tokens)
+
+
+class LaneSeries:
+    """One lane's labelled series of a worker, made once."""
+
+    def __init__(self, metrics: WorkerMetrics, lane: str) -> None:
+        labels = (metrics.model, lane)
+        self.lane = lane
+        self.ended = {status: metrics.ended.labels(*labels, status) for status in sorted(FINAL_STATES)}
+        self.queue_wait = metrics.queue_wait.labels(*labels)
+        self.duration = metrics.duration.labels(*labels)
+        self.redelivered = metrics.redelivered.labels(*labels)
+        self.taken_over = metrics.taken_over.labels(*labels)
+        self.lost = metrics.lost.labels(*labels)
+        self.bad_entries = metrics.bad_entries.labels(*labels)
 
 
 class QueueSeries(Collector):

@@ -141,7 +141,7 @@ class RequestWriter:
         """One line per request that ends (INFERQ_LOG_REQUESTS), its numbers as fields for `--log-format json`."""
         added = queued_at(entry_id)
         fields: dict[str, Any] = {
-            "request_id": request_id, "model": self.model, "lane": self.metrics.lane(stream),
+            "request_id": request_id, "model": self.model, "lane": self.metrics.of(stream).lane,
             "worker": self.worker_name, "status": status, "prompt_tokens": gen.prompt_tokens,
             "completion_tokens": gen.completion_tokens, "total_s": round(now - added, 4),
         }  # fmt: skip
@@ -175,6 +175,6 @@ class RequestWriter:
             bound = self.settings.dlq_max_len
             keys = [self.dlq, self.dlq_dropped, stream]
             await self.outbox.add(scripts.DEAD_LETTER.command(keys, [bound, GROUP, entry_id, *dead]))
-            self.metrics.bad_entries.labels(self.model, self.metrics.lane(stream)).inc()
+            self.metrics.of(stream).bad_entries.inc()
             return
         await self.end(stream, entry_id, request, "failed", Generation(), error=error, dead_letter=dead)

@@ -118,7 +118,7 @@ class Upkeep:
         job = self._jobs.get((stream, entry_id))
         if job is not None and job.task is not None and job.interruptible:
             log.warning("entry %s was taken over by another worker; dropping our run of it", entry_id)
-            self.metrics.lost.labels(self.model, self.metrics.lane(stream)).inc()
+            self.metrics.of(stream).lost.inc()
             job.task.cancel()
 
     async def _check_cancel(self, request_id: str) -> None:

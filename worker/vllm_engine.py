@@ -77,7 +77,7 @@ def fast_encode(tokenizer: Any) -> Encoder:
     return Encoder(direct, batched) if same else Encoder(wrapped)
 
 
-def engine_args(given: dict[str, Any]) -> dict[str, Any]:
+def check_engine_args(given: dict[str, Any]) -> None:
     """`given` (INFERQ_ENGINE_ARGS, --engine-arg), checked against vLLM's AsyncEngineArgs: a name it does not
     have is a ConfigError that names it, before anything loads."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -89,7 +89,6 @@ def engine_args(given: dict[str, Any]) -> dict[str, Any]:
             f"unknown vLLM engine argument(s): {', '.join(unknown)}; the names are AsyncEngineArgs' fields, as in "
             "`vllm serve --help` with - as _ (https://docs.vllm.ai/en/latest/configuration/engine_args.html)"
         )
-    return dict(given)
 
 
 def _unstarted(text: str, special: bool) -> list[int]:
@@ -123,7 +122,7 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine_args(self.settings.engine_args)  # a name vLLM does not have: one line that names it
+        check_engine_args(self.settings.engine_args)  # a name vLLM does not have: one line that names it
         on_cpu = current_platform.is_cpu()
         self.setup = setup = engine_setup(
             self.settings, self.model_path, on_cpu=on_cpu, tested=vllm_private.tested,
