@@ -53,7 +53,7 @@ def redis_acl(settings: Settings, role: str, user: str, tenant: str | None, pass
     if not password:
         die(f"set {password_env} to the password of user {user!r}: only its SHA-256 is printed")
     try:
-        typer.echo(roles.acl_line(user, password, role, Keys(settings.key_prefix), tenant))
+        typer.echo(roles.acl_line(user, password, role, Keys.of(settings), tenant))
     except ConfigError as exc:
         die(str(exc))
 

@@ -27,7 +27,7 @@ def run_worker(settings: Settings, *, engine: str, consumer: str | None, bulk_jo
         except ConfigError as exc:
             die(str(exc))
     path = model_path(settings) if engine == "vllm" else settings.model
-    alongside = (lambda: bulk_runner(settings, name=consumer)) if bulk_jobs else None
+    alongside = (lambda: bulk_runner(settings, name=consumer, beside_worker=True)) if bulk_jobs else None
     code = run(
         serve(
             settings, make_engine(engine, path, settings), model=settings.model, consumer=consumer, alongside=alongside

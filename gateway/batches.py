@@ -20,6 +20,7 @@ from inferq.producer.bulk.detached import BulkJobs
 from inferq.producer.bulk.output import to_output
 from inferq.producer.bulk.state import ENDED, BulkStore, JobRecord
 from inferq.shared.codec import text
+from inferq.shared.connection import pipeline
 from inferq.shared.errors import RequestNotFound
 
 OUTPUT, ERRORS = "file-out-", "file-err-"
@@ -136,7 +137,7 @@ async def create_batch(request: web.Request) -> web.Response:
     keys, ttl = gateway.client.keys, 2 * gateway.settings.bulk_ttl_s
     meta = {"owner": owner, "input_file_id": file_id, "endpoint": endpoint, "created_at": repr(time.time()),
             "metadata": json.dumps(metadata)}  # fmt: skip
-    async with gateway.client.redis.pipeline(transaction=True) as pipe:
+    async with pipeline(gateway.client.redis, atomic=True) as pipe:
         pipe.hset(keys.batch(job.id), mapping=meta)
         pipe.expire(keys.batch(job.id), ttl)
         pipe.zadd(keys.batches(owner), {job.id: time.time()})

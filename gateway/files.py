@@ -11,6 +11,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from inferq.shared.codec import text
+from inferq.shared.connection import pipeline
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 
@@ -38,7 +39,7 @@ class Files:
         meta = {"owner": owner, "filename": filename, "purpose": purpose, "bytes": str(len(data)),
                 "created_at": repr(time.time())}  # fmt: skip
         key, index = self.keys.file(file_id), self.keys.files(owner)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self.redis, atomic=True) as pipe:
             pipe.hset(key, mapping={**meta, "data": data})
             pipe.expire(key, self.ttl_s)
             pipe.zadd(index, {file_id: time.time()})
@@ -72,7 +73,7 @@ class Files:
     async def delete(self, owner: str, file_id: str) -> bool:
         if await self.meta(owner, file_id) is None:
             return False
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self.redis, atomic=True) as pipe:
             pipe.delete(self.keys.file(file_id))
             pipe.zrem(self.keys.files(owner), file_id)
             await pipe.execute()

@@ -72,7 +72,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         self.redis = redis
         self.settings = settings
         self.tenant_caps = dict(tenant_caps or {})  # tenant -> its own cap, over settings.tenant_cap
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys.of(settings)
         self._rates: dict[str, tuple[float, float]] = {}  # model -> (measured at, requests/s)
 
     async def admit(self, request: GenerationRequest, *, replacing_dead_letter: str | None = None) -> Admission:
@@ -94,7 +94,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
     async def send(self, items: list[tuple[GenerationRequest, str | None]]) -> list[Any]:
         by_lane: dict[tuple[str, ...], list[int]] = {}  # (lane, tenant) -> positions in `items`
         for i, (request, dead_letter) in enumerate(items):
-            group = (request.model, request.priority, request.tenant or "")
+            group = (request.model, request.priority, str(self.keys.shard_of(request.id)), request.tenant or "")
             by_lane.setdefault(group if dead_letter is None else ("retry", str(i)), []).append(i)
         # At most _MAX_PER_CALL per script call: one call blocks the server while it runs.
         groups = [p[at : at + _MAX_PER_CALL] for p in by_lane.values() for at in range(0, len(p), _MAX_PER_CALL)]
@@ -106,16 +106,20 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         return results
 
     def _call(self, batch: list[tuple[GenerationRequest, str | None]]) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of one admit.lua call (see the script) for requests of one lane and tenant."""
+        """KEYS and ARGV of one admit.lua call (see the script) for requests of one shard's lane and tenant. The
+        caps are split evenly over the shards (a cap of 10 over 3 shards: 4 in each)."""
         first, dead_letter = batch[0]
-        model = first.model
-        keys = [self.keys.queue(model, first.priority), self.keys.tenants(model), self.keys.refusals(model)]
+        model, shard = first.model, self.keys.shard_of(first.id)
+        keys = [
+            self.keys.queue(model, first.priority, shard), self.keys.tenants(model, shard),
+            self.keys.refusals(model, shard),
+        ]  # fmt: skip
         keys += [self.keys.result(request.id) for request, _ in batch]
         args: list[Any] = [
-            self.settings.lane_cap(first.priority),
-            self.settings.max_lag,
+            self.per_shard(self.settings.lane_cap(first.priority)),
+            self.per_shard(self.settings.max_lag),
             GROUP,
-            self.tenant_caps.get(first.tenant or "", self.settings.tenant_cap),
+            self.per_shard(self.tenant_caps.get(first.tenant or "", self.settings.tenant_cap)),
             len(batch),
             first.tenant or "",
         ]
@@ -125,9 +129,13 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         args += [max(math.ceil(limit - now), 0) + self.settings.result_ttl_s for limit in limits]
         args += [repr(limit) for limit in limits]
         if dead_letter is not None:
-            keys.append(self.keys.dlq(first.model))
+            keys.append(self.keys.dlq(first.model, shard))
             args.append(dead_letter)
         return keys, args
+
+    def per_shard(self, cap: int) -> int:
+        """A lane's or tenant's cap (0: off) as each of the model's shards holds it."""
+        return -(-cap // self.keys.shards)
 
     async def enqueue(self, request: GenerationRequest, *, wait: bool = False, wait_s: float = 0.0) -> Admission:
         """Admit `request`; on refusal raise QueueFull, or with `wait` retry (jittered, paced by the drain
@@ -156,8 +164,9 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             except NoPermissionError:  # the producer role cannot list workers: no estimate, no guess either
                 return _NO_WORKER_RETRY_S, ""
             self._rates[model] = (time.monotonic(), rate)
-        cap = self.settings.lane_cap(request.priority)
-        estimate = estimate_retry_after(admission.queue_len, cap, rate, tenant_full=admission.code == TENANT_FULL)
+        cap, shards = self.per_shard(self.settings.lane_cap(request.priority)), self.keys.shards
+        full = admission.code == TENANT_FULL
+        estimate = estimate_retry_after(admission.queue_len, cap, rate / shards, tenant_full=full)
         if estimate is None:
             return _NO_WORKER_RETRY_S, f" (no worker for model {model!r} finished anything lately: is one running?)"
         return estimate, ""

@@ -18,7 +18,7 @@ local stream, tenants, refusals = KEYS[1], KEYS[2], KEYS[3]
 local max_len, max_lag, group = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local tenant_cap, n, tenant = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local dlq = KEYS[4 + n]
-local lane = string.match(stream, ':([^:]+)$')  -- keys.py ends a lane stream's name with its lane
+local lane = string.match(stream, ':([^:]+):{[^}]*}$')  -- keys.py ends a lane stream's name with its lane and tag
 
 local qlen = redis.call('XLEN', stream)
 if qlen == 0 and redis.call('EXISTS', stream) == 0 then

@@ -19,7 +19,7 @@ from inferq.producer.ops.dead_letters import DeadLetters
 from inferq.producer.replies import DEADLINE, TICK, ReplyListener, Signal
 from inferq.shared.batching import BatchedHashReads
 from inferq.shared.codec import pack, text
-from inferq.shared.connection import OUTAGE, as_inferq_error, connect, redis_errors
+from inferq.shared.connection import OUTAGE, as_inferq_error, open_redis, redis_errors
 from inferq.shared.errors import (
     InvalidRequest,
     RedisUnavailable,
@@ -173,7 +173,7 @@ class InferenceClient(AsyncLifecycle):
         INFERQ_TENANT_CAP (the gateway's per-key caps)."""
         self.settings = settings or load_settings()
         self._tenant_caps = tenant_caps
-        self.keys = Keys(self.settings.key_prefix)
+        self.keys = Keys.of(self.settings)
         tenant = self.settings.tenant
         self.client_id = uuid.uuid4().hex[:16] if tenant is None else Keys.tenant_scoped(tenant, uuid.uuid4().hex[:16])
         self.channel = self.keys.tokens(self.client_id)
@@ -201,7 +201,7 @@ class InferenceClient(AsyncLifecycle):
         if self._started:
             return
         if self._redis is None:
-            self._redis = await asyncio.to_thread(connect, self.settings)
+            self._redis = await open_redis(self.settings)
         self._admitter = Admitter(self.redis, self.settings, self._tenant_caps)
         self._admitter.start()
         self._reads = BatchedHashReads(self.redis)

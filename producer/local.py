@@ -40,8 +40,9 @@ def worker_argv(name: str, *args: str) -> list[str]:
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """This process's environment, pointed at the same Redis and key prefix as `settings`, `extra` on top."""
-    env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix}
+    """This process's environment, pointed at the same Redis, key prefix and shards as `settings`, `extra` on
+    top."""
+    env = {**os.environ, "INFERQ_KEY_PREFIX": settings.key_prefix, "INFERQ_SHARDS": str(settings.shards)}
     if settings.redis_url:
         env["INFERQ_REDIS_URL"] = settings.redis_url
     return {**env, **extra}

@@ -65,7 +65,7 @@ def main() -> int:
     with open(log, "wb") as fh:
         worker = subprocess.Popen(worker_argv(name, "--model", "smollm2"), env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
-        wait_for_worker(url, Keys(settings.key_prefix).worker(name), worker, log)
+        wait_for_worker(url, Keys.of(settings).worker(name), worker, log)
         say(f"inferq submit --model smollm2 --temperature 0 --prompt {QUESTION!r}")
         code = subprocess.call(
             inferq_argv(

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 
 from inferq.shared.aio import cancel_and_wait
+from inferq.shared.connection import execute_all
 from inferq.shared.lua import Call, LuaScript
 
 C = TypeVar("C")  # what one caller asks for
@@ -117,4 +118,4 @@ class BatchedHashReads(Batcher[str]):
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in items:
                 pipe.hgetall(key)
-            return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+            return await execute_all(self.redis, pipe)

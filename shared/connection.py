@@ -1,16 +1,25 @@
-"""Opening Redis: the given INFERQ_REDIS_URL, or the embedded server (started on first use)."""
+"""Opening Redis: the given INFERQ_REDIS_URL, or the embedded server (started on first use).
+
+A URL that names any node of a Redis (or Valkey) Cluster is enough: `open_redis` asks the server, and a
+cluster gets redis-py's cluster client. Its pipelines have no MULTI/EXEC (`pipeline(atomic=True)` then sends
+a plain pipeline: each command and each script still atomic, the lot not) and it has no pub/sub (`node_client`
+gives a plain client of one node: a classic PUBLISH reaches the subscribers of every node).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import random
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import (
     AuthenticationError,
@@ -176,10 +185,105 @@ def connection_options(url: str) -> dict[str, Any]:
 
 
 def connect(settings: Settings, *, max_connections: int = 64, url: str | None = None) -> Redis:
-    """An asyncio client over a blocking pool: callers wait for a free connection instead of failing
-    with MaxConnectionsError when many coroutines issue commands at once."""
+    """An asyncio client of one server over a blocking pool: callers wait for a free connection instead of
+    failing with MaxConnectionsError when many coroutines issue commands at once. (`open_redis` also sees a
+    cluster.)"""
     target = url or resolve_url(settings)
     pool = BlockingConnectionPool.from_url(
         target, max_connections=max_connections, timeout=30, **connection_options(target)
     )
     return Redis(connection_pool=pool)
+
+
+async def is_cluster_node(url: str) -> bool:
+    """Whether the server at `url` is a node of a cluster (CLUSTER INFO answers; a lone server refuses it)."""
+    async with Redis.from_url(url, **connection_options(url)) as probe:
+        try:
+            await probe.execute_command("CLUSTER INFO")
+        except ResponseError as exc:
+            if isinstance(exc, NoPermissionError):
+                raise
+            return False  # "ERR This instance has cluster support disabled"
+    return True
+
+
+async def open_redis(settings: Settings, *, max_connections: int = 64, wait: logging.Logger | None = None) -> Redis:
+    """The client for INFERQ_REDIS_URL (or the embedded server): redis-py's cluster client if the server is a
+    cluster node, else `connect`'s. With `wait` (a worker's log), waits for Redis to answer first."""
+    target = await asyncio.to_thread(resolve_url, settings)
+    if wait is not None:
+        clustered = await retry_outages(lambda: is_cluster_node(target), "waiting for Redis", wait, say_once=True)
+    else:
+        clustered = await is_cluster_node(target)
+    if not clustered:
+        return connect(settings, max_connections=max_connections, url=target)
+    # Per node, connections are opened as needed (redis-py's cluster client has no blocking pool).
+    found = RedisCluster.from_url(target, **connection_options(target))
+    await found.initialize()
+    # Every node seen now is a place to read the layout again from later: redis-py starts only from the
+    # URL's node and drops a startup node it cannot reach, so with that node dead it could never find the
+    # new masters after a failover.
+    nodes = [ClusterNode(node.host, node.port) for node in found.get_nodes()]
+    await found.aclose()
+    cluster = RedisCluster.from_url(target, startup_nodes=nodes, **connection_options(target))
+    cluster.nodes_manager.startup_nodes = _StartupNodes(cluster.nodes_manager.startup_nodes)
+    await cluster.initialize()
+    return cluster  # type: ignore[return-value] # the commands inferq uses are the same on both
+
+
+class _StartupNodes(dict[str, ClusterNode]):
+    """The nodes a cluster client reads the layout from, kept through connection errors. redis-py 5.3 (the last
+    that arq allows) forgets a startup node whenever a command to it fails to connect, and closes every
+    connection to read the layout again; the commands that were in flight on live nodes then fail too, and
+    forget theirs: a failover could leave it no node to start from. A node is still dropped when the layout
+    read from a live one no longer lists it."""
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if default:  # the forgetting on a connection error (RedisCluster._execute_command)
+            return self.get(key, default[0])
+        return super().pop(key)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+def pipeline(redis: Redis, *, atomic: bool) -> Pipeline:
+    """A pipeline; with `atomic`, a MULTI/EXEC transaction where the client has them (not on a cluster)."""
+    return redis.pipeline(transaction=atomic and not is_cluster(redis))
+
+
+# What a cluster node answers while the cluster changes shape (a master died, a failover runs): the client must
+# read the cluster's layout again.
+_RESHAPED = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+
+
+async def execute_all(redis: Redis, pipe: Pipeline) -> list[Any]:
+    """`pipe.execute(raise_on_error=False)`: one reply or error per command. On a cluster, a node lost or a
+    failover met by any command also makes the client read the cluster's layout again before its next command
+    (redis-py does so only for a pipeline that raises), so the caller's retry finds the new master."""
+    replies = list(await pipe.execute(raise_on_error=False))
+    if is_cluster(redis) and any(isinstance(reply, _RESHAPED) for reply in replies):
+        await redis.aclose()  # the cluster client's own way: it initializes again on its next command
+    return replies
+
+
+async def node_client(redis: Redis) -> Redis:
+    """`redis` itself, or for a cluster a plain client of one of its nodes that answers (tried in random order),
+    for what the cluster client lacks: SUBSCRIBE. Raises the last node's error if none answers."""
+    if not isinstance(redis, RedisCluster):
+        return redis
+    nodes = redis.get_nodes()
+    error: BaseException = RedisConnectionError("the cluster client knows no node")
+    for node in random.sample(nodes, len(nodes)):
+        # The node's own options (credentials, TLS, timeouts), less the parser that follows MOVED replies.
+        options = {name: value for name, value in node.connection_kwargs.items() if name != "parser_class"}
+        client = Redis(connection_pool=ConnectionPool(**options))
+        try:
+            await client.ping()
+            return client
+        except OUTAGE as exc:
+            error = exc
+            await client.aclose()
+    await redis.aclose()  # every node it knows is gone: read the layout again on the next command
+    raise error

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import redis
@@ -38,10 +38,11 @@ def valkey_binary() -> str:
 class EmbeddedServer:
     """One valkey-server bound to 127.0.0.1:`port`, its files in `data_dir/redis`."""
 
-    def __init__(self, data_dir: Path, port: int, *, fsync: str = "everysec") -> None:
+    def __init__(self, data_dir: Path, port: int, *, fsync: str = "everysec", extra: Sequence[str] = ()) -> None:
         self.dir = Path(data_dir) / "redis"
         self.port = port
         self.fsync = fsync  # appendfsync: everysec (up to 1 s of acknowledged writes at risk) or always
+        self.extra = tuple(extra)  # more server options, e.g. a cluster node's (tests/cluster.py)
 
     @property
     def url(self) -> str:
@@ -118,6 +119,7 @@ class EmbeddedServer:
                 "--appendonly", "yes",
                 "--appendfsync", self.fsync,
                 "--save", "",  # AOF is the durability story; no RDB fork on top of it
+                *self.extra,
             ]  # fmt: skip
             subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL, capture_output=True)
             deadline = time.monotonic() + timeout_s

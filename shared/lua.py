@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from inferq.shared.connection import execute_all
 from inferq.shared.schemas import FINAL_STATES, SCHEMA_VERSION
 
 Call = tuple[Sequence[str], Sequence[Any]]  # (keys, args)
@@ -67,7 +68,7 @@ class LuaScript:
             async with redis.pipeline(transaction=False) as pipe:
                 for i in todo:
                     pipe.execute_command(*commands[i])
-                for i, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+                for i, reply in zip(todo, await execute_all(redis, pipe), strict=True):
                     replies[i] = reply
             todo = await reload_missing(redis, commands, replies)
             if not todo:

@@ -28,6 +28,9 @@ _PRODUCER_COMMANDS = (
     "+ping", "+client|setinfo", "+client|setname", "+select", "+evalsha", "+script|load", "+hgetall",
     "+subscribe", "+unsubscribe", "+xlen", "+exists", "+xgroup|create", "+xinfo|groups", "+hget", "+hincrby",
     "+xadd", "+hset", "+expire", "+publish",
+    # A client asks whether the server is a cluster node, and redis-py's cluster client reads the slots and
+    # the command table when it starts.
+    "+cluster|info", "+cluster|slots", "+cluster|shards", "+command",
 )  # fmt: skip
 
 
@@ -45,14 +48,13 @@ def rules(role: str, keys: Keys, tenant: str | None = None) -> list[str]:
             "the producer role is bound to one tenant: give --tenant (the client's INFERQ_TENANT: letters, "
             "digits, _ and -, at most 64)"
         )
-    scoped = keys.tenant_scoped(tenant, "*")
     return [
         *base,
         f"%RW~{keys.queues_pattern()}",  # the admission adds entries; no command that reads one is granted
-        f"%RW~{keys.result(scoped)}",
-        f"%RW~{keys.tenants('*')}",
-        f"%RW~{keys.refusals('*')}",
-        f"&{keys.tokens(scoped)}",
+        f"%RW~{keys.results_pattern(keys.tenant_scoped(tenant, ''))}",
+        f"%RW~{keys.tenants_pattern()}",
+        f"%RW~{keys.refusals_pattern()}",
+        f"&{keys.tokens(keys.tenant_scoped(tenant, '*'))}",
         f"&{keys.cancel()}",
         *_PRODUCER_COMMANDS,
     ]

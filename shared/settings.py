@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inferq.shared.errors import ConfigError
-from inferq.shared.keys import LANES, MODEL_NAME, MODEL_NAME_MAX, TENANT_NAME
+from inferq.shared.keys import LANES, MAX_SHARDS, MODEL_NAME, MODEL_NAME_MAX, TENANT_NAME
 
 
 def _default_data_dir() -> Path:
@@ -31,7 +31,14 @@ class Settings(BaseSettings):
         description="the embedded server's appendfsync: everysec can lose up to a second of acknowledged writes "
         "in a crash of the machine; always loses none, at a cost in write speed",
     )
-    key_prefix: str = Field("inferq", min_length=1)
+    key_prefix: str = Field(
+        "inferq", min_length=1, pattern=r"^[^{}\s]+$", description="the start of every key name (no braces: a "
+        "brace would make a hash tag of it)"
+    )  # fmt: skip
+    shards: int = Field(
+        1, ge=1, le=MAX_SHARDS, description="shard streams per lane, spread over a Redis Cluster's masters: the "
+        "same on every producer and worker (a request's shard comes from its id and this number)"
+    )  # fmt: skip
     data_dir: Path = Field(default_factory=_default_data_dir)
 
     # What to run.

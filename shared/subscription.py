@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from inferq.shared.aio import cancel_and_wait
-from inferq.shared.connection import Backoff
+from inferq.shared.connection import Backoff, node_client
 
 log = logging.getLogger("inferq")
 
@@ -51,8 +51,11 @@ class Subscription:
     async def _run(self) -> None:
         backoff = Backoff()
         while True:
-            pubsub = self.redis.pubsub()
+            node: Redis | None = None
+            pubsub = None
             try:
+                node = await node_client(self.redis)  # on a cluster: a node of it, another one after a failure
+                pubsub = node.pubsub()
                 await pubsub.subscribe(self.channel)
                 while True:  # the server's confirmation, or its refusal (NOPERM: raised here), comes first
                     msg = await pubsub.get_message(timeout=None)
@@ -74,5 +77,9 @@ class Subscription:
                 self.on_gap()
                 await asyncio.sleep(delay)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                if node is not None and node is not self.redis:
+                    with contextlib.suppress(Exception):
+                        await node.aclose()

@@ -31,6 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = load_settings().data_dir
 
 
+def sync_client(url: str) -> sync_redis.Redis:
+    """A blocking client of the server at `url`: redis-py's cluster client if it is a cluster node."""
+    plain = sync_redis.Redis.from_url(url)
+    if plain.info("cluster").get("cluster_enabled"):
+        plain.close()
+        return sync_redis.RedisCluster.from_url(url)  # type: ignore[return-value]
+    return plain
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,7 +114,7 @@ class WorkerProcess:
 
     def wait_ready(self, timeout_s: float = 240.0) -> None:
         key = Keys(self.settings.key_prefix).worker(self.name)
-        r = sync_redis.Redis.from_url(self.settings.redis_url or "")
+        r = sync_client(self.settings.redis_url or "")
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
@@ -234,9 +243,9 @@ async def wait_until(check, timeout_s: float = 60.0, what: str = "condition") ->
 
 async def drained(redis: Redis, settings: Settings, model: str) -> tuple[int, int]:
     """(entries left in the model's streams, entries pending in the group) — both 0 once all work ended."""
-    keys = Keys(settings.key_prefix)
+    keys = Keys.of(settings)
     length = pending = 0
-    for stream in keys.queues(model):
+    for stream in [stream for lanes in keys.all_queues(model) for stream in lanes]:
         if await redis.exists(stream):
             length += await redis.xlen(stream)
             groups = await redis.xinfo_groups(stream)

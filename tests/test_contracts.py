@@ -4,13 +4,15 @@ key names follow docs/CONTRACTS.md, Lua scripts take their constants and keys fr
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from redis.crc import key_slot
 
 from inferq.shared.codec import pack, unpack
 from inferq.shared.errors import BadPayload, ConfigError, InferqError, QueueFull
-from inferq.shared.keys import Keys
+from inferq.shared.keys import Keys, bulk_request_id
 from inferq.shared.schemas import FINAL_STATES, GenerationRequest, Result
 from inferq.shared.settings import load_settings
 from tests.conftest import ROOT
@@ -18,15 +20,41 @@ from tests.conftest import ROOT
 
 def test_keys_follow_the_contract() -> None:
     k = Keys("inferq")
-    assert k.queues("tiny") == ["inferq:q:tiny:high", "inferq:q:tiny:normal", "inferq:q:tiny:low"]
-    assert k.result("abc") == "inferq:r:abc"
+    assert k.queues("tiny") == ["inferq:q:tiny:high:{0}", "inferq:q:tiny:normal:{0}", "inferq:q:tiny:low:{0}"]
+    assert k.result("abc") == "inferq:r:abc:{0}"
     assert k.tokens("c1") == "inferq:t:c1"
-    assert k.dlq("tiny") == "inferq:dlq:tiny"
+    assert k.dlq("tiny") == "inferq:dlq:tiny:{0}"
     assert k.worker("w") == "inferq:w:w"
     assert k.cancel() == "inferq:cancel"
-    assert k.done("job") == "inferq:done:job"
+    assert k.done("job") == "inferq:done:job:{0}"
+    assert k.parse_queue("inferq:q:tiny:low:{0}") == ("tiny", "low", 0)
+    assert k.parse_queue("inferq:q:tiny:low") is None  # untagged: not one of ours
     with pytest.raises(ValueError, match="unknown lane"):
         k.queue("tiny", "urgent")
+
+
+def test_shards_spread_over_the_slots_and_each_script_touches_one_slot() -> None:
+    k = Keys("inferq", shards=3)
+    # Shard i's tag hashes into the i-th third of the 16384 slots: an evenly split 3-master cluster holds one each.
+    assert [key_slot(k.queue("tiny", "high", shard).encode()) * 3 // 16384 for shard in range(3)] == [0, 1, 2]
+    ids = [f"req-{i}" for i in range(3000)]
+    per_shard = Counter(k.shard_of(i) for i in ids)
+    assert sorted(per_shard) == [0, 1, 2] and min(per_shard.values()) > 850
+    for request_id in ids[:50]:  # admit.lua, start.lua, finish.lua: lane stream, result, counters, DLQ
+        shard = k.shard_of(request_id)
+        keys = [k.result(request_id), *k.queues("tiny", shard), k.tenants("tiny", shard), k.refusals("tiny", shard)]
+        keys += [k.dlq("tiny", shard), k.dlq_dropped("tiny", shard)]
+        assert len({key_slot(key.encode()) for key in keys}) == 1, keys
+    # A bulk job's requests live in its shard, with its record and reply stream (job.lua, finish.lua).
+    job = "bj-1"
+    line = bulk_request_id(job, 2, "ab12")
+    same = [k.result(line), k.done(job), k.bulk(job), k.bulk_ids(job), k.bulk_input(job), k.bulk_lease(job)]
+    assert len({key_slot(key.encode()) for key in same}) == 1
+    assert k.is_reply_stream_of(k.done(job), line)
+    assert not k.is_reply_stream_of(k.done(job), bulk_request_id("bj-2", 2, "ab12"))
+    assert not k.is_reply_stream_of(k.done(job), f"bulk-{job}-free-form")  # not a line id: another shard maybe
+    assert k.parse_queue(k.queue("tiny", "low", 2)) == ("tiny", "low", 2)
+    assert Keys("inferq", shards=2).parse_queue(k.queue("tiny", "low", 2)) is None  # another shard count's tag
 
 
 def test_request_roundtrip_through_msgpack() -> None:

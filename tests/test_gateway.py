@@ -341,8 +341,8 @@ async def client_for_results(redis: Redis, settings: Settings) -> AsyncIterator[
             return int(await redis.hget(keys.result(request_id), "attempts") or 0)  # type: ignore[misc]
 
         async def only_request(self, tenant: str) -> str:
-            found = [k.decode() async for k in redis.scan_iter(match=keys.result(f"{tenant}:*"))]
+            found = [k.decode() async for k in redis.scan_iter(match=keys.results_pattern(f"{tenant}:"))]
             assert len(found) == 1, found
-            return found[0].removeprefix(keys.result(""))
+            return found[0].removeprefix(f"{keys.prefix}:r:").rpartition(":")[0]  # less the shard's tag
 
     yield Reader()

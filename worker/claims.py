@@ -28,11 +28,12 @@ def pairs(flat: list[Any]) -> dict[bytes, bytes]:
 
 
 class Claims:
-    def __init__(self, redis: Redis, settings: Settings, streams: list[str], consumer: str) -> None:
+    def __init__(self, redis: Redis, settings: Settings, shards: list[list[str]], consumer: str) -> None:
         self.redis = redis
-        self.streams = streams
+        self.shards = shards  # each shard's lane streams, highest priority first: one script call per shard
+        self.streams = [stream for lanes in shards for stream in lanes]
         self.consumer = consumer
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys.of(settings)
         self.idle_ms = settings.claim_idle_ms
         # Renew three times per idle window (and at least every heartbeat): two missed renewals are harmless.
         self.renew_interval_s = min(settings.heartbeat_s, settings.claim_idle_ms / 3000)
@@ -46,17 +47,24 @@ class Claims:
         """Up to `free` entries idle longer than claim_idle_ms, now ours, highest lane first. An entry that
         went down with a worker more than once is a suspect (a poison pill?): it is taken alone, and only when
         this worker runs nothing (`idle`). Returns (entries, whether the one entry is a suspect, whether a
-        suspect waits that this worker could take once idle)."""
-        found, waiting = await scripts.CLAIM(
-            self.redis, self.streams, [GROUP, self.consumer, self.idle_ms, free, int(idle)]
-        )
+        suspect waits that this worker could take once idle). The shards are looked at in order."""
+        entries: list[Entry] = []
+        suspect = waiting = False
+        for lanes in self.shards:
+            if len(entries) >= free or suspect:
+                break
+            idle_now = idle and not entries
+            found, waits = await scripts.CLAIM(
+                self.redis, lanes, [GROUP, self.consumer, self.idle_ms, free - len(entries), int(idle_now)]
+            )
+            suspect = any(int(e[4]) for e in found)
+            waiting = waiting or bool(waits)
+            entries += [(lanes[int(i) - 1], text(eid), pairs(f), int(n)) for i, eid, f, n, _ in found]
         # Full haul (or a suspect taken, or one waiting): there may be more, look again next time; otherwise
         # look again in half an idle window.
-        suspect = any(int(e[4]) for e in found)
-        wait_s = 0.0 if len(found) >= free or waiting or suspect else self.idle_ms / 2000
+        wait_s = 0.0 if len(entries) >= free or waiting or suspect else self.idle_ms / 2000
         self._next_takeover = time.monotonic() + wait_s
-        entries = [(self.streams[int(i) - 1], text(eid), pairs(f), int(n)) for i, eid, f, n, _ in found]
-        return entries, suspect, bool(waiting)
+        return entries, suspect, waiting
 
     async def renew(self, owned: dict[str, list[str]]) -> list[tuple[str, str]]:
         """Reset the idle time of the entries we run; returns (stream, id) of those another worker took over."""
@@ -83,6 +91,17 @@ class Claims:
         if not candidates:
             return []
         names = sorted(candidates)
-        keys = [*self.streams, *(self.keys.worker(name) for name in names)]
-        removed = await scripts.REAP(self.redis, keys, [GROUP, self.idle_ms, len(self.streams), *names])
-        return [text(name) for name in removed]
+        # No heartbeat: the consumer's process is gone. (Names are unique per process; one that came back with a
+        # given name reads, so it is not idle, and the script's own check keeps it.)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self.keys.worker(name))
+            beating = await pipe.execute()
+        names = [name for name, beats in zip(names, beating, strict=True) if not beats]
+        if not names:
+            return []
+        calls = [(lanes, [GROUP, self.idle_ms, *names]) for lanes in self.shards]
+        removed = {
+            text(name) for reply in await scripts.REAP.run_all(self.redis, calls, raise_errors=True) for name in reply
+        }
+        return sorted(removed)

@@ -32,19 +32,18 @@ from inferq.shared.schemas import GenerationRequest, salvage
 from inferq.shared.settings import Settings
 from inferq.shared.subscription import Subscription
 from inferq.worker import scripts
-from inferq.worker.claims import Claims, Entry, pairs
+from inferq.worker.claims import Claims, Entry
 from inferq.worker.engine import Delta, Engine, RequestRejected
 from inferq.worker.flow import SlotControl
 from inferq.worker.jobs import Job
 from inferq.worker.lanes import LaneShares
 from inferq.worker.metrics import WorkerMetrics, queued_at
 from inferq.worker.outbox import Outbox
+from inferq.worker.reading import LaneReader
 from inferq.worker.requests import RequestWriter
 from inferq.worker.upkeep import Upkeep
 
 log = logging.getLogger("inferq.worker")
-
-_BLOCK_MS = 1000  # how long one idle wait for new entries lasts
 
 
 def default_consumer_name() -> str:
@@ -69,8 +68,9 @@ class Worker(Upkeep, AsyncLifecycle):
         self.redis = redis
         self.model = model
         self.name = consumer or default_consumer_name()
-        self.keys = Keys(settings.key_prefix)
-        self.streams = self.keys.queues(model)
+        self.keys = Keys.of(settings)
+        self.shards = self.keys.all_queues(model)  # each shard's lane streams, highest priority first
+        self.streams = [stream for lanes in self.shards for stream in lanes]
         self.capacity = settings.max_inflight
         self.flow = SlotControl(self.capacity)
         self.outbox = Outbox(redis)
@@ -78,8 +78,8 @@ class Worker(Upkeep, AsyncLifecycle):
         self.metrics.running.labels(model).set_function(lambda: len(self._jobs))
         self.metrics.slots.labels(model).set_function(lambda: self.flow.slots)
         self.writer = RequestWriter(self.outbox, self.keys, settings, self.name, model, self.metrics)
-        self.claims = Claims(redis, settings, self.streams, self.name)
-        self.lanes = LaneShares(settings.lane_min_share)
+        self.claims = Claims(redis, settings, self.shards, self.name)
+        self.reader = LaneReader(redis, self.shards, self.name, LaneShares(settings.lane_min_share))
         self._start_script = BatchedScript(redis, scripts.START)
         self._cancels = Subscription(redis, self.keys.cancel(), self._on_cancel)
         # (lane stream, entry id) -> job: ids are unique per stream only (two lanes can hand out the same id)
@@ -120,6 +120,7 @@ class Worker(Upkeep, AsyncLifecycle):
 
     async def close(self) -> None:
         await cancel_and_wait(self._maintenance)
+        await self.reader.close()
         for check in list(self._checks):
             await cancel_and_wait(check)
         await self._cancels.stop()
@@ -181,6 +182,9 @@ class Worker(Upkeep, AsyncLifecycle):
             backoff.reset()
             for entry in entries:
                 self._dispatch(*entry)
+        # A blocking read still out on another shard may yet take entries: they are this worker's, run them.
+        for entry in await self.reader.collect_waits(wait=True):
+            self._dispatch(*entry)
 
     async def _read(self, free: int) -> list[Entry]:
         if self.claims.takeover_due() or self._suspect_waiting:
@@ -195,28 +199,7 @@ class Worker(Upkeep, AsyncLifecycle):
                 log.info("took over %d entries idle for more than %d ms", len(taken), self.claims.idle_ms)
             if taken or self._suspect_waiting:
                 return taken
-        reserved = self.lanes.reservations(free)
-        found = await scripts.READ_LANES(self.redis, self.streams, [GROUP, self.name, free, *reserved])
-        got = [0] * len(self.streams)
-        for i, _, _ in found:
-            got[int(i) - 1] += 1
-        self.lanes.record(reserved, got)
-        if not found:
-            return await self._wait_for_entries(free)
-        return [(self.streams[int(i) - 1], text(eid), pairs(f), 1) for i, eid, f in found]
-
-    async def _wait_for_entries(self, free: int) -> list[Entry]:
-        """Nothing new in any lane: wait for the next entries and take them in the same round trip (a blocking
-        XREADGROUP on every lane), so an idle worker starts a request one round trip after it is admitted.
-        No lane hands out more than a third of the free slots, or one (with fewer than three free, up to one
-        entry per lane: the engine queues the one or two over its slots briefly). Idle, there is no lane to
-        favour: the floors and priorities of the script apply again from the next read, once there is work to
-        share. The wait is not cut short by a stop (what it takes is this worker's then): a drain waits at most
-        _BLOCK_MS for it, and runs what it took."""
-        count = max(free // len(self.streams), 1)
-        lanes = dict.fromkeys(self.streams, ">")
-        replies = await self.redis.xreadgroup(GROUP, self.name, lanes, count=count, block=_BLOCK_MS)
-        return [(text(stream), text(eid), fields, 1) for stream, entries in replies or [] for eid, fields in entries]
+        return await self.reader.read(free)
 
     def _dispatch(self, stream: str, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> None:
         if (stream, entry_id) in self._jobs:  # taken over from ourselves after a lost renewal: it runs already
@@ -272,6 +255,12 @@ class Worker(Upkeep, AsyncLifecycle):
             log.warning("entry %s on %s refused: %s", job.entry_id, job.stream, exc)
             job.request = without_foreign_targets(request, self.keys)  # nothing is written to a target not ours
             await self.writer.dead_letter(job.stream, job.entry_id, fields, f"refused: {exc}", deliveries, job.request)
+            return
+        if self.keys.shard_of(request.id) != self.keys.shard_of_key(job.stream):
+            # Its result lives in another shard (another slot of a cluster): nothing of it is ours to write.
+            reason = f"refused: request {request.id} belongs to shard {self.keys.shard_of(request.id)}, not this one"
+            log.warning("entry %s on %s %s", job.entry_id, job.stream, reason)
+            await self.writer.dead_letter(job.stream, job.entry_id, fields, reason, deliveries, None)
             return
         job.request = request
         self._by_request.setdefault(request.id, job)  # a forged entry with a running request's id takes nothing

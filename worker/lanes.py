@@ -39,3 +39,33 @@ class LaneShares:
         for i, offered in enumerate(reserved):
             if offered and got[i] < offered:
                 self.starts[i] = max(self.starts[i], self.min_share * self.total)
+
+
+def plan_reads(unread: list[list[int]], free: int, reserved: list[int], first: int = 0) -> list[list[int]]:
+    """How many entries to read from each lane of each shard (`unread[shard][lane]`, highest lane first), so
+    that the shards together keep the lane priorities and floors one shard keeps: a lane's reservation first,
+    then the free slots from the highest lane down, each lane's share taken from its shards in turn from
+    `first` (so no shard is always read last)."""
+    shards = len(unread)
+    plan = [[0] * len(LANES) for _ in range(shards)]
+    left = free
+
+    def give(lane: int, want: int) -> None:
+        nonlocal left
+        want = min(want, left)
+        while want > 0:
+            before = want
+            for k in range(shards):
+                shard = (first + k) % shards
+                if want and plan[shard][lane] < unread[shard][lane]:
+                    plan[shard][lane] += 1
+                    want -= 1
+                    left -= 1
+            if want == before:
+                return  # every shard's lane is spent
+
+    for lane, n in enumerate(reserved):
+        give(lane, n)
+    for lane in range(len(LANES)):
+        give(lane, left)
+    return plan

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from inferq.shared.codec import text
+from inferq.shared.connection import execute_all
 from inferq.shared.keys import GROUP, LANES, Keys
 from inferq.shared.schemas import FINAL_STATES
 
@@ -77,7 +78,8 @@ class WorkerMetrics:
         r.register(self.queue)
         # Every series made at 0 from the start (a rate() over a counter that appears only at its first event
         # misses it), and each lane's children kept by stream name: the hot path looks nothing up.
-        self.lanes = {keys.queue(model, lane): LaneSeries(self, lane) for lane in LANES}
+        series = {lane: LaneSeries(self, lane) for lane in LANES}
+        self.lanes = {keys.queue(model, lane, shard): series[lane] for shard in range(keys.shards) for lane in LANES}
         self._generated = self.generated.labels(model)
         self._prompt = self.prompt.labels(model)
 
@@ -114,33 +116,39 @@ class LaneSeries:
 
 
 class QueueSeries(Collector):
-    """The model's queue as Redis holds it, read by `refresh` (one pipelined round trip) before each scrape."""
+    """The model's queue as Redis holds it, summed over its shards, read by `refresh` (one pipelined round trip)
+    before each scrape."""
 
     def __init__(self, keys: Keys, model: str) -> None:
         self.keys = keys
         self.model = model
-        self.streams = keys.queues(model)
         self._lanes: list[dict[str, int]] = []
         self._dead = self._dropped = 0
         self._refused: dict[str, int] = {}
 
     async def refresh(self, redis: Redis) -> None:
+        shards = range(self.keys.shards)
         async with redis.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.xinfo_stream(stream)
-                pipe.xinfo_groups(stream)
-            pipe.xlen(self.keys.dlq(self.model))
-            pipe.get(self.keys.dlq_dropped(self.model))
-            pipe.hgetall(self.keys.refusals(self.model))
-            replies = await pipe.execute(raise_on_error=False)
-        lanes = []
-        for i in range(len(self.streams)):
-            info, groups = replies[2 * i], replies[2 * i + 1]
-            lanes.append(_lane(info, groups))
+            for shard in shards:
+                for stream in self.keys.queues(self.model, shard):
+                    pipe.xinfo_stream(stream)
+                    pipe.xinfo_groups(stream)
+                pipe.xlen(self.keys.dlq(self.model, shard))
+                pipe.get(self.keys.dlq_dropped(self.model, shard))
+                pipe.hgetall(self.keys.refusals(self.model, shard))
+            replies = iter(await execute_all(redis, pipe))
+        lanes = [dict.fromkeys(("length", "lag", "pending", "added"), 0) for _ in LANES]
+        self._dead = self._dropped = 0
+        self._refused = {}
+        for _ in shards:
+            for summed in lanes:
+                for name, n in _lane(next(replies), next(replies)).items():
+                    summed[name] += n
+            self._dead += _count(next(replies)) or 0
+            self._dropped += _count(next(replies)) or 0
+            for field, n in _refusals(next(replies)).items():
+                self._refused[field] = self._refused.get(field, 0) + n
         self._lanes = lanes
-        self._dead = _count(replies[-3]) or 0
-        self._dropped = _count(replies[-2]) or 0
-        self._refused = _refusals(replies[-1])
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "lane"]

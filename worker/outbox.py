@@ -1,4 +1,5 @@
-"""Every Redis write of one engine step goes out in one transaction: never one round trip per token.
+"""Every Redis write of one engine step goes out in one transaction: never one round trip per token. (On a
+cluster, which has none: one pipeline of the writes, then one of the events.)
 
 Request tasks add commands and token events without waiting; the batcher (shared.batching) wakes once per
 event loop turn, gathers everything the step produced and sends it as one MULTI/EXEC pipeline, with the
@@ -25,7 +26,7 @@ from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from inferq.shared.batching import Batcher
 from inferq.shared.codec import pack
-from inferq.shared.connection import OUTAGE, Backoff, passing_refusal, retry_outages
+from inferq.shared.connection import OUTAGE, Backoff, execute_all, is_cluster, passing_refusal, pipeline, retry_outages
 from inferq.shared.errors import WriteRefused
 from inferq.shared.lua import reload_missing
 from inferq.shared.schemas import SCHEMA_VERSION
@@ -131,16 +132,20 @@ class Outbox(Batcher[Item]):
 
     async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> list[Any]:
         backoff = Backoff()
+        publish = [
+            ("PUBLISH", channel, pack({"v": SCHEMA_VERSION, "events": batch})) for channel, batch in events.items()
+        ]
         while True:
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                    for channel, batch in events.items():
-                        pipe.publish(channel, pack({"v": SCHEMA_VERSION, "events": batch}))
-                    results = await pipe.execute(raise_on_error=False)
+                if is_cluster(self.redis):
+                    # No MULTI on a cluster, and its pipeline sends to every node at once: the events go once
+                    # the writes before them have landed, so no final event arrives before its stored result.
+                    results = await self._pipelined(commands, atomic=False)
+                    await self._pipelined(publish, atomic=False)
+                else:
+                    results = await self._pipelined([*commands, *publish], atomic=True)
                 self.batches += 1
-                return list(results)
+                return results
             except OUTAGE as exc:
                 # Final results must not be lost: retry until Redis is back. A repeated token event shows up
                 # as a seq gap at the client, which then reads the stored result.
@@ -154,6 +159,14 @@ class Outbox(Batcher[Item]):
                 delay = backoff.next()
                 log.error("redis refused the writes (%s); retrying in %.2fs", _short(exc), delay)
                 await asyncio.sleep(delay)
+
+    async def _pipelined(self, commands: list[Command], *, atomic: bool) -> list[Any]:
+        if not commands:
+            return []
+        async with pipeline(self.redis, atomic=atomic) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await execute_all(self.redis, pipe)
 
 
 class _Aborted(Exception):

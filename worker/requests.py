@@ -73,7 +73,6 @@ class RequestWriter:
         self.outbox = outbox
         self.metrics = metrics
         self.model = model
-        self.dlq, self.dlq_dropped = keys.dlq(model), keys.dlq_dropped(model)
         self.keys = keys
         self.settings = settings
         self.worker_name = worker_name
@@ -106,7 +105,9 @@ class RequestWriter:
             record["first_token_at"] = repr(gen.first_token_at)
         if error:
             record["error"] = error
-        keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model), self.dlq, self.dlq_dropped]
+        # The consumer ends only requests read from their own shard's stream: every key here shares its slot.
+        shard = self.keys.shard_of(request.id)
+        keys = [self.keys.result(request.id), stream, self.keys.tenants(request.model, shard), *self._dlq(shard)]
         durable = cancelled = b""
         if request.reply_stream:
             keys.append(request.reply_stream)
@@ -154,6 +155,9 @@ class RequestWriter:
         log.log(level, "request %s %s: %d tokens in %.3f s%s", request_id, status, gen.completion_tokens,
                 fields["total_s"], f" ({error})" if error else "", extra={"inferq": fields})  # fmt: skip
 
+    def _dlq(self, shard: int) -> list[str]:
+        return [self.keys.dlq(self.model, shard), self.keys.dlq_dropped(self.model, shard)]
+
     async def dead_letter(
         self,
         stream: str,
@@ -173,7 +177,7 @@ class RequestWriter:
         )  # fmt: skip
         if request is None:
             bound = self.settings.dlq_max_len
-            keys = [self.dlq, self.dlq_dropped, stream]
+            keys = [*self._dlq(self.keys.shard_of_key(stream) or 0), stream]
             await self.outbox.add(scripts.DEAD_LETTER.command(keys, [bound, GROUP, entry_id, *dead]))
             self.metrics.of(stream).bad_entries.inc()
             return

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
-from inferq.shared.connection import connect
+from inferq.shared.connection import open_redis
 from inferq.shared.errors import ConfigError
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
@@ -52,8 +52,8 @@ async def serve(
     Second signal: abort in-flight work, leaving it pending for other workers. Dead engine: exit 1.
     `alongside` (the detached bulk-job runner) runs while the worker reads and stops at the first signal.
     With INFERQ_METRICS_PORT, /metrics and /ready are served from before the engine loads until the end."""
-    redis = connect(settings)
-    metrics = WorkerMetrics(Keys(settings.key_prefix), model)
+    redis = await open_redis(settings, wait=log)  # a cluster's node too: it asks the server which it is
+    metrics = WorkerMetrics(Keys.of(settings), model)
     probe = None
     if settings.metrics_port:
         try:

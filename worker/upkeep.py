@@ -16,6 +16,7 @@ import time
 
 from redis.asyncio import Redis
 
+from inferq.shared.connection import pipeline
 from inferq.shared.errors import EngineError
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
@@ -143,7 +144,7 @@ class Upkeep:
 
     async def _beat(self, tokens_per_s: float = 0.0, completions_per_s: float = 0.0) -> None:
         key = self.keys.worker(self.name)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self.redis, atomic=True) as pipe:
             pipe.hset(key, mapping={
                 "name": self.name, "model": self.model, "engine": self.engine.name, "capacity": self.capacity,
                 "slots": self.flow.slots, "inflight": len(self._jobs), "tokens_per_s": f"{tokens_per_s:.1f}",

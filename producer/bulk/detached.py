@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 from arq.connections import ArqRedis
 from arq.worker import Retry, Worker, func
+from redis.asyncio import Redis
 from redis.backoff import EqualJitterBackoff
 
 from inferq.producer.bulk.arq_keys import PrefixedArqRedis
@@ -43,8 +44,8 @@ from inferq.producer.bulk.state import (
     JobRecord,
 )
 from inferq.producer.client import InferenceClient
-from inferq.shared.connection import OUTAGE, connect, redis_errors
-from inferq.shared.errors import InferqError, InvalidRequest, RequestNotFound
+from inferq.shared.connection import OUTAGE, connect, is_cluster, redis_errors
+from inferq.shared.errors import ConfigError, InferqError, InvalidRequest, RequestNotFound
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 
@@ -55,10 +56,19 @@ _STEP_RETRY = EqualJitterBackoff(cap=30.0, base=0.5)  # a step that lost Redis w
 
 def _arq_redis(settings: Settings) -> ArqRedis:
     pool = connect(settings, max_connections=16).connection_pool
-    keys = Keys(settings.key_prefix)
+    keys = Keys.of(settings)
     return PrefixedArqRedis(
         keys, pool, job_serializer=msgpack.packb, job_deserializer=msgpack.unpackb, default_queue_name=keys.arq_queue()
     )
+
+
+def no_cluster(redis: Redis) -> None:
+    """arq's queue takes a single Redis (its steps are transactions over keys of many slots)."""
+    if is_cluster(redis):
+        raise ConfigError(
+            "detached bulk jobs run on arq, which needs a single Redis, not a cluster: run the job attached "
+            "(`inferq bulk FILE -o OUT`)"
+        )
 
 
 async def _enqueue_step(arq: ArqRedis, keys: Keys, job: str, step: int) -> None:
@@ -75,6 +85,7 @@ class BulkJobs:
     @redis_errors("submit a bulk job")
     async def submit(self, input_path: Path, *, model: str | None = None) -> JobRecord:
         """Stage the input in Redis and queue the job's first step; returns the job (state validating)."""
+        no_cluster(self.client.redis)
         path = input_path.resolve()  # noqa: ASYNC240 - one stat of the file the user named
         if not path.is_file():
             raise InvalidRequest(f"input file {input_path} does not exist")
@@ -170,12 +181,20 @@ async def _step(ctx: dict[str, Any], job_id: str, step: int) -> str:
 
 
 @contextlib.asynccontextmanager
-async def bulk_runner(settings: Settings, *, name: str | None = None, max_jobs: int = 4) -> AsyncIterator[Worker]:
+async def bulk_runner(
+    settings: Settings, *, name: str | None = None, max_jobs: int = 4, beside_worker: bool = False
+) -> AsyncIterator[Worker | None]:
     """An arq worker that runs detached jobs' steps in this process's event loop, until the context exits
-    (which cancels a running step; arq retries it elsewhere). Signals stay with the caller."""
-    arq = await asyncio.to_thread(_arq_redis, settings)  # may start the embedded server: off the loop
+    (which cancels a running step; arq retries it elsewhere). Signals stay with the caller. On a cluster there
+    is none: an error, or `beside_worker` (the runner a worker starts by default) one warning and nothing."""
     slice_s = settings.bulk_slice_s
     async with InferenceClient(settings) as client:
+        if beside_worker and is_cluster(client.redis):
+            log.warning("no detached bulk jobs here: arq needs a single Redis, not a cluster (attached jobs run)")
+            yield None
+            return
+        no_cluster(client.redis)
+        arq = await asyncio.to_thread(_arq_redis, settings)  # may start the embedded server: off the loop
         worker = Worker(
             functions=[func(bulk_step, name=STEP, timeout=2 * slice_s + 5, max_tries=10_000, keep_result=60)],
             redis_pool=arq, queue_name=client.keys.arq_queue(), handle_signals=False, max_jobs=max_jobs,

@@ -21,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from inferq.shared.codec import pack, text, unpack
+from inferq.shared.connection import pipeline
 from inferq.shared.keys import Keys
 from inferq.shared.lua import LuaScript
 
@@ -121,7 +122,7 @@ class BulkStore:
     async def create(self, record: JobRecord) -> None:
         """A new job record (replacing an ended one of the same id, with everything it left)."""
         values = {f.name: str(getattr(record, f.name)) for f in fields(record) if f.name != "id"}
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self.redis, atomic=True) as pipe:
             pipe.delete(
                 self.keys.done(record.id), self.keys.bulk_ids(record.id), self.keys.bulk_lease(record.id),
                 self.keys.bulk_input(record.id),
@@ -200,7 +201,7 @@ class BulkStore:
     async def stage(self, job: str, chunks: list[list[tuple[int, str]]], first: int) -> None:
         """Store input chunks `first`, `first + 1`, ... (each CHUNK_LINES (number, line) pairs)."""
         values = {str(first + i): pack([list(pair) for pair in chunk]) for i, chunk in enumerate(chunks)}
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self.redis, atomic=True) as pipe:
             pipe.hset(self.keys.bulk_input(job), mapping=values)  # type: ignore[arg-type]
             pipe.expire(self.keys.bulk_input(job), self.ttl_s)
             await pipe.execute()
@@ -213,7 +214,7 @@ class BulkStore:
         """The job ended: drop what only running needs, keep the record (and the output, unless the attached
         run wrote it to its file already) for `ttl_s`."""
         now = time.time()
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with pipeline(self.redis, atomic=True) as pipe:
             pipe.hset(self.keys.bulk(job), mapping={"state": state, "finished_at": repr(now)})
             pipe.delete(self.keys.bulk_ids(job), self.keys.bulk_input(job), self.keys.bulk_lease(job))
             if keep_output:

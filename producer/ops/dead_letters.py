@@ -1,4 +1,4 @@
-"""The dead-letter stream `{p}:dlq:{model}` (docs/CONTRACTS.md, "Delivery"): list, show, retry, purge.
+"""The dead-letter streams of a model, one per shard (docs/CONTRACTS.md, "Delivery"): list, show, retry, purge.
 
 A worker dead-letters an entry it cannot decode or validate, one the engine refused or failed on, and one
 delivered more than `max_deliveries` times; the request's stored result is then `failed` with the reason.
@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from inferq.producer.admission import EXISTS, REFUSED, TENANT_FULL, Admitter
 from inferq.shared.codec import text, unpack
-from inferq.shared.connection import redis_errors
+from inferq.shared.connection import pipeline, redis_errors
 from inferq.shared.errors import BadPayload, InvalidRequest, QueueFull, RequestNotFound
 from inferq.shared.keys import Keys
 from inferq.shared.schemas import GenerationRequest
@@ -57,12 +57,12 @@ class DeadLetter:
         }
 
     @classmethod
-    def from_entry(cls, entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
+    def from_entry(cls, entry_id: Any, fields: dict[bytes, bytes], where: str = "") -> DeadLetter:
         def get(name: str) -> str:
             return fields.get(name.encode(), b"").decode(errors="replace")
 
         return cls(
-            id=text(entry_id),
+            id=text(entry_id) + where,
             error=get("error"),
             deliveries=int(get("deliveries") or 0),
             stream=get("stream"),
@@ -75,29 +75,57 @@ class DeadLetter:
 
 
 class DeadLetters:
+    """The model's dead letters over all its shards. With more than one shard a letter's id names its shard
+    (`ENTRY_ID@SHARD`), and the letters are listed in the order they failed."""
+
     def __init__(self, redis: Redis, keys: Keys, admitter: Admitter, model: str) -> None:
         self.redis = redis
-        self.key = keys.dlq(model)
+        self.keys = keys
+        self.streams = [keys.dlq(model, shard) for shard in range(keys.shards)]
         self.model = model
         self._admitter = admitter
 
+    def _suffix(self, shard: int) -> str:
+        return f"@{shard}" if len(self.streams) > 1 else ""
+
+    def _where(self, dead_letter_id: str) -> tuple[int, str]:
+        """(shard, entry id) of a letter's id."""
+        entry, _, shard = dead_letter_id.partition("@")
+        if len(self.streams) == 1 and not shard:
+            return 0, entry
+        if not shard.isdigit() or int(shard) >= len(self.streams):
+            raise RequestNotFound(
+                f"no dead letter {dead_letter_id!r}: with {len(self.streams)} shards its id is ENTRY_ID@SHARD "
+                "(`inferq dlq list` shows them)"
+            )
+        return int(shard), entry
+
     @redis_errors("read dead letters")
     async def size(self) -> int:
-        return int(await self.redis.xlen(self.key))
+        return sum([int(await self.redis.xlen(stream)) for stream in self.streams])
 
     @redis_errors("read dead letters")
     async def list(self, count: int = 100, after: str = "-") -> list[DeadLetter]:
-        """The oldest `count` dead letters (after the id `after`, exclusive, to page on)."""
-        start = after if after == "-" else f"({after}"
-        entries = await self.redis.xrange(self.key, min=start, count=count)
-        return [DeadLetter.from_entry(eid, fields) for eid, fields in entries]
+        """The oldest `count` dead letters (after the id `after`, exclusive, to page on), over every shard."""
+        found: list[tuple[tuple[int, int, int], DeadLetter]] = []
+        after_shard, after_entry = (0, "-") if after == "-" else self._where(after)
+        for shard, stream in enumerate(self.streams):
+            # Letters are ordered by (entry id, shard): past `after`'s entry id in a later shard, after it here
+            start = "-" if after == "-" else after_entry if shard > after_shard else f"({after_entry}"
+            for eid, fields in await self.redis.xrange(stream, min=start, count=count):
+                ms, _, seq = text(eid).partition("-")
+                found.append(((int(ms), int(seq), shard), DeadLetter.from_entry(eid, fields, self._suffix(shard))))
+        return [letter for _, letter in sorted(found, key=lambda pair: pair[0])[:count]]
 
     @redis_errors("read dead letters")
     async def show(self, dead_letter_id: str) -> DeadLetter:
-        entries = await self.redis.xrange(self.key, min=dead_letter_id, max=dead_letter_id)
+        shard, entry = self._where(dead_letter_id)
+        entries = await self.redis.xrange(self.streams[shard], min=entry, max=entry)
         if not entries:
-            raise RequestNotFound(f"no dead letter {dead_letter_id!r} in {self.key}; `inferq dlq list` shows them")
-        return DeadLetter.from_entry(*entries[0])
+            raise RequestNotFound(
+                f"no dead letter {dead_letter_id!r} of model {self.model!r}; `inferq dlq list` shows them"
+            )
+        return DeadLetter.from_entry(*entries[0], self._suffix(shard))
 
     @redis_errors("retry a dead letter")
     async def retry(self, dead_letter_id: str) -> str:
@@ -114,7 +142,13 @@ class DeadLetters:
                 f"dead letter {dead_letter_id} cannot be retried: its payload is not a valid request "
                 f"({letter.error}). Fix the producer that wrote it; `inferq dlq purge` drops it"
             )
-        admission = await self._admitter.admit(request, replacing_dead_letter=dead_letter_id)
+        shard, entry = self._where(dead_letter_id)
+        if self.keys.shard_of(request.id) != shard:
+            raise InvalidRequest(
+                f"dead letter {dead_letter_id} cannot be retried: request {request.id} belongs to shard "
+                f"{self.keys.shard_of(request.id)}, and its entry was forged into this one; `inferq dlq purge` drops it"
+            )
+        admission = await self._admitter.admit(request, replacing_dead_letter=entry)
         if admission.code == EXISTS:
             raise InvalidRequest(
                 f"dead letter {dead_letter_id} was not retried: it was retried already, or request {request.id} "
@@ -128,8 +162,11 @@ class DeadLetters:
     @redis_errors("purge dead letters")
     async def purge(self) -> int:
         """Drop every dead letter; returns how many there were. Their `failed` results stay until they expire."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xlen(self.key)
-            pipe.delete(self.key)
-            count, _ = await pipe.execute()
-        return int(count)
+        count = 0
+        for stream in self.streams:
+            async with pipeline(self.redis, atomic=True) as pipe:
+                pipe.xlen(stream)
+                pipe.delete(stream)
+                n, _ = await pipe.execute()
+            count += int(n)
+        return count

@@ -1,5 +1,6 @@
 """What operators and autoscalers watch (`inferq status`, `client.stats()`), and the drain rate behind
-QueueFull's retry-after hint. Read-only: a handful of commands per model, nothing per request."""
+QueueFull's retry-after hint. Read-only: a handful of commands per model and shard, nothing per request.
+Every figure is the sum over the model's shards."""
 
 from __future__ import annotations
 
@@ -72,6 +73,43 @@ async def lane_stats(redis: Redis, stream: str) -> dict[str, Any]:
     return out
 
 
+async def lane_total(redis: Redis, streams: list[str]) -> dict[str, Any]:
+    """`lane_stats` of one lane summed over its shard streams (the oldest pending is the oldest of all; a
+    consumer's pending summed, its idle time the least)."""
+    total: dict[str, Any] = {"length": 0, "lag": 0, "pending": 0, "oldest_pending_s": None, "consumers": []}
+    consumers: dict[str, dict[str, Any]] = {}
+    for stream in streams:
+        one = await lane_stats(redis, stream)
+        for name in ("length", "lag", "pending"):
+            total[name] += one[name]
+        if one["oldest_pending_s"] is not None:
+            total["oldest_pending_s"] = max(total["oldest_pending_s"] or 0.0, one["oldest_pending_s"])
+        for c in one["consumers"]:
+            seen = consumers.setdefault(c["name"], {"name": c["name"], "pending": 0, "idle_ms": c["idle_ms"]})
+            seen["pending"] += c["pending"]
+            seen["idle_ms"] = min(seen["idle_ms"], c["idle_ms"])
+    total["consumers"] = list(consumers.values())
+    return total
+
+
+async def _summed(redis: Redis, keys: Keys, model: str) -> dict[str, Any]:
+    """The model's DLQ size, dropped letters and tenants' unfinished counts, summed over its shards."""
+    shards = range(keys.shards)
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in shards:
+            pipe.xlen(keys.dlq(model, shard))
+            pipe.get(keys.dlq_dropped(model, shard))
+            pipe.hgetall(keys.tenants(model, shard))
+        replies = await pipe.execute()
+    out: dict[str, Any] = {"dlq": 0, "dlq_dropped": 0, "tenants": {}}
+    for dlq, dropped, tenants in zip(replies[0::3], replies[1::3], replies[2::3], strict=True):
+        out["dlq"] += int(dlq)
+        out["dlq_dropped"] += int(dropped or 0)
+        for tenant, count in tenants.items():
+            out["tenants"][text(tenant)] = out["tenants"].get(text(tenant), 0) + int(count)
+    return out
+
+
 async def models(redis: Redis, keys: Keys) -> list[str]:
     """Models with a queue stream or a live worker."""
     found = {parsed[0] async for k in redis.scan_iter(match=keys.queues_pattern(), count=500)
@@ -85,11 +123,10 @@ async def collect(redis: Redis, keys: Keys, only: list[str] | None = None) -> di
     report: dict[str, Any] = {"time": time.time(), "models": {}}
     for model in only or await models(redis, keys):
         mine = [w for w in live if w["model"] == model]
+        shards = range(keys.shards)
         report["models"][model] = {
-            "lanes": {lane: await lane_stats(redis, keys.queue(model, lane)) for lane in LANES},
-            "dlq": int(await redis.xlen(keys.dlq(model))),
-            "dlq_dropped": int(await redis.get(keys.dlq_dropped(model)) or 0),
-            "tenants": {text(k): int(v) for k, v in (await redis.hgetall(keys.tenants(model))).items()},
+            "lanes": {lane: await lane_total(redis, [keys.queue(model, lane, s) for s in shards]) for lane in LANES},
+            **await _summed(redis, keys, model),
             "workers": mine,
             "completions_per_s": round(sum(w["completions_per_s"] for w in mine), 2),
             "tokens_per_s": round(sum(w["tokens_per_s"] for w in mine), 1),

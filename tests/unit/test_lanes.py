@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inferq.worker.lanes import LaneShares
+from inferq.worker.lanes import LaneShares, plan_reads
 
 HIGH, NORMAL, LOW = 0, 1, 2
 
@@ -58,3 +58,19 @@ def test_the_highest_lane_is_never_reserved_anything() -> None:
     shares = LaneShares(0.5)
     assert shares.reservations(10)[HIGH] == 0
     assert sum(shares.reservations(10)) <= 10
+
+
+def test_shards_read_together_keep_the_lane_priorities() -> None:
+    # unread[shard][lane]: shard 1 has only low work, shards 0 and 2 have high work.
+    unread = [[2, 0, 5], [0, 0, 5], [4, 1, 0]]
+    assert plan_reads(unread, 6, [0, 0, 0]) == [[2, 0, 0], [0, 0, 0], [4, 0, 0]]  # every high entry first
+    assert plan_reads(unread, 8, [0, 0, 0]) == [[2, 0, 1], [0, 0, 0], [4, 1, 0]]
+    # A floor for the low lane comes out of the free slots first, from the shards in turn.
+    assert plan_reads(unread, 6, [0, 0, 2]) == [[2, 0, 1], [0, 0, 1], [2, 0, 0]]
+
+
+def test_shards_take_turns_and_nothing_is_planned_beyond_what_is_unread() -> None:
+    even = [[0, 0, 5]] * 3
+    assert plan_reads(even, 4, [0, 0, 0], first=0) == [[0, 0, 2], [0, 0, 1], [0, 0, 1]]
+    assert plan_reads(even, 4, [0, 0, 0], first=1) == [[0, 0, 1], [0, 0, 2], [0, 0, 1]]
+    assert plan_reads([[1, 0, 0], [0, 0, 0]], 10, [0, 0, 0]) == [[1, 0, 0], [0, 0, 0]]
