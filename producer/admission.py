@@ -27,6 +27,7 @@ from inferq.shared.errors import QueueFull
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.limits import wait_limit
 from inferq.shared.lua import LuaScript
+from inferq.shared.registry import register
 from inferq.shared.schemas import GenerationRequest
 from inferq.shared.settings import Settings
 
@@ -52,6 +53,7 @@ def _admission(reply: list[Any]) -> Admission:
 _RATE_TTL_S = 1.0  # how long a measured drain rate is reused: refusals under a flood must stay cheap
 _MIN_RETRY_S, _MAX_RETRY_S, _NO_WORKER_RETRY_S = 0.05, 30.0, 2.0
 _MAX_PER_CALL = 256
+_RELIST_S = 60.0
 
 
 def estimate_retry_after(queue_len: int, cap: int, drain_rate: float, *, tenant_full: bool) -> float | None:
@@ -74,6 +76,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         self.tenant_caps = dict(tenant_caps or {})  # tenant -> its own cap, over settings.tenant_cap
         self.keys = Keys.of(settings)
         self._rates: dict[str, tuple[float, float]] = {}  # model -> (measured at, requests/s)
+        self._listed: dict[str, float] = {}  # model -> when to list it in the models' index again (monotonic)
 
     async def admit(self, request: GenerationRequest, *, replacing_dead_letter: str | None = None) -> Admission:
         """Enqueue `request` unless its lane (or its tenant) is at the cap. With `replacing_dead_letter` (a DLQ
@@ -92,6 +95,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         return out
 
     async def send(self, items: list[tuple[GenerationRequest, str | None]]) -> list[Any]:
+        await self._register({request.model for request, _ in items})
         by_lane: dict[tuple[str, ...], list[int]] = {}  # (lane, tenant) -> positions in `items`
         for i, (request, dead_letter) in enumerate(items):
             group = (request.model, request.priority, str(self.keys.shard_of(request.id)), request.tenant or "")
@@ -132,6 +136,18 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             keys.append(self.keys.dlq(first.model, shard))
             args.append(dead_letter)
         return keys, args
+
+    async def _register(self, models: set[str]) -> None:
+        """List each model in the models' index, once a minute per model (`inferq status` finds queues there)."""
+        now = time.monotonic()
+        due = [model for model in models if now >= self._listed.get(model, 0.0)]
+        if not due:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for model in due:
+                register(pipe, self.keys, self.settings, model)
+                self._listed[model] = now + _RELIST_S
+            await pipe.execute()
 
     def per_shard(self, cap: int) -> int:
         """A lane's or tenant's cap (0: off) as each of the model's shards holds it."""

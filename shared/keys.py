@@ -129,6 +129,15 @@ class Keys:
     def workers_pattern(self) -> str:
         return f"{self.prefix}:w:*"
 
+    def workers_index(self) -> str:
+        """Sorted set worker -> when its heartbeat key expires: who is alive, found without a SCAN over every key
+        (`inferq status` stays fast with a million results stored)."""
+        return f"{self.prefix}:workers"
+
+    def models_index(self) -> str:
+        """Sorted set model -> when a request for it was last admitted or one of its workers last beat."""
+        return f"{self.prefix}:models"
+
     def cancel(self) -> str:
         return f"{self.prefix}:cancel"
 

@@ -27,7 +27,7 @@ _PREFIX_WIDE = "+@all -@dangerous +info"
 _PRODUCER_COMMANDS = (
     "+ping", "+client|setinfo", "+client|setname", "+select", "+evalsha", "+script|load", "+hgetall",
     "+subscribe", "+unsubscribe", "+xlen", "+exists", "+xgroup|create", "+xinfo|groups", "+hget", "+hincrby",
-    "+xadd", "+hset", "+expire", "+publish",
+    "+xadd", "+hset", "+expire", "+publish", "+zadd",
     # A client asks whether the server is a cluster node, and redis-py's cluster client reads the slots and
     # the command table when it starts.
     "+cluster|info", "+cluster|slots", "+cluster|shards", "+command",
@@ -54,6 +54,7 @@ def rules(role: str, keys: Keys, tenant: str | None = None) -> list[str]:
         f"%RW~{keys.results_pattern(keys.tenant_scoped(tenant, ''))}",
         f"%RW~{keys.tenants_pattern()}",
         f"%RW~{keys.refusals_pattern()}",
+        f"%W~{keys.models_index()}",  # lists the models it admits to, for `inferq status`
         f"&{keys.tokens(keys.tenant_scoped(tenant, '*'))}",
         f"&{keys.cancel()}",
         *_PRODUCER_COMMANDS,

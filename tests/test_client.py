@@ -83,3 +83,25 @@ def test_sync_client_submits_and_reads(settings: Settings) -> None:
         assert client.get(handle.id).status == "queued"
         with pytest.raises(InvalidRequest):
             client.submit(prompt="")
+
+
+async def test_status_finds_models_and_workers_in_their_indexes_not_by_scanning(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    keys = Keys(settings.key_prefix)
+    await client.submit(prompt="waits", model="unserved", max_tokens=1)  # queued, and no worker for it
+    start_worker("--engine", "standin", "--model", "fake", name="w-fake")
+    scans = await _calls(redis, "scan")
+    report = await client.stats()
+    assert await _calls(redis, "scan") == scans  # found in two small sorted sets, however many keys there are
+    assert sorted(report["models"]) == ["fake", "unserved"]
+    assert report["models"]["unserved"]["lanes"]["normal"]["length"] == 1
+    assert [w["name"] for w in report["models"]["fake"]["workers"]] == ["w-fake"]
+    # A model whose queue is gone and that no worker serves leaves the index at the next look.
+    await redis.delete(*keys.queues("unserved"))
+    assert sorted((await client.stats())["models"]) == ["fake"]
+    assert await redis.zscore(keys.models_index(), "unserved") is None
+
+
+async def _calls(redis: Redis, command: str) -> int:
+    return int((await redis.info("commandstats")).get(f"cmdstat_{command}", {}).get("calls", 0))

@@ -130,6 +130,7 @@ class Worker(Upkeep, AsyncLifecycle):
         await self.outbox.stop(timeout_s=max(self.settings.drain_timeout_s, 1.0))
         with contextlib.suppress(Exception):
             await self.redis.delete(self.keys.worker(self.name))
+            await self.redis.zrem(self.keys.workers_index(), self.name)
 
     def stop_reading(self) -> None:
         self._stopping.set()

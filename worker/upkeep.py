@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from inferq.shared.connection import pipeline
 from inferq.shared.errors import EngineError
 from inferq.shared.keys import Keys
+from inferq.shared.registry import register
 from inferq.shared.settings import Settings
 from inferq.worker.claims import Claims
 from inferq.worker.engine import Engine
@@ -151,5 +152,7 @@ class Upkeep:
                 "completions_per_s": f"{completions_per_s:.2f}", "completed": self.completed,
                 "last_seen": repr(time.time()), "pid": os.getpid(), "host": socket.gethostname(),
             })  # fmt: skip
-            pipe.expire(key, max(3, int(self.settings.heartbeat_s * 3)))
+            ttl = max(3, int(self.settings.heartbeat_s * 3))
+            pipe.expire(key, ttl)
+            register(pipe, self.keys, self.settings, self.model, worker=(self.name, ttl))
             await pipe.execute()

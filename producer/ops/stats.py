@@ -14,15 +14,16 @@ from inferq.shared.keys import GROUP, LANES, Keys
 
 
 async def workers(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
-    """Every live worker's last heartbeat (keys expire a few beats after a worker stops beating)."""
-    names = [text(k) async for k in redis.scan_iter(match=keys.workers_pattern(), count=500)]
+    """Every live worker's last heartbeat (keys expire a few beats after a worker stops beating), found in the
+    workers' index (shared/registry.py)."""
+    now = time.time()
+    names = [keys.worker(text(name)) for name in await redis.zrangebyscore(keys.workers_index(), now, "+inf")]
     if not names:
         return []
     async with redis.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.hgetall(name)
         beats = await pipe.execute()
-    now = time.time()
     out = []
     for key, beat in zip(names, beats, strict=True):
         if not beat:
@@ -111,10 +112,21 @@ async def _summed(redis: Redis, keys: Keys, model: str) -> dict[str, Any]:
 
 
 async def models(redis: Redis, keys: Keys) -> list[str]:
-    """Models with a queue stream or a live worker."""
-    found = {parsed[0] async for k in redis.scan_iter(match=keys.queues_pattern(), count=500)
-             if (parsed := keys.parse_queue(text(k)))}  # fmt: skip
-    return sorted(found | {w["model"] for w in await workers(redis, keys) if w["model"]})
+    """Models with a queue stream or a live worker, from the models' index (shared/registry.py); a model with
+    neither leaves the index here."""
+    live = {w["model"] for w in await workers(redis, keys) if w["model"]}
+    listed = sorted({text(m) for m in await redis.zrange(keys.models_index(), 0, -1)} - live)
+    async with redis.pipeline(transaction=False) as pipe:
+        for model in listed:
+            for lanes in keys.all_queues(model):
+                for stream in lanes:
+                    pipe.exists(stream)
+        found = iter(await pipe.execute())
+    per_model = len(LANES) * keys.shards
+    queued = {model for model in listed if any([next(found) for _ in range(per_model)])}
+    if gone := set(listed) - queued:
+        await redis.zrem(keys.models_index(), *gone)
+    return sorted(live | queued)
 
 
 async def collect(redis: Redis, keys: Keys, only: list[str] | None = None) -> dict[str, Any]:
