@@ -207,5 +207,7 @@ async def bulk_runner(
         finally:
             await worker.close()
             main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A runner stopped as it starts (its worker's engine died at once): arq's close shuts the pool its
+            # main task is still starting on, which then fails to reach Redis. That is no news at this point.
+            with contextlib.suppress(asyncio.CancelledError, *OUTAGE):
                 await main
