@@ -77,8 +77,10 @@ class GenerationRequest(BaseModel):
         return self
 
     def payload(self) -> dict[str, Any]:
-        """The dict that is msgpacked into the stream entry (None fields left out to keep entries small)."""
-        return self.model_dump(exclude_none=True)
+        """The dict that is msgpacked into the stream entry. Fields at their default are left out to keep entries
+        small (a million queued requests are a million entries); the reader fills them in again. `v` always
+        goes: it says how to read the rest."""
+        return {"v": self.v, **self.model_dump(exclude_none=True, exclude_defaults=True)}
 
     @classmethod
     def from_payload(cls, data: Any) -> GenerationRequest:
