@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
@@ -104,6 +105,7 @@ def digest(custom_id: str) -> str:
     return hashlib.sha256(custom_id.encode()).hexdigest()[:24]
 
 
+_ZLIB = b"\x78"  # the first byte of a zlib stream (deflate, 32 KiB window)
 _PRUNE = 16  # index entries a new job checks (the oldest), dropping those whose job expired
 
 
@@ -199,8 +201,9 @@ class BulkStore:
         return [(text(entry_id), unpack(f[b"m"])) for _, entries in reply or [] for entry_id, f in entries]
 
     async def stage(self, job: str, chunks: list[list[tuple[int, str]]], first: int) -> None:
-        """Store input chunks `first`, `first + 1`, ... (each CHUNK_LINES (number, line) pairs)."""
-        values = {str(first + i): pack([list(pair) for pair in chunk]) for i, chunk in enumerate(chunks)}
+        """Store input chunks `first`, `first + 1`, ... (each CHUNK_LINES (number, line) pairs), compressed: a
+        file of similar lines shrinks several times, and a million-line job is held in Redis until it ends."""
+        values = {str(first + i): zlib.compress(pack([list(p) for p in chunk]), 1) for i, chunk in enumerate(chunks)}
         async with pipeline(self.redis, atomic=True) as pipe:
             pipe.hset(self.keys.bulk_input(job), mapping=values)  # type: ignore[arg-type]
             pipe.expire(self.keys.bulk_input(job), self.ttl_s)
@@ -208,7 +211,11 @@ class BulkStore:
 
     async def chunk(self, job: str, number: int) -> list[tuple[int, str]] | None:
         raw = await self.redis.hget(self.keys.bulk_input(job), str(number))
-        return None if raw is None else [(int(n), str(line)) for n, line in unpack(raw)]
+        if raw is None:
+            return None
+        if raw[:1] == _ZLIB:  # a msgpack list never starts so: a chunk staged before compression reads as it was
+            raw = zlib.decompress(raw)
+        return [(int(n), str(line)) for n, line in unpack(raw)]
 
     async def finish(self, job: str, state: str, *, keep_output: bool) -> None:
         """The job ended: drop what only running needs, keep the record (and the output, unless the attached
