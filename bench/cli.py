@@ -199,6 +199,45 @@ def bench_capacity_command(
     _report(capacity_table(report), report, json_out)
 
 
+@app.command("backlog")
+def bench_backlog_command(
+    lines: Annotated[int, typer.Option(min=1, help="OpenAI Batch lines in the job")] = 1_000_000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="stand-in workers that drain it (an engine that costs nothing)")
+    ] = 2,
+    mode: Annotated[
+        str, typer.Option(help="detached (bulk submit, then bulk runner feeds it) or attached (bulk IN -o OUT)")
+    ] = "detached",
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens per line (the stand-in makes exactly that)")] = 4,
+    max_inflight: Annotated[int, typer.Option(min=1, help="each worker's slots")] = 256,
+    status_every: Annotated[
+        float, typer.Option(help="seconds between timed `inferq status` calls (`inferq status --watch`'s default)")
+    ] = 2.0,
+    keep_files: Annotated[bool, typer.Option(help="keep the input and output files (their folder is printed)")] = False,
+    json_out: JsonOut = None,
+) -> None:
+    """A bulk job of --lines admitted whole with no worker running, held (Redis memory, per request and by
+    kind of key), then drained by stand-in workers: time of each phase, `inferq status` latency throughout,
+    peak RSS of every process and Redis's peak memory. Exits 1 unless every line is answered exactly once."""
+    from inferq.bench.backlog import ATTACHED, DETACHED, answered_once, backlog_table, bench_backlog
+
+    base.one_of(mode, (DETACHED, ATTACHED), "mode")
+    report = base.run(
+        bench_backlog(
+            base.settings(), lines=lines, workers=workers, mode=mode, max_tokens=max_tokens,
+            max_inflight=max_inflight, status_every_s=status_every, keep_files=keep_files,
+            say=lambda line: typer.echo(line, err=True),
+        )
+    )  # fmt: skip
+    typer.echo(backlog_table(report))
+    if report["files"]:
+        typer.echo(f"files: {report['files']}")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1))
+    if not answered_once(report):
+        raise typer.Exit(base.EXIT_FAILED)
+
+
 @app.command("queue")
 def bench_queue_command(
     workers: Annotated[str, typer.Option(help="stand-in worker counts to measure, comma-separated")] = "1,2,4,8",

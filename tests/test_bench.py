@@ -1,5 +1,5 @@
-"""The benchmark harness (`inferq bench online|bulk|queue`) on small runs: every request accounted for, the
-figures it reports consistent with what was sent. No test asserts a speed."""
+"""The benchmark harness (`inferq bench online|bulk|queue|capacity|backlog`) on small runs: every request accounted
+for, the figures it reports consistent with what was sent. No test asserts a speed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from inferq.producer.local import inferq_argv
@@ -140,6 +141,54 @@ async def test_bulk_bench_runs_both_tools_on_one_file(settings: Settings, tmp_pa
         assert row[tool]["errors"] == 0 and 0 < row[tool]["output_tokens"] <= 6 * 4
     assert row["inferq bulk --local"]["output_tokens"] == row["vllm run-batch"]["output_tokens"]
     assert row["ratio"] > 0 and report["median_ratio"] == row["ratio"]
+
+
+@pytest.mark.parametrize("mode", ["detached", "attached"])
+async def test_backlog_bench_holds_the_whole_job_then_answers_every_line_once(
+    settings: Settings, tmp_path: Path, mode: str
+) -> None:
+    n = 1500
+    report = await bench(settings, tmp_path, "backlog", "--lines", str(n), "--mode", mode, "--status-every", "0.2")
+    assert report["check"] == {"output_lines": n, "missing": 0, "duplicated": 0, "failed": 0, "unknown": 0}
+    assert (report["job"]["state"], report["job"]["done"], report["job"]["failed"]) == ("completed", n, 0)
+    held = report["held"]
+    assert held["queued"] == n  # every line admitted before any worker started
+    assert held["used_memory"] > held["empty_used_memory"] and held["bytes_per_request"] > 0
+    kinds = held["by_kind"]
+    assert kinds["result hashes"]["keys"] == n
+    assert {"lane stream", "result hashes", "job's id hash (custom_id digests)"} <= set(kinds)
+    assert ("staged input" in kinds) == (mode == "detached")  # an attached job's input stays on disk
+    assert sum(v["bytes"] for v in kinds.values()) + held["other_bytes"] == held["added_bytes"]
+    assert report["redis_peak_used_memory"] >= held["used_memory"]
+    phases = report["phases_s"]
+    assert phases["admit every line"] > 0 and report["admission_per_s"] > 0 and report["drain_per_s"] > 0
+    assert 0 < phases["workers answer every request"] <= phases["drain (workers start to job completed)"]
+    # Every phase timed `inferq status` at least once as it began.
+    assert {"admitting", "held", "draining"} <= set(report["status"])
+    for s in report["status"].values():
+        assert s["calls"] >= 1 and s["max_ms"] >= s["p50_ms"] > 0
+    feeders = ["bulk submit", "bulk runner", "bulk download"] if mode == "detached" else ["bulk (attached)"]
+    names = {*feeders, "worker 1", "worker 2", "redis-server", "bench (this process)"}
+    assert set(report["peak_rss_mib"]) == names and min(report["peak_rss_mib"].values()) > 0
+    assert f"output: {n:,} lines; missing 0, duplicated 0, failed 0" in report["stdout"]
+
+
+def test_backlog_check_finds_missing_duplicated_failed_and_unknown_lines(tmp_path: Path) -> None:
+    from inferq.bench.backlog import answered_once, check_output
+
+    ok = {"response": {"status_code": 200}, "error": None}
+    records = [
+        {"custom_id": "req-0", **ok}, {"custom_id": "req-1", **ok}, {"custom_id": "req-1", **ok},
+        {"custom_id": "req-2", "response": {"status_code": 500}, "error": {"message": "boom"}},
+        {"custom_id": "other", **ok},
+    ]  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    check = check_output(out, 4)
+    assert check == {"output_lines": 5, "missing": 1, "duplicated": 1, "failed": 1, "unknown": 1}
+    assert not answered_once({"lines": 4, "check": check})
+    out.write_text("".join(json.dumps({"custom_id": f"req-{i}", **ok}) + "\n" for i in range(4)))
+    assert answered_once({"lines": 4, "check": check_output(out, 4)})
 
 
 def test_the_gpu_check_says_in_one_line_what_it_needs(tmp_path: Path) -> None:
