@@ -217,15 +217,9 @@ async def open_redis(settings: Settings, *, max_connections: int = 64, wait: log
         clustered = await is_cluster_node(target)
     if not clustered:
         return connect(settings, max_connections=max_connections, url=target)
-    # Per node, connections are opened as needed (redis-py's cluster client has no blocking pool).
-    found = RedisCluster.from_url(target, **connection_options(target))
-    await found.initialize()
-    # Every node seen now is a place to read the layout again from later: redis-py starts only from the
-    # URL's node and drops a startup node it cannot reach, so with that node dead it could never find the
-    # new masters after a failover.
-    nodes = [ClusterNode(node.host, node.port) for node in found.get_nodes()]
-    await found.aclose()
-    cluster = RedisCluster.from_url(target, startup_nodes=nodes, **connection_options(target))
+    # Per node, connections are opened as needed (redis-py's cluster client has no blocking pool). Reading the
+    # layout fills the startup nodes with every node it finds; _StartupNodes keeps them there.
+    cluster = RedisCluster.from_url(target, **connection_options(target))
     cluster.nodes_manager.startup_nodes = _StartupNodes(cluster.nodes_manager.startup_nodes)
     await cluster.initialize()
     return cluster  # type: ignore[return-value] # the commands inferq uses are the same on both
