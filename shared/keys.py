@@ -237,15 +237,6 @@ class Keys:
     def queues_pattern(self) -> str:
         return f"{self.prefix}:q:*"
 
-    def parse_queue(self, key: str) -> tuple[str, str, int] | None:
-        """(model, lane, shard) of a lane stream's key, or None if it is not one of ours."""
-        head = f"{self.prefix}:q:"
-        shard = self.shard_of_key(key)
-        if not key.startswith(head) or shard is None:
-            return None
-        model, _, lane = key[len(head) :].rpartition(":")[0].rpartition(":")
-        return (model, lane, shard) if model and lane in LANES else None
-
     @classmethod
     def of(cls, settings: _HasKeys) -> Keys:
         return cls(settings.key_prefix, settings.shards)

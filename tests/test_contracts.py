@@ -27,8 +27,8 @@ def test_keys_follow_the_contract() -> None:
     assert k.worker("w") == "inferq:w:w"
     assert k.cancel() == "inferq:cancel"
     assert k.done("job") == "inferq:done:job:{0}"
-    assert k.parse_queue("inferq:q:tiny:low:{0}") == ("tiny", "low", 0)
-    assert k.parse_queue("inferq:q:tiny:low") is None  # untagged: not one of ours
+    assert k.shard_of_key("inferq:q:tiny:low:{0}") == 0
+    assert k.shard_of_key("inferq:q:tiny:low") is None  # untagged: not one of ours
     with pytest.raises(ValueError, match="unknown lane"):
         k.queue("tiny", "urgent")
 
@@ -53,8 +53,8 @@ def test_shards_spread_over_the_slots_and_each_script_touches_one_slot() -> None
     assert k.is_reply_stream_of(k.done(job), line)
     assert not k.is_reply_stream_of(k.done(job), bulk_request_id("bj-2", 2, "ab12"))
     assert not k.is_reply_stream_of(k.done(job), f"bulk-{job}-free-form")  # not a line id: another shard maybe
-    assert k.parse_queue(k.queue("tiny", "low", 2)) == ("tiny", "low", 2)
-    assert Keys("inferq", shards=2).parse_queue(k.queue("tiny", "low", 2)) is None  # another shard count's tag
+    assert k.shard_of_key(k.queue("tiny", "low", 2)) == 2
+    assert Keys("inferq", shards=2).shard_of_key(k.queue("tiny", "low", 2)) is None  # another shard count's tag
 
 
 def test_request_roundtrip_through_msgpack() -> None:
