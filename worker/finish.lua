@@ -31,7 +31,8 @@ local function reply(record)
   end
 end
 local entry = ARGV[2] .. ' ' .. KEYS[2]
-local owner = redis.call('HGET', KEYS[1], 'entry')
+local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
+local owner = stored[1]
 if owner and owner ~= entry then
   -- A forged entry that names a request admitted with another entry: it ends nothing but itself.
   dead_letter()
@@ -39,17 +40,18 @@ if owner and owner ~= entry then
   redis.call('XDEL', KEYS[2], ARGV[2])
   return 2
 end
-local status = redis.call('HGET', KEYS[1], 'status')
+local status = stored[2]
 local final = FINAL[status]
 local wrote = 0
 -- The reply-stream record goes first: if Redis refuses it (a key of the wrong type), nothing is written.
 if not final then
   reply(ARGV[4])
-  local fields = {}
+  local fields = {'ended_by', ARGV[5]}
   for i = 10, 9 + n do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
-  redis.call('HDEL', KEYS[1], 'cancel')
-  redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
+  if stored[3] then
+    redis.call('HDEL', KEYS[1], 'cancel')
+  end
   dead_letter()
   wrote = 1
 elseif redis.call('HEXISTS', KEYS[1], 'ended_by') == 0 then

@@ -5,15 +5,15 @@
 -- Returns the status the worker must act on: 'running' (go), 'cancelled' (a cancel is pending: end it
 -- cancelled), a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge), or
 -- 'foreign': the request was admitted with another entry, so this one (forged) must not touch it.
-local owner = redis.call('HGET', KEYS[1], 'entry')
+local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
+local owner, status = stored[1], stored[2]
 if owner and owner ~= ARGV[6] then
   return 'foreign'
 end
-local status = redis.call('HGET', KEYS[1], 'status')
 if FINAL[status] then
   return status
 end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then
+if stored[3] == '1' then
   return 'cancelled'
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'model', ARGV[4],
