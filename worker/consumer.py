@@ -392,7 +392,9 @@ async def _resumed(first: asyncio.Future[Delta] | None, rest: AsyncGenerator[Del
 
 async def _discard(first: asyncio.Future[Delta] | None, rest: AsyncGenerator[Delta, None]) -> None:
     """Stop an engine run that must not go on (AsyncLLM aborts a request whose generator is closed)."""
-    if first is not None:
-        first.cancel()  # nothing, if it is done
+    if first is not None and not first.done():
+        first.cancel()
         await asyncio.gather(first, return_exceptions=True)
+    elif first is not None and not first.cancelled():
+        first.exception()  # done (as for every request that ran): its error, if any, is seen; nothing to wait for
     await rest.aclose()
