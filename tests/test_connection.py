@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.exceptions import DataError
 
 from inferq.producer import InferenceClient
 from inferq.producer.local import inferq_argv
+from inferq.shared.connection import _HiredisPacking, connect
 from inferq.shared.embedded import valkey_binary
 from inferq.shared.settings import Settings
 from tests.conftest import MODELS_DIR
@@ -76,3 +78,22 @@ async def test_a_unix_socket_url_carries_a_request_to_its_result(unix_socket_ser
         handle = await client.submit(prompt="hi", model="fake", max_tokens=3)
         assert "".join([event.text async for event in handle.tokens()]) == "t0 t1 t2 "
         assert (await client.get(handle.id)).status == "done"
+
+
+async def test_commands_packed_by_hiredis_reach_the_server_as_redis_py_would_send_them(settings: Settings) -> None:
+    redis = connect(settings)
+    try:
+        assert issubclass(redis.connection_pool.connection_class, _HiredisPacking)
+        key = f"{settings.key_prefix}:packing"
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"text": "héllo ✓", "float": 1.5, "int": 3, "bytes": b"\x00\xff"})
+            pipe.expire(key, 60)
+            pipe.execute_command("CONFIG GET", "maxmemory")  # a subcommand given with its command, split
+            stored, expiring, config = await pipe.execute()
+        assert (stored, expiring, list(config)) == (4, True, ["maxmemory"])
+        stored_fields = {b"text": "héllo ✓".encode(), b"float": b"1.5", b"int": b"3", b"bytes": b"\x00\xff"}
+        assert await redis.hgetall(key) == stored_fields
+        with pytest.raises(DataError):  # as redis-py's own packing refuses it
+            await redis.set(key, None)  # type: ignore[arg-type]
+    finally:
+        await redis.aclose()
