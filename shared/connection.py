@@ -132,13 +132,14 @@ async def retry_outages(
 ) -> T:
     """`call()` until Redis answers it, waiting `Backoff` between tries; each failed try is logged as `what`
     (only the first with `say_once`). For writes and checks that must not be lost to an outage."""
-    backoff = Backoff()
+    backoff = None  # made at the first failure: most calls (one per request, some) succeed at once
     while True:
         try:
             return await call()
         except REFUSED_USER:
             raise  # wrong credentials do not get better by waiting
         except OUTAGE as exc:
+            backoff = backoff or Backoff()
             delay = backoff.next()
             if not say_once or backoff.failures == 1:
                 log.warning("%s (Redis unreachable: %s); retrying in %.2fs", what, exc, delay)
@@ -192,26 +193,27 @@ class _HiredisPacking(AbstractConnection):
     uses hiredis to pack (its sync one does), and packing was a sixth of a busy worker's CPU. The same bytes go
     on the wire; an encoding other than strict UTF-8 keeps redis-py's own packing."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        encoding = self.encoder.encoding.lower()
+        self._hiredis_packs = encoding in ("utf-8", "utf8") and self.encoder.encoding_errors == "strict"
+
     def pack_command(self, *args: Any) -> list[bytes]:
-        if not self._hiredis_packs():
+        if not self._hiredis_packs:
             return super().pack_command(*args)
         return [_hiredis_pack(args)]
 
     def pack_commands(self, commands: Any) -> list[bytes]:
-        if not self._hiredis_packs():
+        if not self._hiredis_packs:
             return super().pack_commands(commands)
-        return [b"".join(_hiredis_pack(tuple(args)) for args in commands)]
-
-    def _hiredis_packs(self) -> bool:
-        return self.encoder.encoding.lower() in ("utf-8", "utf8") and self.encoder.encoding_errors == "strict"
+        return [b"".join([_hiredis_pack(tuple(args)) for args in commands])]
 
 
 def _hiredis_pack(args: tuple[Any, ...]) -> bytes:
     # As redis-py does: a command name given with its subcommand ("CLIENT LIST") goes as separate arguments.
-    if isinstance(args[0], str):
-        args = (*args[0].encode().split(), *args[1:])
-    elif b" " in args[0]:
-        args = (*args[0].split(), *args[1:])
+    name = args[0]
+    if (" " if isinstance(name, str) else b" ") in name:
+        args = (*name.split(), *args[1:])
     try:
         return hiredis.pack_command(args)
     except TypeError as exc:  # what redis-py raises for a value it cannot send (None, a bool, a list)
