@@ -11,7 +11,9 @@ result. Two loads, each measured after a warm-up, all processes up before the cl
 
 Per cell: requests/s end to end, latency p50/p99 (submit to result in hand; the engine adds nothing, so it is
 all the queue's), Redis CPU, and per request the commands Redis ran and its socket reads (one per round trip
-a client or worker made, pipelines counted once). Beside it, raw pipelined XADD/s on the same server.
+a client or worker made, pipelines counted once), and the CPU time each kind of process spent on it (workers,
+producers, Redis: what a box of N cores can carry is N over their sum). Beside it, raw pipelined XADD/s on the
+same server.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import multiprocessing
 import time
 from multiprocessing.connection import Connection
 from typing import Any
+
+import psutil
 
 from inferq.bench.queue import MODEL, raw_xadd_per_s
 from inferq.bench.server import temporary_server
@@ -95,6 +99,16 @@ async def _produce(settings: Settings, mode: str, load: float, seconds: float, c
 
 
 # ---- the bench -------------------------------------------------------------------------------------------
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user and system) the processes `pids` have used so far."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def _redis_counters(client: InferenceClient) -> dict[str, float]:
     """Redis's CPU seconds, commands run (those scripts run included), socket reads, and calls per command."""
     cpu, stats = await client.redis.info("cpu"), await client.redis.info("stats")
@@ -107,8 +121,11 @@ async def _redis_counters(client: InferenceClient) -> dict[str, float]:
     }
 
 
-async def _cell(client: InferenceClient, url: str, procs: int, mode: str, load: float, seconds: float) -> dict:
-    """One measurement: `procs` producer processes, each with `load` callers (closed) or `load` requests/s (open)."""
+async def _cell(
+    client: InferenceClient, url: str, procs: int, mode: str, load: float, seconds: float, pids: dict[str, list[int]]
+) -> dict:
+    """One measurement: `procs` producer processes, each with `load` callers (closed) or `load` requests/s (open).
+    `pids`: the workers' and Redis's processes, whose CPU is counted with the producers'."""
     context = multiprocessing.get_context("spawn")
     pipes, children = [], []
     for _ in range(procs):
@@ -122,12 +139,15 @@ async def _cell(client: InferenceClient, url: str, procs: int, mode: str, load: 
     try:
         for pipe in pipes:
             assert await asyncio.to_thread(pipe.recv) == "ready"
+        pids = {**pids, "producers": [child.pid for child in children if child.pid is not None]}
+        cpu_before = {kind: _cpu_s(of) for kind, of in pids.items()}
         before, t0 = await _redis_counters(client), time.perf_counter()
         for pipe in pipes:
             pipe.send("go")
         reports = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
         wall = time.perf_counter() - t0
         after = await _redis_counters(client)
+        cpu = {kind: _cpu_s(of) - cpu_before[kind] for kind, of in pids.items()}
     finally:
         for child in children:
             child.join(timeout=30)
@@ -145,6 +165,8 @@ async def _cell(client: InferenceClient, url: str, procs: int, mode: str, load: 
         "redis_cpu_pct": 100 * (after["cpu_s"] - before["cpu_s"]) / wall,
         "commands_per_request": (after["commands"] - before["commands"]) / per,
         "round_trips_per_request": (after["reads"] - before["reads"]) / per,
+        # CPU time per request completed, per kind of process (a producer's includes its loop's idle turns)
+        "cpu_us_per_request": {kind: round(1e6 * seconds / per, 1) for kind, seconds in cpu.items()},
         "calls_per_request": {  # the commands behind commands_per_request, most first
             name.removeprefix("cmd "): round((after[name] - before.get(name, 0.0)) / per, 2)
             for name in sorted(after, key=lambda n: before.get(n, 0.0) - after[n]) if name.startswith("cmd ")
@@ -172,16 +194,18 @@ async def bench_capacity(
     try:
         async with InferenceClient(settings) as client, contextlib.AsyncExitStack() as fleet:
             raw = await raw_xadd_per_s(client)
+            pids: dict[str, list[int]] = {"workers": [], "redis": [server.pid() or 0]}
             with handed_down("INFERQ_STANDIN_STEP_MS", "0"):  # the workers started inside inherit it
                 for _ in range(workers):
-                    await fleet.enter_async_context(
+                    worker = await fleet.enter_async_context(
                         local_worker(settings, model=MODEL, engine="standin", args=("--max-inflight", "1024"))
                     )
+                    pids["workers"].append(worker.proc.pid)
             for callers in closed:
-                rows.append(await _cell(client, server.url, producer_procs, "closed", callers, seconds))
+                rows.append(await _cell(client, server.url, producer_procs, "closed", callers, seconds, pids))
                 on_row(rows[-1])
             for rate in rates:
-                row = await _cell(client, server.url, producer_procs, "open", rate / producer_procs, seconds)
+                row = await _cell(client, server.url, producer_procs, "open", rate / producer_procs, seconds, pids)
                 rows.append(row)
                 on_row(row)
                 if row["requests_per_s"] < _BEHIND * rate or row["errors"]:
@@ -195,19 +219,28 @@ async def bench_capacity(
     }  # fmt: skip
 
 
+def _cpu_cell(row: dict[str, Any]) -> str:
+    cpu: dict[str, float] = row.get("cpu_us_per_request", {})
+    kinds = ("workers", "producers", "redis")
+    if any(kind not in cpu for kind in kinds):
+        return "-"
+    parts = [cpu[kind] for kind in kinds]
+    return f"{' / '.join(f'{p:.0f}' for p in parts)} = {sum(parts):.0f}"
+
+
 def capacity_table(report: dict[str, Any]) -> str:
     lines = [
         f"raw pipelined XADD on this server: {report['raw_xadd_per_s']:,.0f}/s; {report['workers']} stand-in "
         f"worker(s), {report['producer_procs']} producer process(es), {report['seconds_per_cell']:g} s a cell",
         f"{'load':>16}{'requests/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'redis CPU %':>13}{'cmds/req':>10}"
-        f"{'trips/req':>11}{'errors':>8}",
+        f"{'trips/req':>11}{'CPU us/req worker/producer/redis':>34}{'errors':>8}",
     ]
     for r in report["rows"]:
         closed = r["mode"] == "closed"
         load = f"closed {r['load'] * r['producer_procs']:g}" if closed else f"open {r['offered_per_s']:g}/s"
         lines.append(
             f"{load:>16}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['redis_cpu_pct']:>13.0f}"
-            f"{r['commands_per_request']:>10.1f}{r['round_trips_per_request']:>11.1f}{r['errors']:>8}"
+            f"{r['commands_per_request']:>10.1f}{r['round_trips_per_request']:>11.1f}{_cpu_cell(r):>34}{r['errors']:>8}"
         )
     top = report["rows"][-1]["calls_per_request"] if report["rows"] else {}
     lines.append("commands per request in the last cell: " + ", ".join(f"{k} {v:g}" for k, v in list(top.items())[:10]))

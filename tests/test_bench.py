@@ -128,6 +128,9 @@ async def test_capacity_bench_counts_every_request_and_what_redis_did(settings: 
         assert r["completed"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
         # Each request costs Redis at least its admission, start, end and result read; each a round trip or part of one.
         assert r["commands_per_request"] >= 4 and 0 < r["round_trips_per_request"] <= r["commands_per_request"]
+        # Every kind of process did work for the requests (a worker runs them, producers send them, Redis holds them).
+        assert set(r["cpu_us_per_request"]) == {"workers", "producers", "redis"}
+        assert all(us > 0 for us in r["cpu_us_per_request"].values())
     for r in report["rows"][1:]:  # the open loop ran at its offered rate
         assert r["completed"] >= 0.9 * r["offered_per_s"] * report["seconds_per_cell"]
 
