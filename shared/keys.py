@@ -18,6 +18,8 @@ from typing import Protocol
 
 from redis.crc import key_slot
 
+from inferq.shared.codec import text
+
 GROUP = "workers"
 LANES: tuple[str, ...] = ("high", "normal", "low")  # priority order: a worker fills free slots from the left
 # A model's name is part of its queues' key names: no ':' (it would read as another lane), no space, no glob.
@@ -31,6 +33,19 @@ _BULK_ID = re.compile(rf"bulk-({_NAME.pattern})-[0-9]+-[A-Za-z0-9_]+")
 _TAGGED = re.compile(r"(.*):\{([0-9.]+)\}")
 SLOTS = 16384  # Redis Cluster's hash slots
 MAX_SHARDS = 1024
+
+
+def group_counts(groups: object, length: int | None = None) -> tuple[int, int | None] | None:
+    """(pending, lag) of the workers' group from one lane stream's XINFO GROUPS; None if it has no such group.
+    Redis cannot tell the lag after an entry the group never read was deleted: then it is the stream's
+    `length` less the pending entries, or None without a length."""
+    for group in groups if isinstance(groups, list) else []:
+        if text(group["name"]) == GROUP:
+            pending, lag = int(group["pending"]), group.get("lag")
+            if lag is None:
+                return pending, None if length is None else max(length - pending, 0)
+            return pending, int(lag)
+    return None
 
 
 def bulk_request_id(job: str, epoch: int, line_digest: str) -> str:

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from inferq.shared.codec import text
 from inferq.shared.connection import execute_all
-from inferq.shared.keys import GROUP, LANES, Keys
+from inferq.shared.keys import LANES, Keys, group_counts
 from inferq.shared.schemas import FINAL_STATES
 
 # From a few milliseconds (a short queue wait) to an hour (a long generation, a deep backlog).
@@ -206,10 +206,5 @@ def _lane(info: Any, groups: Any) -> dict[str, int]:
         return {"length": 0, "lag": 0, "pending": 0, "added": 0}
     length = int(info["length"])
     added = int(info.get("entries-added", length))
-    lag = pending = 0
-    for group in groups:
-        if text(group["name"]) == GROUP:
-            pending = int(group["pending"])
-            raw = group.get("lag")  # None after an entry the group never read was deleted
-            lag = int(raw) if raw is not None else max(length - pending, 0)
-    return {"length": length, "lag": lag, "pending": pending, "added": added}
+    pending, lag = group_counts(groups, length) or (0, 0)
+    return {"length": length, "lag": lag or 0, "pending": pending, "added": added}

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from inferq.shared.aio import cancel_and_wait
 from inferq.shared.codec import text
 from inferq.shared.connection import execute_all
-from inferq.shared.keys import GROUP, LANES
+from inferq.shared.keys import GROUP, LANES, group_counts
 from inferq.worker import scripts
 from inferq.worker.claims import Entry, pairs
 from inferq.worker.lanes import LaneShares, plan_reads
@@ -26,11 +26,11 @@ _UNKNOWN = 1 << 30  # a lag Redis cannot tell: read the lane as if it had plenty
 
 def unread(groups: object) -> int:
     """The group's lag in one lane stream, from XINFO GROUPS (0 for a stream not made yet)."""
-    for group in groups if isinstance(groups, list) else []:
-        if text(group["name"]) == GROUP:
-            lag = group.get("lag")  # None after an entry the group never read was deleted: maybe any number
-            return int(lag) if lag is not None else _UNKNOWN
-    return 0
+    counts = group_counts(groups)
+    if counts is None:
+        return 0
+    lag = counts[1]
+    return _UNKNOWN if lag is None else lag  # unknown: maybe any number
 
 
 class LaneReader:

@@ -10,7 +10,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from inferq.shared.codec import text
-from inferq.shared.keys import GROUP, LANES, Keys
+from inferq.shared.keys import GROUP, LANES, Keys, group_counts
 
 
 async def workers(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
@@ -56,13 +56,10 @@ async def lane_stats(redis: Redis, stream: str) -> dict[str, Any]:
     out: dict[str, Any] = {"length": length, "lag": 0, "pending": 0, "oldest_pending_s": None, "consumers": []}
     if not await redis.exists(stream):
         return out
-    for group in await redis.xinfo_groups(stream):
-        if text(group["name"]) != GROUP:
-            continue
-        pending = int(group["pending"])
-        lag = group.get("lag")
-        out["pending"] = pending
-        out["lag"] = int(lag) if lag is not None else max(length - pending, 0)
+    counts = group_counts(await redis.xinfo_groups(stream), length)
+    if counts is not None:
+        pending, lag = counts
+        out["pending"], out["lag"] = pending, lag or 0
         if pending:
             summary = await redis.xpending(stream, GROUP)
             oldest_ms = int(text(summary["min"]).split("-")[0])  # an entry id starts with its add time
