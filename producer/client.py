@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 import uuid
@@ -50,7 +49,6 @@ class RequestHandle:
         self.id = request.id
         self._queue = queue
         self._final = asyncio.Event()
-        self._carried: Result | None = None  # the stored result a non-streamed request's final event carried
         self._next_seq = 0
         self.gap = False  # True once events were missed: tokens() stops early, result() reads the store
 
@@ -95,9 +93,6 @@ class RequestHandle:
         limit = self._limit(timeout)
         deadline = time.monotonic() + limit
         while True:
-            if self._carried is not None:  # the final event brought the stored result: no read needed
-                self.client._replies.unregister(self.id, self._queue)
-                return self._carried
             if self._final.is_set() or self.gap:
                 stored = await self._stored_if_final()
                 if stored is not None:
@@ -159,9 +154,6 @@ class RequestHandle:
             return None
         if item.finished:
             self._final.set()
-            if item.result is not None:
-                with contextlib.suppress(ValueError):  # one that does not read as a result: read the store instead
-                    self._carried = Result.from_hash(self.id, item.result)
         if item.seq != self._next_seq:
             self.gap = True  # a lost message: the stored result is the truth now
             return None

@@ -7,12 +7,10 @@ Every queue entry carries `v`, the schema version, so a worker can refuse what i
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from inferq.shared.codec import text
 from inferq.shared.errors import BadPayload
 from inferq.shared.keys import MODEL_NAME, MODEL_NAME_MAX, Keys
 
@@ -108,8 +106,6 @@ class TokenEvent(BaseModel):
     finished: bool = False
     finish_reason: str | None = None
     status: Status | None = None  # set on the final event
-    # A non-streamed request's final event: its result hash as the worker stored it (Result.from_hash reads it).
-    result: dict[str, str] | None = None
 
 
 class Usage(BaseModel):
@@ -149,8 +145,8 @@ class Result(BaseModel):
         return self.status in FINAL_STATES
 
     @classmethod
-    def from_hash(cls, request_id: str, raw: Mapping[bytes, bytes] | Mapping[str, str]) -> Result:
-        h = {text(k): text(v) for k, v in raw.items()}
+    def from_hash(cls, request_id: str, raw: dict[bytes, bytes]) -> Result:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
         usage = Usage(
             prompt_tokens=int(h.get("prompt_tokens", 0)), completion_tokens=int(h.get("completion_tokens", 0))
         )

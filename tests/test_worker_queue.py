@@ -11,12 +11,11 @@ from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
 from inferq.shared.codec import pack, unpack
-from inferq.shared.keys import GROUP, Keys
+from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
-from inferq.worker import scripts
 from inferq.worker.consumer import Worker
 from inferq.worker.standin import StandInEngine
-from tests.conftest import drained, wait_until
+from tests.conftest import drained
 
 MODEL = "fake"
 
@@ -61,52 +60,6 @@ async def test_non_streaming_and_reply_stream(
         3,
     )
     assert await drained(redis, settings, MODEL) == (0, 0)
-
-
-async def test_a_non_streamed_result_comes_with_its_final_event_as_stored(
-    client: InferenceClient, settings: Settings, redis: Redis, start_worker
-) -> None:
-    """Its one event carries the result hash as finish.lua stored it: result() needs no read of its own, and
-    still answers once the stored hash is gone."""
-    start_worker("--engine", "standin", "--model", MODEL)
-    handles = [await client.submit(prompt=f"p {i}", model=MODEL, max_tokens=3, stream=False) for i in range(20)]
-    keys = Keys(settings.key_prefix)
-    stored = {}
-    for handle in handles:
-        await wait_until(lambda h=handle: _ended(client, h.id), what=f"{handle.id} ended")
-        stored[handle.id] = await client.get(handle.id)
-        await redis.delete(keys.result(handle.id))
-    results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
-    for handle, result in zip(handles, results, strict=True):
-        assert (result.status, result.text, result.attempts, result.worker) == ("done", "t0 t1 t2 ", 1, "w0")
-        assert result == stored[handle.id]  # every field as stored, timings included
-    assert await drained(redis, settings, MODEL) == (0, 0)
-
-
-async def _ended(client: InferenceClient, request_id: str) -> bool:
-    return (await client.get(request_id)).final
-
-
-async def test_finish_gives_the_stored_state_only_to_the_run_that_stored_it(settings: Settings, redis: Redis) -> None:
-    """A second delivery of a request that ended already stores nothing and gets nothing to carry: its
-    client's event then says only that it ended, and the client reads the state the first run stored."""
-    keys = Keys(settings.key_prefix)
-    result, stream = keys.result("twice"), keys.queue(MODEL)
-    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    entry = (await redis.xadd(stream, {"m": b"-"})).decode()
-    await redis.xreadgroup(GROUP, "w", {stream: ">"})
-    await redis.hset(result, mapping={"status": "running", "entry": f"{entry} {stream}", "attempts": 1})
-
-    async def finish(text: str) -> object:
-        fields = ["status", "done", "text", text]
-        keys_ = [result, stream, keys.tenants(MODEL), keys.dlq(MODEL), keys.dlq_dropped(MODEL)]
-        args = [GROUP, entry, 60, b"", "w", "", b"", 10, len(fields), "1", *fields]
-        return await scripts.FINISH(redis, keys_, args)
-
-    first = await finish("first")
-    assert first[0] == 1 and dict(zip(first[1][::2], first[1][1::2], strict=True))[b"text"] == b"first"
-    assert await finish("second") == 0
-    assert (await redis.hget(result, "text"), await redis.hget(result, "duplicates")) == (b"first", b"1")
 
 
 async def test_poison_entries_fail_with_reason_and_worker_keeps_serving(

@@ -4,22 +4,20 @@
 -- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] the reply-stream record of this run (msgpack),
 -- [5] worker name, [6] tenant ('' for none), [7] the reply-stream record of a request cancelled while queued
 -- (msgpack; '' without a reply stream), [8] the DLQ's length bound, [9] n = how many result field/value
--- items follow, [10] '1' to get the stored state back (a non-streamed request's final event carries it),
--- [11 .. 10+n] the final state's fields and values, then (to dead-letter the entry) the DLQ entry's fields
--- and values.
+-- items follow, [10 .. 9+n] the final state's fields and values, then (to dead-letter the entry) the DLQ
+-- entry's fields and values.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
 -- Idempotent: if another delivery of the same request already stored a final state, that one stands (a
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
 -- run is only counted in `duplicates`. A request cancelled or expired while queued has a final state but no
 -- run (no `ended_by`): its one reply-stream record is written here, when a worker acknowledges its entry.
 -- Returns 1 if this call stored the result, 0 if one was there already, 2 if the entry is not the one the
--- request was admitted with (forged: only the entry itself is acknowledged, deleted and dead-lettered). With
--- ARGV[10] '1', a stored result comes back whole as {1, the hash's fields and values}.
+-- request was admitted with (forged: only the entry itself is acknowledged, deleted and dead-lettered).
 local n = tonumber(ARGV[9])
 local function dead_letter()
-  if #ARGV > 10 + n then
+  if #ARGV > 9 + n then
     local dead = {}
-    for i = 11 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
+    for i = 10 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
     add_dead_letter(KEYS[4], KEYS[5], ARGV[8], dead)
   end
 end
@@ -49,7 +47,7 @@ local wrote = 0
 if not final then
   reply(ARGV[4])
   local fields = {'ended_by', ARGV[5]}
-  for i = 11, 10 + n do fields[#fields + 1] = ARGV[i] end
+  for i = 10, 9 + n do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
   if stored[3] then
     redis.call('HDEL', KEYS[1], 'cancel')
@@ -74,7 +72,4 @@ if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 1 and ARGV[6] ~= '' and owne
   end
 end
 redis.call('XDEL', KEYS[2], ARGV[2])
-if wrote == 1 and ARGV[10] == '1' then
-  return {1, redis.call('HGETALL', KEYS[1])}
-end
 return wrote

@@ -4,8 +4,7 @@ cluster, which has none: one pipeline of the writes, then one of the events.)
 Request tasks add commands and token events without waiting; the batcher (shared.batching) wakes once per
 event loop turn, gathers everything the step produced and sends it as one MULTI/EXEC pipeline, with the
 events for each reply channel packed into a single PUBLISH. Callers that must know their write landed (the
-final result + ack) await the future `add` returns, which gives their commands' replies. Batches are sent one
-at a time, in order.
+final result + ack) await the future `add` returns. Batches are sent one at a time, in order.
 
 A Redis outage, or a refusal that passes (OOM, READONLY during a failover), is retried until the writes
 land: a final result is never lost. A write Redis refuses for what it asks (no permission on a reply
@@ -63,85 +62,73 @@ class Outbox(Batcher[Item]):
         """Queue a token event; its future fails with WriteRefused if Redis will not take it."""
         return self.submit(((), ((channel, event),)))
 
-    def add(self, *commands: Command, events: tuple[Event, ...] = ()) -> asyncio.Future[list[Any]]:
-        """Queue commands (and events after them); the future resolves, once they are written, to their replies."""
+    def add(self, *commands: Command, events: tuple[Event, ...] = ()) -> asyncio.Future[None]:
+        """Queue commands (and events after them); the future resolves once they are written."""
         return self.submit((commands, events))
 
     async def flush(self) -> None:
         """Until everything queued before this call is written."""
         await self.add()
 
-    async def send(self, items: list[Item]) -> list[WriteRefused | list[Any]]:
+    async def send(self, items: list[Item]) -> list[WriteRefused | None]:
         try:
-            outcomes = await self._write(items)
+            errors = await self._write(items)
         except _Aborted as exc:
             # The server refused the whole transaction (a command it would not queue): nothing was written.
             # Each item goes alone, so the one Redis refuses fails by itself and the others land.
-            outcomes = [exc.reason] * len(items)
+            errors = [exc.reason] * len(items)
         refused_channels: dict[str, BaseException] = {}  # token events alone: one try per channel and batch
-        for i, outcome in enumerate(outcomes):
-            if not isinstance(outcome, BaseException):
+        for i, error in enumerate(errors):
+            if error is None:
                 continue
             commands, events = items[i]
             channels = {channel for channel, _ in events}
             if not commands and channels <= refused_channels.keys():
-                outcomes[i] = refused_channels[next(iter(channels))]
+                errors[i] = refused_channels[next(iter(channels))]
                 continue
-            outcomes[i] = error = await self._write_alone(items[i], _TRIES if commands else 1)
-            if isinstance(error, BaseException):
+            errors[i] = error = await self._write_alone(items[i], _TRIES if commands else 1)
+            if error is not None:
                 what = "a request's final writes" if commands else f"token events to {', '.join(sorted(channels))}"
                 log.error("redis refused %s; the request ends without them: %s", what, _short(error))
                 if not commands:
                     refused_channels.update(dict.fromkeys(channels, error))
-        return [
-            WriteRefused(_short(outcome)) if isinstance(outcome, BaseException) else outcome for outcome in outcomes
-        ]
+        return [None if e is None else WriteRefused(_short(e)) for e in errors]
 
-    async def _write_alone(self, item: Item, tries: int) -> BaseException | list[Any]:
-        """One item's writes in a transaction of their own, tried up to `tries` times: their replies once
-        written, or the refusal that stood every time."""
-        backoff = Backoff()
-        outcome: BaseException | list[Any] = []
+    async def _write_alone(self, item: Item, tries: int) -> BaseException | None:
+        """One item's writes in a transaction of their own, tried up to `tries` times: None once written, or
+        the refusal that stood every time."""
+        backoff, error = Backoff(), None
         for attempt in range(tries):
             if attempt:
                 await asyncio.sleep(backoff.next())
             try:
-                (outcome,) = await self._write([item])
+                (error,) = await self._write([item])
             except _Aborted as exc:
-                outcome = exc.reason
-            if not isinstance(outcome, BaseException):
-                break
-        return outcome
+                error = exc.reason
+            if error is None:
+                return None
+        return error
 
-    async def _write(self, items: list[Item]) -> list[BaseException | list[Any]]:
-        """Write `items` in one transaction: per item, its commands' replies, or the error Redis answered one of
-        them with (the rest of the transaction is written). Raises _Aborted if the server refused the
-        transaction."""
+    async def _write(self, items: list[Item]) -> list[BaseException | None]:
+        """Write `items` in one transaction: per item, None or the error Redis answered one of its commands
+        with (the rest of the transaction is written). Raises _Aborted if the server refused the transaction."""
         commands = [(i, command) for i, (batch, _) in enumerate(items) for command in batch]
         events: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         for _, batch_events in items:
             for channel, event in batch_events:
                 events[channel].append(event)
-        replies: list[Any] = [None] * len(commands)
         errors: list[BaseException | None] = [None] * len(items)
-        todo = list(range(len(commands)))
-        while todo or events:
-            raw = [commands[j][1] for j in todo]
+        while commands or events:
+            raw = [command for _, command in commands]
             results = await self._send(raw, events)
-            for j, result in zip(todo, results, strict=False):
-                replies[j] = result
+            for (owner, _), result in zip(commands, results, strict=False):
                 if isinstance(result, Exception) and not isinstance(result, NoScriptError):
-                    errors[commands[j][0]] = result
+                    errors[owner] = result
             # A script the server did not know (it restarted) ran nothing: load it and send those calls again.
             reload = functools.partial(reload_missing, self.redis, raw, results)
             refused = await retry_outages(reload, "loading a script again", log)
-            todo, events = [todo[i] for i in refused], defaultdict(list)
-        outcomes: list[BaseException | list[Any]] = [error or [] for error in errors]
-        for (owner, _), reply in zip(commands, replies, strict=True):
-            outcome = outcomes[owner]
-            if not isinstance(outcome, BaseException):
-                outcome.append(reply)
-        return outcomes
+            commands, events = [commands[i] for i in refused], defaultdict(list)
+        return errors
 
     async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> list[Any]:
         backoff = Backoff()

@@ -1,18 +1,14 @@
 """How a request ends, written to Redis: the stored result, the ack + delete, the reply-stream record and
-the final token event, all in one transaction through the outbox (docs/CONTRACTS.md, "Delivery"). A
-non-streamed request's final event comes right after, carrying the result as stored, so that its client
-needs no read."""
+the final token event, all in one transaction through the outbox (docs/CONTRACTS.md, "Delivery")."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferq.shared.codec import pack, text
+from inferq.shared.codec import pack
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.schemas import SCHEMA_VERSION, GenerationRequest
 from inferq.shared.settings import Settings
@@ -117,14 +113,10 @@ class RequestWriter:
             keys.append(request.reply_stream)
             durable, cancelled = reply_record(request, record), reply_record(request, CANCELLED_WHILE_QUEUED)
         fields = [x for kv in record.items() for x in (kv[0], str(kv[1]))]
-        # A non-streamed request's one event is its final one: it goes once the result is stored, with the
-        # result as finish.lua stored it (only if this run stored it: a state another delivery stored stands,
-        # and that client reads it), so its client needs no read of its own.
-        carried = bool(request.reply_channel) and not request.stream
         finish = scripts.FINISH.command(
             keys,
             [GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "", cancelled,
-             self.settings.dlq_max_len, len(fields), "1" if carried else "", *fields, *dead_letter],
+             self.settings.dlq_max_len, len(fields), *fields, *dead_letter],
         )  # fmt: skip
         streaming = request.stream and request.reply_channel
         last = gen.last if streaming and status == "done" else None
@@ -138,14 +130,8 @@ class RequestWriter:
             "finish_reason": finish_reason,
             "status": status,
         }
-        events = ((request.reply_channel, event),) if request.reply_channel and not carried else ()
-        (stored,) = await self.outbox.add(finish, events=events)
-        if carried:
-            if isinstance(stored, list) and len(stored) == 2:  # {1, the hash}: this run's result is the stored one
-                flat = [text(x) for x in stored[1]]
-                event["result"] = dict(zip(flat[::2], flat[1::2], strict=True))
-            sent = self.outbox.publish(str(request.reply_channel), event)
-            sent.add_done_callback(functools.partial(_unsent, request.id))  # the client falls back on a read
+        events = ((request.reply_channel, event),) if request.reply_channel else ()
+        await self.outbox.add(finish, events=events)
         self.metrics.finished(stream, entry_id, status, gen.prompt_tokens, gen.completion_tokens)
         if self.settings.log_requests:
             self._log_end(stream, entry_id, request.id, status, gen, now, error)
@@ -196,11 +182,3 @@ class RequestWriter:
             self.metrics.of(stream).bad_entries.inc()
             return
         await self.end(stream, entry_id, request, "failed", Generation(), error=error, dead_letter=dead)
-
-
-def _unsent(request_id: str, sent: asyncio.Future[Any]) -> None:
-    """A non-streamed request's final event Redis refused: its result is stored, and its client reads it once it
-    hears nothing (its tick)."""
-    error = None if sent.cancelled() else sent.exception()
-    if error is not None:
-        log.warning("request %s: final event not sent (%s); its client reads the stored result", request_id, error)
