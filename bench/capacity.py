@@ -25,8 +25,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-import psutil
-
+from inferq.bench.idle import cpu_seconds
 from inferq.bench.queue import MODEL, raw_xadd_per_s
 from inferq.bench.server import temporary_server
 from inferq.bench.stats import spread
@@ -99,16 +98,6 @@ async def _produce(settings: Settings, mode: str, load: float, seconds: float, c
 
 
 # ---- the bench -------------------------------------------------------------------------------------------
-def _cpu_s(pids: list[int]) -> float:
-    """CPU seconds (user and system) the processes `pids` have used so far."""
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-    return total
-
-
 async def _redis_counters(client: InferenceClient) -> dict[str, float]:
     """Redis's CPU seconds, commands run (those scripts run included), socket reads, and calls per command."""
     cpu, stats = await client.redis.info("cpu"), await client.redis.info("stats")
@@ -140,14 +129,14 @@ async def _cell(
         for pipe in pipes:
             assert await asyncio.to_thread(pipe.recv) == "ready"
         pids = {**pids, "producers": [child.pid for child in children if child.pid is not None]}
-        cpu_before = {kind: _cpu_s(of) for kind, of in pids.items()}
+        cpu_before = {kind: cpu_seconds(of) for kind, of in pids.items()}
         before, t0 = await _redis_counters(client), time.perf_counter()
         for pipe in pipes:
             pipe.send("go")
         reports = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
         wall = time.perf_counter() - t0
         after = await _redis_counters(client)
-        cpu = {kind: _cpu_s(of) - cpu_before[kind] for kind, of in pids.items()}
+        cpu = {kind: cpu_seconds(of) - cpu_before[kind] for kind, of in pids.items()}
     finally:
         for child in children:
             child.join(timeout=30)

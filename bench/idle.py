@@ -35,6 +35,16 @@ def descendants(roots: Iterable[int]) -> set[int]:
     return found
 
 
+def cpu_seconds(roots: Iterable[int]) -> float:
+    """User + system CPU seconds of `roots` and every process below them (those alive now)."""
+    total = 0.0
+    for pid in descendants(roots):
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def _parent(pid: int) -> int | None:
     with contextlib.suppress(psutil.NoSuchProcess):
         return psutil.Process(pid).ppid()

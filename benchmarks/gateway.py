@@ -101,20 +101,6 @@ def wait_until_quiet(limit_s: float, poll_s: float = 30.0) -> float:
     return time.monotonic() - t0
 
 
-def cpu_seconds(roots: list[int]) -> float:
-    """User + system CPU seconds of `roots` and every process below them."""
-    import psutil
-
-    from inferq.bench.idle import descendants
-
-    total = 0.0
-    for pid in descendants(roots):
-        with contextlib.suppress(psutil.Error):
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-    return total
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -287,7 +273,7 @@ def random_prompts(args: argparse.Namespace, model_path: str, count: int) -> lis
 
 async def bench(args: argparse.Namespace, waited_s: float) -> dict[str, Any]:
     from inferq.bench.direct import server_flags
-    from inferq.bench.idle import IdleFreezer
+    from inferq.bench.idle import IdleFreezer, cpu_seconds
     from inferq.bench.online import SETTLE_S, medians, openai_server, paired, run_size
     from inferq.bench.stats import environment
     from inferq.producer import InferenceClient
