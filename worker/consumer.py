@@ -71,6 +71,7 @@ class Worker(Upkeep, AsyncLifecycle):
         self.keys = Keys.of(settings)
         self.shards = self.keys.all_queues(model)  # each shard's lane streams, highest priority first
         self.streams = [stream for lanes in self.shards for stream in lanes]
+        self._shard_of_stream = {stream: shard for shard, lanes in enumerate(self.shards) for stream in lanes}
         self.capacity = settings.max_inflight
         self.flow = SlotControl(self.capacity)
         self.outbox = Outbox(redis)
@@ -257,9 +258,10 @@ class Worker(Upkeep, AsyncLifecycle):
             job.request = without_foreign_targets(request, self.keys)  # nothing is written to a target not ours
             await self.writer.dead_letter(job.stream, job.entry_id, fields, f"refused: {exc}", deliveries, job.request)
             return
-        if self.keys.shard_of(request.id) != self.keys.shard_of_key(job.stream):
+        shard = self.keys.shard_of(request.id)
+        if shard != self._shard_of_stream.get(job.stream):  # known per stream: no parsing of its name per request
             # Its result lives in another shard (another slot of a cluster): nothing of it is ours to write.
-            reason = f"refused: request {request.id} belongs to shard {self.keys.shard_of(request.id)}, not this one"
+            reason = f"refused: request {request.id} belongs to shard {shard}, not this one"
             log.warning("entry %s on %s %s", job.entry_id, job.stream, reason)
             await self.writer.dead_letter(job.stream, job.entry_id, fields, reason, deliveries, None)
             return
