@@ -14,7 +14,7 @@ import logging
 import random
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 import hiredis
@@ -281,7 +281,7 @@ class _StartupNodes(dict[str, ClusterNode]):
         return super().pop(key)
 
 
-def is_cluster(redis: Redis) -> bool:
+def is_cluster(redis: Redis) -> TypeGuard[RedisCluster]:
     return isinstance(redis, RedisCluster)
 
 
@@ -308,7 +308,7 @@ async def execute_all(redis: Redis, pipe: Pipeline) -> list[Any]:
 async def node_client(redis: Redis) -> Redis:
     """`redis` itself, or for a cluster a plain client of one of its nodes that answers (tried in random order),
     for what the cluster client lacks: SUBSCRIBE. Raises the last node's error if none answers."""
-    if not isinstance(redis, RedisCluster):
+    if not is_cluster(redis):
         return redis
     nodes = redis.get_nodes()
     error: BaseException = RedisConnectionError("the cluster client knows no node")
