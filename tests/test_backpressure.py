@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
 from inferq.shared.errors import QueueFull
-from inferq.shared.keys import Keys
+from inferq.shared.keys import GROUP, Keys, group_counts
 from inferq.shared.settings import Settings
 from tests.conftest import drained
 from tests.test_cli import inferq
@@ -144,6 +144,22 @@ async def test_admissions_racing_at_cap_minus_one_never_pass_the_cap(settings: S
     assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
     assert all(isinstance(o, QueueFull) for o in outcomes if isinstance(o, BaseException))
     assert await redis.xlen(stream) == 50
+
+
+async def test_group_counts_read_pending_and_lag_and_fall_back_where_redis_cannot_tell_the_lag(
+    settings: Settings, redis: Redis
+) -> None:
+    stream = Keys(settings.key_prefix).queue(MODEL)
+    assert group_counts(await redis.xinfo_groups(stream) if await redis.exists(stream) else []) is None
+    await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ids = [await redis.xadd(stream, {"m": b"-"}) for _ in range(5)]
+    await redis.xreadgroup(GROUP, "w", {stream: ">"}, count=2)
+    assert group_counts(await redis.xinfo_groups(stream), 5) == (2, 3)  # Redis's own lag
+    await redis.xdel(stream, ids[-1])  # an entry the group never read: Redis no longer knows the lag
+    groups = await redis.xinfo_groups(stream)
+    assert groups[0]["lag"] is None
+    assert group_counts(groups, await redis.xlen(stream)) == (2, 2)  # length less pending
+    assert group_counts(groups) == (2, None)  # no length: unknown, said so
 
 
 async def test_status_shows_lanes_workers_and_dead_letters(
