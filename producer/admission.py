@@ -96,9 +96,10 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
 
     async def send(self, items: list[tuple[GenerationRequest, str | None]]) -> list[Any]:
         await self._register({request.model for request, _ in items})
-        by_lane: dict[tuple[str, ...], list[int]] = {}  # (lane, tenant) -> positions in `items`
+        by_lane: dict[tuple[str, ...], list[int]] = {}  # (lane, tenant, bulk job) -> positions in `items`
         for i, (request, dead_letter) in enumerate(items):
-            group = (request.model, request.priority, str(self.keys.shard_of(request.id)), request.tenant or "")
+            group = (request.model, request.priority, str(self.keys.shard_of(request.id)), request.tenant or "",
+                     self._bulk_line(request)[0])  # fmt: skip
             by_lane.setdefault(group if dead_letter is None else ("retry", str(i)), []).append(i)
         # At most _MAX_PER_CALL per script call: one call blocks the server while it runs.
         groups = [p[at : at + _MAX_PER_CALL] for p in by_lane.values() for at in range(0, len(p), _MAX_PER_CALL)]
@@ -134,8 +135,17 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         args += [repr(limit) for limit in limits]
         if dead_letter is not None:
             keys.append(self.keys.dlq(first.model, shard))
-            args.append(dead_letter)
+            args += ["retry", dead_letter]
+        elif self._bulk_line(first)[0]:  # a bulk job's lines: their queued state goes in its id hash
+            keys.append(self._bulk_line(first)[0])
+            args += ["bulk", *(self._bulk_line(request)[1] for request, _ in batch)]
+        else:
+            args.append("")
         return keys, args
+
+    def _bulk_line(self, request: GenerationRequest) -> tuple[str, str]:
+        """(id hash, digest) of a bulk job's line, else ('', '')."""
+        return self.keys.bulk_line(request.id) or ("", "")
 
     async def _register(self, models: set[str]) -> None:
         """List each model in the models' index, once a minute per model (`inferq status` finds queues there)."""

@@ -365,12 +365,27 @@ class InferenceClient(AsyncLifecycle):
         """Cancel many requests in one round trip; the status after the call for each ('' where there is no
         such request: never submitted, or its result expired)."""
         await self.start()
-        calls = [([self.keys.result(r)], [r, repr(time.time()), self.keys.cancel()]) for r in request_ids]
-        statuses = await CANCEL.run_all(self.redis, calls)
+        statuses = await CANCEL.run_all(self.redis, [self._cancel_call(r, time.time()) for r in request_ids])
         for request_id, status in zip(request_ids, statuses, strict=True):
             if isinstance(status, Exception):
                 raise as_inferq_error(status, f"cancel request {request_id!r}") or status
         return [text(status) for status in statuses]
+
+    async def _queued_line(self, request_id: str) -> dict[bytes, bytes]:
+        """The state of a bulk job's line that has no result hash: queued if its runner admitted it (its entry
+        is in the job's id hash: producer/admit.lua), else nothing."""
+        line = self.keys.bulk_line(request_id)
+        mark = await self.redis.hget(*line) if line is not None else None  # type: ignore[misc]
+        return {b"status": b"queued"} if mark is not None and b" " in mark else {}
+
+    def _cancel_call(self, request_id: str, now: float) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of cancel.lua for one request; a bulk job's line also names where its queued state is."""
+        keys, args = [self.keys.result(request_id)], [request_id, repr(now), self.keys.cancel()]
+        line = self.keys.bulk_line(request_id)
+        if line is not None:
+            keys.append(line[0])
+            args += [line[1], self.settings.result_ttl_s]
+        return keys, args
 
     def dead_letters(self, model: str | None = None) -> DeadLetters:
         """The model's dead-letter stream: list, show, retry, purge (inferq.producer.ops.dead_letters)."""
@@ -387,6 +402,8 @@ class InferenceClient(AsyncLifecycle):
         try:
             # Batched with the other reads of this loop turn (a closed loop of many callers: one round trip).
             raw = await (self._reads.call(key) if self._started else self.redis.hgetall(key))  # type: ignore[misc]
+            if not raw:
+                raw = await self._queued_line(request_id)
         except RedisError as exc:
             raise as_inferq_error(exc, f"read request {request_id!r}") or exc from None
         if not raw:

@@ -165,8 +165,16 @@ class Keys:
         return f"{self.prefix}:bulk:{job}:{self._tag(self.job_shard(job))}"
 
     def bulk_ids(self, job: str) -> str:
-        """Hash custom_id digest -> first line number: duplicate detection without holding ids in memory."""
+        """Hash custom_id digest -> first line number: duplicate detection without holding ids in memory. Once
+        the line is admitted, also its entry ('<line> <entry id> <lane stream>'): its queued state (bulk_line)."""
         return f"{self.prefix}:bulk:{job}:ids:{self._tag(self.job_shard(job))}"
+
+    def bulk_line(self, request_id: str) -> tuple[str, str] | None:
+        """Where a bulk line's queued state is kept, for a request id of `bulk_request_id`'s form: its job's id
+        hash and its field there (the custom_id digest the id ends in). None for any other id. A line the
+        runner admits has no result hash until a worker starts it (docs/CONTRACTS.md, "Bulk jobs")."""
+        job = bulk_job_of(request_id)
+        return None if job is None else (self.bulk_ids(job), request_id.rpartition("-")[2])
 
     def bulk_input(self, job: str) -> str:
         """Hash chunk number -> input lines: a detached job's staged input, readable by any runner."""

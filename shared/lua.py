@@ -2,7 +2,7 @@
 
 A script is a `.lua` file in the package that uses it, read once, behind a preamble that defines the
 contract's constants for it (`FINAL` the final states, `SCHEMA_VERSION`), so no script spells them out, and
-the helpers more than one script needs (`add_dead_letter`).
+the helpers more than one script needs (`add_dead_letter`, `admitted_entry`).
 Calls go by EVALSHA, never with the script's text: alone (`await script(redis, keys, args)`), many in one
 pipeline (`script.run_all`), or as a command in someone else's transaction (`script.command`, then
 `reload_missing` for the calls a NOSCRIPT refused). A NOSCRIPT reply (first use on a server, or a server
@@ -36,6 +36,17 @@ local function add_dead_letter(dlq, dropped, max_len, fields)
   if trimmed > 0 then
     redis.call('INCRBY', dropped, trimmed)
   end
+end
+
+-- A bulk line its runner admitted has no result hash while it is queued: its job's id hash keeps, under the
+-- line's custom_id digest, '<first line number> <entry id> <lane stream>' (admit.lua). The entry that owns
+-- the line, from there; nil if it is not such a line (a request with a result hash reads that instead).
+local function admitted_entry(ids, digest)
+  if not ids or not digest or digest == '' then
+    return nil
+  end
+  local mark = redis.call('HGET', ids, digest)
+  return mark and string.match(mark, '^%d+ (.+)$') or nil
 end
 """
 

@@ -351,9 +351,12 @@ class Worker(Upkeep, AsyncLifecycle):
         """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
         entry = f"{job.entry_id} {job.stream}"  # what the admission stored as the request's own entry
         args = [self.name, repr(time.time()), self.settings.result_ttl_s, request.model, repr(queued_at), entry]
-        status = await retry_outages(
-            lambda: self._start_script([self.keys.result(request.id)], args), f"starting {request.id}", log
-        )
+        keys = [self.keys.result(request.id)]
+        line = self.keys.bulk_line(request.id)
+        if line is not None:  # a bulk job's line: its entry may be in the job's id hash (start.lua)
+            keys.append(line[0])
+            args.append(line[1])
+        status = await retry_outages(lambda: self._start_script(keys, args), f"starting {request.id}", log)
         return text(status)
 
     async def _generate(self, job: Job, request: GenerationRequest, deltas: AsyncIterator[Delta]) -> None:

@@ -1,11 +1,13 @@
 -- End a request: store its final state once, then acknowledge and delete its entry (docs/CONTRACTS.md, "Delivery").
 -- KEYS[1] result hash, KEYS[2] lane stream, KEYS[3] the model's tenant counters, KEYS[4] the model's DLQ,
--- KEYS[5] the model's count of dead letters dropped, KEYS[6] (optional) the request's reply stream.
+-- KEYS[5] the model's count of dead letters dropped, KEYS[6] (optional) the request's reply stream, and last
+-- (a bulk job's line only) the job's id hash.
 -- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] the reply-stream record of this run (msgpack),
 -- [5] worker name, [6] tenant ('' for none), [7] the reply-stream record of a request cancelled while queued
 -- (msgpack; '' without a reply stream), [8] the DLQ's length bound, [9] n = how many result field/value
--- items follow, [10 .. 9+n] the final state's fields and values, then (to dead-letter the entry) the DLQ
--- entry's fields and values.
+-- items follow, [10] the bulk line's digest ('' for another request), [11 .. 10+n] the final state's fields
+-- and values, then (to dead-letter the entry) the DLQ entry's fields and values.
+-- A bulk line that never started has no result hash: the entry that owns it is in the job's id hash.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
 -- Idempotent: if another delivery of the same request already stored a final state, that one stands (a
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
@@ -14,25 +16,27 @@
 -- Returns 1 if this call stored the result, 0 if one was there already, 2 if the entry is not the one the
 -- request was admitted with (forged: only the entry itself is acknowledged, deleted and dead-lettered).
 local n = tonumber(ARGV[9])
+local ids = ARGV[10] ~= '' and KEYS[#KEYS] or nil
+local reply_stream = #KEYS - (ids and 1 or 0) >= 6 and KEYS[6] or nil
 local function dead_letter()
-  if #ARGV > 9 + n then
+  if #ARGV > 10 + n then
     local dead = {}
-    for i = 10 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
+    for i = 11 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
     add_dead_letter(KEYS[4], KEYS[5], ARGV[8], dead)
   end
 end
 local function reply(record)
-  if KEYS[6] then
-    redis.call('XADD', KEYS[6], '*', 'm', record)
+  if reply_stream then
+    redis.call('XADD', reply_stream, '*', 'm', record)
     -- The job's runner renews its stream's TTL as it goes; a stream made anew here (its job expired) gets one.
-    if redis.call('TTL', KEYS[6]) == -1 then
-      redis.call('EXPIRE', KEYS[6], tonumber(ARGV[3]))
+    if redis.call('TTL', reply_stream) == -1 then
+      redis.call('EXPIRE', reply_stream, tonumber(ARGV[3]))
     end
   end
 end
 local entry = ARGV[2] .. ' ' .. KEYS[2]
 local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
-local owner = stored[1]
+local owner = stored[1] or admitted_entry(ids, ARGV[10])
 if owner and owner ~= entry then
   -- A forged entry that names a request admitted with another entry: it ends nothing but itself.
   dead_letter()
@@ -47,7 +51,7 @@ local wrote = 0
 if not final then
   reply(ARGV[4])
   local fields = {'ended_by', ARGV[5]}
-  for i = 10, 9 + n do fields[#fields + 1] = ARGV[i] end
+  for i = 11, 10 + n do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
   if stored[3] then
     redis.call('HDEL', KEYS[1], 'cancel')

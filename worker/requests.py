@@ -112,11 +112,14 @@ class RequestWriter:
         if request.reply_stream:
             keys.append(request.reply_stream)
             durable, cancelled = reply_record(request, record), reply_record(request, CANCELLED_WHILE_QUEUED)
+        line = self.keys.bulk_line(request.id)  # a bulk line that never started: its entry is in the id hash
+        if line is not None:
+            keys.append(line[0])
         fields = [x for kv in record.items() for x in (kv[0], str(kv[1]))]
         finish = scripts.FINISH.command(
             keys,
             [GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "", cancelled,
-             self.settings.dlq_max_len, len(fields), *fields, *dead_letter],
+             self.settings.dlq_max_len, len(fields), line[1] if line else "", *fields, *dead_letter],
         )  # fmt: skip
         streaming = request.stream and request.reply_channel
         last = gen.last if streaming and status == "done" else None

@@ -181,7 +181,8 @@ class BulkStore:
         return tallied
 
     async def first_lines(self, job: str, numbered: list[tuple[str, int]]) -> list[int]:
-        """For each (custom_id, line number), the first line the custom_id was seen on (this one if new)."""
+        """For each (custom_id, line number), the first line the custom_id was seen on (this one if new). The
+        admission adds a fed line's entry to its field ('<line> <entry>': admit.lua); the line comes first."""
         key = self.keys.bulk_ids(job)
         async with self.redis.pipeline(transaction=False) as pipe:
             for custom_id, number in numbered:
@@ -189,7 +190,7 @@ class BulkStore:
                 pipe.hget(key, digest(custom_id))
             pipe.expire(key, self.ttl_s)
             replies = await pipe.execute()
-        return [int(replies[i + 1]) for i in range(0, len(replies) - 1, 2)]
+        return [int(replies[i + 1].partition(b" ")[0]) for i in range(0, len(replies) - 1, 2)]
 
     async def digests(self, job: str) -> AsyncIterator[str]:
         async for field, _ in self.redis.hscan_iter(self.keys.bulk_ids(job), count=1000):

@@ -1,0 +1,128 @@
+"""A bulk job's queued line has no result hash: its entry is kept in the job's id hash (producer/admit.lua), a
+fifth of the bytes. What a result hash did for a queued request still holds for such a line: a replayed
+feed adds nothing twice, a reader sees it queued, a cancel ends it once, a forged entry can neither run nor
+end it, and its tenant's count goes down once however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from inferq.producer import InferenceClient
+from inferq.producer.admission import ADMITTED, EXISTS
+from inferq.producer.bulk.state import BulkStore, JobRecord, digest
+from inferq.shared.codec import pack, unpack
+from inferq.shared.errors import RequestNotFound
+from inferq.shared.keys import Keys, bulk_request_id
+from inferq.shared.schemas import GenerationRequest
+from inferq.shared.settings import Settings
+from tests.conftest import drained, wait_until
+
+MODEL = "fake"
+JOB = "bj-lines"
+
+
+async def feed(client: InferenceClient, lines: int, **params: Any) -> list[GenerationRequest]:
+    """What a bulk runner does with a batch: note each custom_id's first line in the job's id hash, then admit
+    the lines as requests to the job's reply stream."""
+    store = BulkStore(client.redis, client.keys, ttl_s=3600)
+    if await store.get(JOB) is None:
+        await store.create(JobRecord(id=JOB, model=MODEL, created_at=time.time()))
+    numbered = [(f"c{i}", i + 1) for i in range(lines)]
+    assert await store.first_lines(JOB, numbered) == [n for _, n in numbered]  # a replay sees its own lines
+    reply_stream = client.keys.done(JOB)
+    return [
+        client.build_request(
+            request_id=bulk_request_id(JOB, 0, digest(custom_id)),
+            prompt=f"line {n}",
+            model=MODEL,
+            max_tokens=2,
+            stream=False,
+            reply_stream=reply_stream,
+            **params,
+        )
+        for custom_id, n in numbered
+    ]
+
+
+async def replies(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    """The job's reply-stream records by request id; each id at most once."""
+    records = [unpack(f[b"m"]) for _, f in await redis.xrange(keys.done(JOB))]
+    by_id = {r["id"]: r for r in records}
+    assert len(by_id) == len(records), "a line answered twice"
+    return by_id
+
+
+async def test_a_queued_bulk_line_is_kept_in_its_jobs_id_hash_and_runs_once(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    keys = Keys.of(settings)
+    requests = await feed(client, 5, tenant="acme")
+    assert [a.code for a in await client.enqueue_many(requests)] == [ADMITTED] * 5
+    entries = {unpack(f[b"m"])["id"]: e.decode() for e, f in await redis.xrange(keys.queue(MODEL))}
+    marks = await redis.hgetall(keys.bulk_ids(JOB))
+    for n, request in enumerate(requests, 1):
+        assert not await redis.exists(keys.result(request.id))  # no result hash while it is queued
+        ids_key, field = keys.bulk_line(request.id) or ("", "")
+        assert ids_key == keys.bulk_ids(JOB)
+        assert marks[field.encode()].decode() == f"{n} {entries[request.id]} {keys.queue(MODEL)}"
+        assert (await client.get(request.id)).status == "queued"
+
+    # A feed replayed after a crash: the runner's first_lines still reads its line numbers, nothing is added.
+    again = await feed(client, 5, tenant="acme")
+    assert [a.code for a in await client.enqueue_many(again)] == [EXISTS] * 5
+    assert await redis.xlen(keys.queue(MODEL)) == 5
+    assert await redis.hget(keys.tenants(MODEL), "acme") == b"5"
+
+    start_worker("--engine", "standin", "--model", MODEL)
+
+    async def all_answered() -> bool:
+        return len(await replies(redis, keys)) == 5 and await drained(redis, settings, MODEL) == (0, 0)
+
+    await wait_until(all_answered, 30, "every line to be answered")
+    answered = await replies(redis, keys)
+    for request in requests:
+        assert answered[request.id]["status"] == "done"
+        stored = await redis.hgetall(keys.result(request.id))
+        assert stored[b"status"] == b"done" and stored[b"attempts"] == b"1"
+        assert stored[b"entry"].decode() == f"{entries[request.id]} {keys.queue(MODEL)}"  # start.lua copied it
+    assert not await redis.hexists(keys.tenants(MODEL), "acme")  # released once per line
+
+
+async def test_a_cancelled_or_expired_bulk_line_ends_once_and_a_forged_entry_runs_nothing(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    keys = Keys.of(settings)
+    cancelled, kept, late = await feed(client, 3, tenant="acme")
+    late = late.model_copy(update={"deadline": time.time() + 0.3})
+    assert [a.code for a in await client.enqueue_many([cancelled])] == [ADMITTED]
+    # Ahead of the real entry in the queue, so a worker meets it first, while the line has no result hash.
+    forged = {"v": 1, "id": kept.id, "model": MODEL, "prompt": "forged", "max_tokens": 7, "stream": False,
+              "reply_stream": keys.done(JOB)}  # fmt: skip
+    await redis.xadd(keys.queue(MODEL), {"m": pack(forged)})
+    assert [a.code for a in await client.enqueue_many([kept, late])] == [ADMITTED] * 2
+
+    assert await client.cancel(cancelled.id) == "cancelled"
+    assert await client.cancel(cancelled.id) == "cancelled"  # a second cancel finds it ended
+    assert await redis.hget(keys.result(cancelled.id), "entry") is not None  # the worker can tell it is its own
+    with pytest.raises(RequestNotFound):  # a line never admitted has nothing to cancel
+        await client.cancel(bulk_request_id(JOB, 0, digest("never-fed")))
+    await asyncio.sleep(max(late.deadline - time.time(), 0) + 0.05)  # type: ignore[operator]  # past its deadline
+    start_worker("--engine", "standin", "--model", MODEL)
+
+    async def all_ended() -> bool:
+        return len(await replies(redis, keys)) == 3 and await drained(redis, settings, MODEL) == (0, 0)
+
+    await wait_until(all_ended, 30, "the lines to end and the forged entry to be dead-lettered")
+    answered = await replies(redis, keys)
+    assert answered[kept.id]["status"] == "done" and answered[kept.id]["completion_tokens"] == 2  # not the forgery
+    assert answered[cancelled.id]["status"] == "cancelled"
+    assert answered[late.id]["status"] == "expired"
+    letters = await client.dead_letters(MODEL).list()
+    forgeries = [letter.request for letter in letters if "forged entry" in letter.error]
+    assert [(r.id, r.prompt) for r in forgeries if r is not None] == [(kept.id, "forged")], letters
+    assert not await redis.hexists(keys.tenants(MODEL), "acme")  # each of the three released its count once
