@@ -235,13 +235,12 @@ class InferenceClient(AsyncLifecycle):
 
         `ttl` (seconds from now) is a shorthand for `deadline` (unix time): a request not started by then
         ends `expired` without running; one still running then is aborted and ends `expired`."""
-        created_at = time.time()
         if ttl is not None:
             if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
                 raise InvalidRequest(f"ttl={ttl!r} must be a positive number of seconds (how long it may wait and run)")
             if params.get("deadline") is not None:
                 raise InvalidRequest("give ttl or deadline, not both")
-            params["deadline"] = created_at + ttl
+            params["deadline"] = time.time() + ttl
         stream_job = self.keys.reply_stream_job(params["reply_stream"]) if params.get("reply_stream") else None
         if request_id is None:  # a reply stream takes only its job's requests: give this one such an id
             request_id = bulk_request_id(stream_job, 0, uuid.uuid4().hex) if stream_job else uuid.uuid4().hex
@@ -256,7 +255,6 @@ class InferenceClient(AsyncLifecycle):
                 model=model or self.settings.model,
                 prompt=prompt,
                 messages=list(messages) if messages is not None else None,  # type: ignore[arg-type]
-                created_at=created_at,
                 **params,
             )
         except ValidationError as exc:

@@ -61,6 +61,8 @@ class GenerationRequest(BaseModel):
     tag: str | None = Field(None, max_length=4096)  # opaque to the worker; echoed in the reply-stream record
     priority: Lane = "normal"
     tenant: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._:@\-]+$")
+    # Read by nothing: the entry id says when a request was queued. Accepted from clients that still send it;
+    # ours leave it out (20 bytes of every entry).
     created_at: float = Field(0.0, allow_inf_nan=False)
     deadline: float | None = Field(None, allow_inf_nan=False)  # unix time after which the request is not started
 
