@@ -380,9 +380,9 @@ class InferenceClient(AsyncLifecycle):
         """KEYS and ARGV of cancel.lua for one request; a bulk job's line also names where its queued state is."""
         keys, args = [self.keys.result(request_id)], [request_id, repr(now), self.keys.cancel()]
         line = self.keys.bulk_line(request_id)
-        if line is not None:
+        if line is not None:  # its result hash, made `cancelled` here, must outlast its entry's longest wait
             keys.append(line[0])
-            args += [line[1], self.settings.result_ttl_s]
+            args += [line[1], self.settings.max_queued_s + self.settings.result_ttl_s]
         return keys, args
 
     def dead_letters(self, model: str | None = None) -> DeadLetters:
