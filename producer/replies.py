@@ -61,11 +61,14 @@ class ReplyListener:
         self._ticker = None
 
     async def _tick(self) -> None:
+        """A TICK goes only to a queue with nothing in it: it means "nothing came for a while". Ticks piled up
+        while no one read would, read later, pass for silence ahead of the events queued behind them."""
         while True:
             await asyncio.sleep(TICK_S)
             for queues in self._routes.values():
                 for queue in queues:
-                    queue.put_nowait(TICK)
+                    if queue.empty():
+                        queue.put_nowait(TICK)
 
     def register(self, request_id: str) -> asyncio.Queue[Item]:
         queue: asyncio.Queue[Item] = asyncio.Queue()

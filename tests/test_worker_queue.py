@@ -10,12 +10,13 @@ import msgpack
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
+from inferq.producer.replies import TICK_S
 from inferq.shared.codec import pack, unpack
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 from inferq.worker.consumer import Worker
 from inferq.worker.standin import StandInEngine
-from tests.conftest import drained
+from tests.conftest import drained, wait_until
 
 MODEL = "fake"
 
@@ -40,6 +41,25 @@ async def test_concurrent_streams_arrive_complete_and_in_order(
         t = result.timings
         assert t.queued_at <= t.started_at <= t.first_token_at <= t.finished_at  # type: ignore[operator]
     assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+async def test_a_stream_read_late_still_yields_every_event(
+    client: InferenceClient, settings: Settings, start_worker
+) -> None:
+    """A caller that starts reading tokens() only after the request ended (busy elsewhere: the events wait in its
+    queue, behind the client's ticks from while it was queued) gets every event: time that passed before it
+    read is not mistaken for silence from the worker."""
+    handle = await client.submit(prompt="late reader", model=MODEL, max_tokens=4)
+    await asyncio.sleep(3 * TICK_S)  # queued for several of the client's ticks, with no worker yet
+    start_worker("--engine", "standin", "--model", MODEL)
+
+    async def ended() -> bool:
+        return (await client.get(handle.id)).final
+
+    await wait_until(ended, 30, "the request to end")
+    events = [e async for e in handle.tokens()]
+    assert [e.seq for e in events] == [0, 1, 2, 3] and not handle.gap
+    assert "".join(e.text for e in events) == (await handle.result(timeout=5)).text == "t0 t1 t2 t3 "
 
 
 async def test_non_streaming_and_reply_stream(
