@@ -14,8 +14,8 @@ drained by stand-in workers (issue 28, item 4), with what each phase took and wh
    runs `inferq bulk IN -o OUT` instead, whose input stays on disk (and the only way on a Redis Cluster).
 4. Held: once the job record says its feed is done, and before any worker starts, Redis's used memory
    against the empty server's, per queued request, and where it goes (MEMORY USAGE of each kind of key:
-   the lane stream, the job's id hash, its staged input and reply stream whole; the result hashes from an
-   even sample).
+   the lane stream, the job's id hash, its staged input and reply stream whole; the result hashes, which a
+   line has once a worker started it, from an even sample).
 5. Drain: W stand-in workers (`INFERQ_STANDIN_STEP_MS=0`: the queue's own speed) until the job has
    completed; then the output file (`inferq bulk download` for a detached job), checked: every custom_id
    exactly once, none with an error.
@@ -210,7 +210,7 @@ async def _usage(client: InferenceClient, key: str) -> int:
 
 
 async def breakdown(client: InferenceClient, job: JobRecord, lines: int) -> dict[str, dict[str, float]]:
-    """Bytes by kind of the job's keys: each single key whole, the N result hashes from an even sample of
+    """Bytes by kind of the job's keys: each single key whole, the result hashes from an even sample of
     lines, scaled up. Kinds with no key now are left out."""
     keys = client.keys
     out: dict[str, dict[str, float]] = {}
@@ -218,7 +218,7 @@ async def breakdown(client: InferenceClient, job: JobRecord, lines: int) -> dict
     if any(lanes):
         out["lane stream"] = {"keys": sum(1 for used in lanes if used), "bytes": sum(lanes)}
     single = {
-        "job's id hash (custom_id digests)": keys.bulk_ids(job.id),
+        "job's id hash (digests, entries)": keys.bulk_ids(job.id),
         "staged input": keys.bulk_input(job.id),
         "reply stream": keys.done(job.id),
         "job record": keys.bulk(job.id),
@@ -233,7 +233,10 @@ async def breakdown(client: InferenceClient, job: JobRecord, lines: int) -> dict
         for key in sample:
             pipe.execute_command("MEMORY", "USAGE", key, "SAMPLES", "0")
         sizes = [int(x or 0) for x in await pipe.execute()]
-    out["result hashes"] = {"keys": lines, "bytes": round(sum(sizes) / max(len(sizes), 1) * lines)}
+    present = sum(1 for size in sizes if size)  # a queued line has none (its entry is in the id hash)
+    if present:
+        share = present / len(sizes)
+        out["result hashes"] = {"keys": round(share * lines), "bytes": round(sum(sizes) / len(sizes) * lines)}
     for v in out.values():
         v["per_request"] = v["bytes"] / max(lines, 1)
     return out

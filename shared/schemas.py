@@ -53,7 +53,9 @@ class GenerationRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what msgpack and vLLM can carry
     ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens, past the end-of-sequence token
-    stream: bool = True  # publish token events; bulk requests say False and get only the final record
+    # Publish token events to reply_channel. A request with no reply channel (a bulk line: its one record goes
+    # to its reply stream) publishes nothing either way, so it need not say False (8 bytes a line).
+    stream: bool = True
     # Tokens per token event after the first (which goes alone, at once); None: the worker's stream_interval.
     stream_interval: int | None = Field(None, ge=1, le=HARD_MAX_TOKENS)
     reply_channel: str | None = None  # the submitting client's pub/sub channel (shared.keys.Keys.tokens)

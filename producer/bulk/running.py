@@ -49,7 +49,7 @@ def request_id(job: JobRecord, custom_id: str | None = None, *, hashed: str | No
 
 def tag(number: int, kind: str, endpoint: str, model: str, custom_id: str) -> str:
     """What the output writer needs to turn a reply-stream record into the line's output record."""
-    return json.dumps([number, kind, endpoint, model, custom_id], ensure_ascii=False)
+    return json.dumps([number, kind, endpoint, model, custom_id], ensure_ascii=False, separators=(",", ":"))
 
 
 def error_entry(error: LineError, status: str = "invalid") -> dict[str, Any]:
@@ -193,7 +193,7 @@ class BulkRunner:
         model = line.params.get("model", self.job.model)
         try:
             request = self.client.build_request(
-                request_id=request_id(self.job, line.custom_id), stream=False, reply_stream=self.store.keys.done(
+                request_id=request_id(self.job, line.custom_id), reply_stream=self.store.keys.done(
                     self.job.id), tag=tag(number, line.kind, line.endpoint, model, line.custom_id), **line.params,
             )  # fmt: skip
         except InvalidRequest as exc:
