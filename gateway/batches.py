@@ -225,7 +225,7 @@ async def _render(gateway: Gateway, job: JobRecord, *, errors: bool) -> bytes:
     while records := await store.records(job.id, after):
         for entry_id, record in records:
             after = entry_id
-            line = to_output(record)
+            line = to_output(record, job.tag_defaults)
             if (line.get("error") is not None) == errors:
                 lines.append(json.dumps(line, ensure_ascii=False))
     return "".join(f"{line}\n" for line in lines).encode()

@@ -14,8 +14,10 @@ from inferq.producer.bulk.formats import (
     LineError,
     error_record,
     file_kind,
+    make_tag,
     output_record,
     parse_line,
+    read_tag,
 )
 
 
@@ -99,3 +101,16 @@ def test_lines_that_are_not_json_take_the_files_format() -> None:
     error = parse_line(1, "{broken", "m", OPENAI)
     assert isinstance(error, LineError) and error.kind == OPENAI
     assert set(error_record(error)) == {"id", "custom_id", "response", "error"}
+
+
+def test_a_tag_leaves_out_the_jobs_format_and_model_and_reads_back_whole() -> None:
+    """Every byte of a tag is held in Redis for each queued line: a line of the job's format and model says
+    neither. A line of another model (or a tag written before this form) says all five."""
+    job = (OPENAI, "meta-llama/Llama-3.1-8B-Instruct")
+    short = make_tag(7, OPENAI, "chat", job[1], "req-7", job)
+    assert short == '[7,"chat","req-7"]'
+    assert read_tag(short, job) == (7, OPENAI, "chat", job[1], "req-7")
+    other = make_tag(8, OPENAI, "text", "tiny", "req-8", job)
+    assert json.loads(other) == [8, OPENAI, "text", "tiny", "req-8"]
+    assert read_tag(other, job) == (8, OPENAI, "text", "tiny", "req-8")
+    assert read_tag('[9, "simple", "text", "tiny", "x"]', job) == (9, SIMPLE, "text", "tiny", "x")  # an older tag

@@ -182,6 +182,27 @@ def output_record(line: BulkLine, model: str, result: dict[str, Any]) -> dict[st
     }  # fmt: skip
 
 
+def make_tag(
+    number: int, kind: str, endpoint: str, model: str, custom_id: str, job: tuple[str, str] | None = None
+) -> str:
+    """A request's tag: what the output writer needs to make the line's output record from its reply-stream
+    record. With `job` (the job's format and model), a line of both says neither: [number, endpoint,
+    custom_id], since every byte of it is held in Redis for each queued line; else [number, format, endpoint,
+    model, custom_id]."""
+    fields = [number, endpoint, custom_id] if job == (kind, model) else [number, kind, endpoint, model, custom_id]
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+def read_tag(tag: str, job: tuple[str, str]) -> tuple[int, str, str, str, str]:
+    """(number, format, endpoint, model, custom_id) of a tag; `job` (its format and model) fills a short one."""
+    fields = json.loads(tag)
+    if len(fields) == 3:
+        number, endpoint, custom_id = fields
+        return number, job[0], endpoint, job[1], custom_id
+    number, kind, endpoint, model, custom_id = fields
+    return number, kind, endpoint, model, custom_id
+
+
 def error_record(error: LineError) -> dict[str, Any]:
     """The output line of an input line that never became a request."""
     if error.kind == SIMPLE:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from inferq.producer.bulk.formats import BulkLine, LineError, error_record, output_record
+from inferq.producer.bulk.formats import SIMPLE, BulkLine, LineError, error_record, output_record, read_tag
 from inferq.producer.bulk.state import BulkStore
 from inferq.shared import aio
 
@@ -36,9 +36,10 @@ def complete_lines(path: Path) -> int:
     return count
 
 
-def to_output(record: dict[str, Any]) -> dict[str, Any]:
-    """A reply-stream record (a request's final record, or a line's error record) as its output line."""
-    number, kind, endpoint, model, custom_id = json.loads(record["tag"])
+def to_output(record: dict[str, Any], tag_defaults: tuple[str, str]) -> dict[str, Any]:
+    """A reply-stream record (a request's final record, or a line's error record) as its output line;
+    `tag_defaults`: its job's (JobRecord.tag_defaults)."""
+    number, kind, endpoint, model, custom_id = read_tag(record["tag"], tag_defaults)
     if record.get("status") == "invalid":
         return error_record(LineError(number, custom_id, kind, str(record.get("error", ""))))
     return output_record(BulkLine(number, custom_id, kind, endpoint, {}), model, record)
@@ -55,6 +56,8 @@ async def write_output(
     the stream: keep writing new records until the event is set and none are left."""
     written = skip = complete_lines(path)
     after = "0-0"
+    job_record = await store.get(job)
+    tag_defaults = job_record.tag_defaults if job_record is not None else (SIMPLE, "")
     with open(path, "a", encoding="utf-8") as out:  # noqa: ASYNC230 - a line at a time, short next to Redis
         while True:
             records = await _next(store, job, after, until)
@@ -65,7 +68,7 @@ async def write_output(
                 if skip:
                     skip -= 1
                     continue
-                out.write(json.dumps(to_output(record), ensure_ascii=False) + "\n")
+                out.write(json.dumps(to_output(record, tag_defaults), ensure_ascii=False) + "\n")
                 written += 1
             out.flush()
 

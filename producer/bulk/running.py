@@ -11,7 +11,6 @@ order and commits the counts with the stream position. At most `window` requests
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
 from inferq.producer.admission import ADMITTED, EXISTS
+from inferq.producer.bulk import formats
 from inferq.producer.bulk.formats import SIMPLE, BulkLine, LineError, duplicate, parse_line, refused
 from inferq.producer.bulk.inputs import LineSource, Numbered
 from inferq.producer.bulk.state import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, BulkStore, JobRecord, digest
@@ -47,15 +47,10 @@ def request_id(job: JobRecord, custom_id: str | None = None, *, hashed: str | No
     return bulk_request_id(job.id, job.epoch, hashed or digest(custom_id or ""))
 
 
-def tag(number: int, kind: str, endpoint: str, model: str, custom_id: str) -> str:
-    """What the output writer needs to turn a reply-stream record into the line's output record."""
-    return json.dumps([number, kind, endpoint, model, custom_id], ensure_ascii=False, separators=(",", ":"))
-
-
 def error_entry(error: LineError, status: str = "invalid") -> dict[str, Any]:
     return {
         "v": SCHEMA_VERSION, "id": f"line-{error.number}", "status": status, "error": error.message,
-        "tag": tag(error.number, error.kind, "text", "", error.custom_id),
+        "tag": formats.make_tag(error.number, error.kind, "text", "", error.custom_id),
     }  # fmt: skip
 
 
@@ -174,7 +169,7 @@ class BulkRunner:
             todo = [r for r, a in zip(todo, outcomes, strict=True) if a.code not in (ADMITTED, EXISTS)]
             if todo and self._stop_feeding:  # cancelled meanwhile: what is not queued will not be
                 for r in todo:
-                    number, kind, _, _, custom_id = json.loads(r.tag or "[]")
+                    number, kind, _, _, custom_id = formats.read_tag(r.tag or "[]", self.job.tag_defaults)
                     message = f"line {number}: the job was cancelled before this line was queued"
                     errors.append(error_entry(LineError(number, custom_id, kind, message), status="cancelled"))
                 admitted -= len(todo)
@@ -192,9 +187,10 @@ class BulkRunner:
             return line, None
         model = line.params.get("model", self.job.model)
         try:
+            tag = formats.make_tag(number, line.kind, line.endpoint, model, line.custom_id, self.job.tag_defaults)
             request = self.client.build_request(
-                request_id=request_id(self.job, line.custom_id), reply_stream=self.store.keys.done(
-                    self.job.id), tag=tag(number, line.kind, line.endpoint, model, line.custom_id), **line.params,
+                request_id=request_id(self.job, line.custom_id), reply_stream=self.store.keys.done(self.job.id),
+                tag=tag, **line.params,
             )  # fmt: skip
         except InvalidRequest as exc:
             return refused(line, exc), None

@@ -21,6 +21,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from inferq.producer.bulk.formats import SIMPLE
 from inferq.shared.codec import pack, text, unpack
 from inferq.shared.connection import pipeline
 from inferq.shared.keys import Keys
@@ -67,6 +68,12 @@ class JobRecord:
     @property
     def accounted(self) -> int:
         return self.done + self.failed + self.invalid
+
+    @property
+    def tag_defaults(self) -> tuple[str, str]:
+        """The format and model a line of this job has unless it says otherwise: its tag leaves them out
+        (formats.make_tag)."""
+        return self.format or SIMPLE, self.model
 
     @property
     def all_accounted(self) -> bool:
