@@ -54,7 +54,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what msgpack and vLLM can carry
     ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens, past the end-of-sequence token
     # Publish token events to reply_channel. A request with no reply channel (a bulk line: its one record goes
-    # to its reply stream) publishes nothing either way, so it need not say False (8 bytes a line).
+    # to its reply stream) publishes nothing either way (`publishes`), so it need not say False (8 bytes a line).
     stream: bool = True
     # Tokens per token event after the first (which goes alone, at once); None: the worker's stream_interval.
     stream_interval: int | None = Field(None, ge=1, le=HARD_MAX_TOKENS)
@@ -79,6 +79,12 @@ class GenerationRequest(BaseModel):
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         return self
+
+    @property
+    def publishes(self) -> bool:
+        """Whether token events go out: asked for, and someone to hear them. A worker runs a request that does
+        not as unstreamed (its engine batches more tokens per output)."""
+        return self.stream and self.reply_channel is not None
 
     def payload(self) -> dict[str, Any]:
         """The dict that is msgpacked into the stream entry. Fields at their default are left out to keep entries

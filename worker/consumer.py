@@ -361,7 +361,7 @@ class Worker(Upkeep, AsyncLifecycle):
 
     async def _generate(self, job: Job, request: GenerationRequest, deltas: AsyncIterator[Delta]) -> None:
         gen = job.gen
-        channel = request.reply_channel if request.stream else None
+        channel = request.reply_channel if request.publishes else None
         async for delta in deltas:
             self._progress_at = time.monotonic()
             if gen.add(delta):

@@ -121,7 +121,7 @@ class RequestWriter:
             [GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "", cancelled,
              self.settings.dlq_max_len, len(fields), line[1] if line else "", *fields, *dead_letter],
         )  # fmt: skip
-        streaming = request.stream and request.reply_channel
+        streaming = request.publishes
         last = gen.last if streaming and status == "done" else None
         event = {
             "id": request.id,

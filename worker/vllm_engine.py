@@ -214,7 +214,7 @@ class VllmEngine:
 
     def _stream_interval(self, request: GenerationRequest) -> int:
         interval = request.stream_interval or self.settings.stream_interval
-        return interval if request.stream else max(interval, _UNSTREAMED_INTERVAL)
+        return interval if request.publishes else max(interval, _UNSTREAMED_INTERVAL)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         from vllm.exceptions import VLLMClientError
