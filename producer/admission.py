@@ -98,6 +98,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         await self._register({request.model for request, _ in items})
         by_lane: dict[tuple[str, ...], list[int]] = {}  # (lane, tenant, bulk job) -> positions in `items`
         for i, (request, dead_letter) in enumerate(items):
+            # The last part is a bulk line's job's id hash: a call admits the lines of one job.
             group = (request.model, request.priority, str(self.keys.shard_of(request.id)), request.tenant or "",
                      self._bulk_line(request)[0])  # fmt: skip
             by_lane.setdefault(group if dead_letter is None else ("retry", str(i)), []).append(i)
@@ -144,7 +145,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         return keys, args
 
     def _bulk_line(self, request: GenerationRequest) -> tuple[str, str]:
-        """(id hash, digest) of a bulk job's line, else ('', '')."""
+        """(id hash, reference) of a bulk job's line (keys.bulk_line), else ('', '')."""
         return self.keys.bulk_line(request.id) or ("", "")
 
     async def _register(self, models: set[str]) -> None:

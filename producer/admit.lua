@@ -8,7 +8,8 @@
 -- ARGV: max_queue_len (this lane), max_lag (0: off), group, tenant_cap (0: off), n,
 --       tenant ('' for none; one per call), then the n payloads, then the n results' TTLs (seconds), then
 --       the n wait limits (unix seconds: past it, the request is not started but ends `expired`), then
---       the mode ('' | 'retry' | 'bulk'), then for 'retry' the DLQ entry id, for 'bulk' the n lines' digests.
+--       the mode ('' | 'retry' | 'bulk'), then for 'retry' the DLQ entry id, for 'bulk' the n lines'
+--       references, '<custom_id digest> <epoch>' (keys.py, bulk_line).
 -- Returns per request {code, queue_len, lag, entry_id, tenant_count}:
 --   code 1 admitted, 0 refused (lane at its cap or lag cap), 3 refused (the tenant is at its cap),
 --   2 the id exists already (idempotent: nothing added); for a retry: the letter is gone or the request has
@@ -16,8 +17,8 @@
 -- A retry replaces the failed result and removes the dead letter in the same step. The tenant counter
 -- goes up here and down when a worker acknowledges the entry (worker/finish.lua).
 -- A bulk line its runner fed (its digest in the job's id hash, with its first line number) gets no result
--- hash: the id hash field becomes '<line> <entry id> <lane stream>' (`admitted_entry`), a fifth of the bytes
--- of a result hash and its key. A worker writes the result hash when it starts the line.
+-- hash: the id hash field becomes '<line> <epoch> <entry id> <lane stream>' (`admitted_entry`), half the
+-- bytes of a result hash with its key and TTL. A worker writes the result hash when it starts the line.
 local stream, tenants, refusals = KEYS[1], KEYS[2], KEYS[3]
 local max_len, max_lag, group = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local tenant_cap, n, tenant = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -47,9 +48,12 @@ local out = {}
 for i = 1, n do
   local result = KEYS[3 + i]
   local code, owned, entry_id = nil, 0, ''
-  -- A fed bulk line: its first line number alone ('<line>'), or with its entry once admitted.
-  local digest = ids and ARGV[7 + 3 * n + i]
-  local line = ids and redis.call('HGET', ids, digest) or nil
+  -- A fed bulk line: its first line number alone ('<line>'), or with its entry while it is queued.
+  local digest, epoch
+  if ids then
+    digest, epoch = string.match(ARGV[7 + 3 * n + i], '^(%S+) (%d+)$')
+  end
+  local line = digest and redis.call('HGET', ids, digest) or nil
   local fed = line and string.match(line, '^%d+$')
   local function known()
     return redis.call('EXISTS', result) == 1 or (line and not fed)
@@ -89,7 +93,7 @@ for i = 1, n do
       entry_id = redis.call('XADD', stream, '*', 'm', ARGV[6 + i])
       local entry = entry_id .. ' ' .. stream
       if fed then
-        local mark = line .. ' ' .. entry  -- a value, not a key name
+        local mark = line .. ' ' .. epoch .. ' ' .. entry  -- a value, not a key name
         redis.call('HSET', ids, digest, mark)
       else
         redis.call('HSET', result, 'status', 'queued', 'entry', entry, 'expires', ARGV[6 + 2 * n + i])

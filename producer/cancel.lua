@@ -1,6 +1,6 @@
 -- Cancel a request (docs/CONTRACTS.md, "Cancellation and deadlines").
 -- KEYS[1] the result hash, KEYS[2] (a bulk job's line only) the job's id hash. ARGV: request id, now (unix
--- seconds), the cancel channel (a channel, not a key: an ACL grants it as one), [the line's digest, the
+-- seconds), the cancel channel (a channel, not a key: an ACL grants it as one), [the line's reference, the
 -- result's TTL (seconds)].
 -- A queued request becomes `cancelled` at once (a worker skips it when it reads it); a running one gets a
 -- `cancel` mark and a broadcast, and its worker aborts it in the engine. Returns the status after the call,
@@ -9,12 +9,13 @@
 -- one here, `cancelled` and naming its entry, so the worker that reads the entry only acknowledges it.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
-  local marked = admitted_entry(KEYS[2], ARGV[4])
+  local marked, line = admitted_entry(KEYS[2], ARGV[4])
   if not marked then
     return ''
   end
   redis.call('HSET', KEYS[1], 'entry', marked, 'status', 'queued')
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  settle_line(KEYS[2], ARGV[4], line)
   status = 'queued'
 end
 if FINAL[status] then

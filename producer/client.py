@@ -373,8 +373,12 @@ class InferenceClient(AsyncLifecycle):
         """The state of a bulk job's line that has no result hash: queued if its runner admitted it (its entry
         is in the job's id hash: producer/admit.lua), else nothing."""
         line = self.keys.bulk_line(request_id)
-        mark = await self.redis.hget(*line) if line is not None else None  # type: ignore[misc]
-        return {b"status": b"queued"} if mark is not None and b" " in mark else {}
+        if line is None:
+            return {}
+        digest, epoch = line[1].split()
+        mark = (await self.redis.hget(line[0], digest) or b"").split()  # type: ignore[misc]
+        # '<line> <epoch> <entry id> <lane stream>' while queued; an earlier run's epoch is not this line's
+        return {b"status": b"queued"} if len(mark) == 4 and mark[1] == epoch.encode() else {}
 
     def _cancel_call(self, request_id: str, now: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of cancel.lua for one request; a bulk job's line also names where its queued state is."""

@@ -29,7 +29,7 @@ MODEL_NAME_MAX = 200
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TENANT_NAME = _NAME.pattern  # a tenant a client can be bound to (INFERQ_TENANT): no ':' (it ends the scope)
 _CHANNEL = re.compile(rf"(?:{_NAME.pattern}:)?{_NAME.pattern}")
-_BULK_ID = re.compile(rf"bulk-({_NAME.pattern})-[0-9]+-[A-Za-z0-9_]+")
+_BULK_ID = re.compile(rf"bulk-({_NAME.pattern})-([0-9]+)-([A-Za-z0-9_]+)")
 _TAGGED = re.compile(r"(.*):\{([0-9.]+)\}")
 SLOTS = 16384  # Redis Cluster's hash slots
 MAX_SHARDS = 1024
@@ -171,10 +171,11 @@ class Keys:
 
     def bulk_line(self, request_id: str) -> tuple[str, str] | None:
         """Where a bulk line's queued state is kept, for a request id of `bulk_request_id`'s form: its job's id
-        hash and its field there (the custom_id digest the id ends in). None for any other id. A line the
-        runner admits has no result hash until a worker starts it (docs/CONTRACTS.md, "Bulk jobs")."""
-        job = bulk_job_of(request_id)
-        return None if job is None else (self.bulk_ids(job), request_id.rpartition("-")[2])
+        hash, and the line's reference there for the scripts, '<custom_id digest> <epoch>' (its field, and the
+        run of the job it is of). None for any other id. A line the runner admits has no result hash until a
+        worker starts it (docs/CONTRACTS.md, "Bulk jobs")."""
+        match = _BULK_ID.fullmatch(request_id)
+        return None if match is None else (self.bulk_ids(match.group(1)), f"{match.group(3)} {match.group(2)}")
 
     def bulk_input(self, job: str) -> str:
         """Hash chunk number -> input lines: a detached job's staged input, readable by any runner."""

@@ -2,7 +2,7 @@
 
 A script is a `.lua` file in the package that uses it, read once, behind a preamble that defines the
 contract's constants for it (`FINAL` the final states, `SCHEMA_VERSION`), so no script spells them out, and
-the helpers more than one script needs (`add_dead_letter`, `admitted_entry`).
+the helpers more than one script needs (`add_dead_letter`, `admitted_entry`, `settle_line`).
 Calls go by EVALSHA, never with the script's text: alone (`await script(redis, keys, args)`), many in one
 pipeline (`script.run_all`), or as a command in someone else's transaction (`script.command`, then
 `reload_missing` for the calls a NOSCRIPT refused). A NOSCRIPT reply (first use on a server, or a server
@@ -39,14 +39,29 @@ local function add_dead_letter(dlq, dropped, max_len, fields)
 end
 
 -- A bulk line its runner admitted has no result hash while it is queued: its job's id hash keeps, under the
--- line's custom_id digest, '<first line number> <entry id> <lane stream>' (admit.lua). The entry that owns
--- the line, from there; nil if it is not such a line (a request with a result hash reads that instead).
-local function admitted_entry(ids, digest)
-  if not ids or not digest or digest == '' then
+-- line's custom_id digest, '<first line number> <epoch> <entry id> <lane stream>' (admit.lua). `ref` is the
+-- line's '<digest> <epoch>' (keys.py, bulk_line). Returns the entry that owns the line and its number, or nil
+-- (not such a line, or not queued: a request with a result hash reads that instead).
+local function admitted_entry(ids, ref)
+  if not ids or not ref or ref == '' then
     return nil
   end
-  local mark = redis.call('HGET', ids, digest)
-  return mark and string.match(mark, '^%d+ (.+)$') or nil
+  local digest, epoch = string.match(ref, '^(%S+) (%d+)$')
+  local mark = digest and redis.call('HGET', ids, digest)
+  if not mark then
+    return nil
+  end
+  local line, marked_epoch, entry = string.match(mark, '^(%d+) (%d+) (.+)$')
+  if marked_epoch ~= epoch then
+    return nil
+  end
+  return entry, line
+end
+
+-- Once a queued bulk line has a result hash (started, cancelled, or ended unstarted), that is its state: its
+-- field in the id hash goes back to its line number, so nothing reads it as queued again.
+local function settle_line(ids, ref, line)
+  redis.call('HSET', ids, string.match(ref, '^%S+'), line)
 end
 """
 

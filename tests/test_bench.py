@@ -159,6 +159,7 @@ async def test_backlog_bench_holds_the_whole_job_then_answers_every_line_once(
     assert held["used_memory"] > held["empty_used_memory"] and held["bytes_per_request"] > 0
     kinds = held["by_kind"]
     assert "result hashes" not in kinds  # a queued bulk line has none: its entry is in the job's id hash
+    assert report["after_drain"]["by_kind"]["result hashes"]["keys"] == n  # each line has one once it ran
     assert {"lane stream", "job's id hash (digests, entries)"} <= set(kinds)
     assert ("staged input" in kinds) == (mode == "detached")  # an attached job's input stays on disk
     assert sum(v["bytes"] for v in kinds.values()) + held["other_bytes"] == held["added_bytes"]

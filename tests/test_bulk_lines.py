@@ -41,7 +41,6 @@ async def feed(client: InferenceClient, lines: int, **params: Any) -> list[Gener
             prompt=f"line {n}",
             model=MODEL,
             max_tokens=2,
-            stream=False,
             reply_stream=reply_stream,
             **params,
         )
@@ -61,22 +60,28 @@ async def test_a_queued_bulk_line_is_kept_in_its_jobs_id_hash_and_runs_once(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:
     keys = Keys.of(settings)
+    await redis.hset(keys.tenants(MODEL), "acme", 10)  # ten unfinished requests of the tenant elsewhere
     requests = await feed(client, 5, tenant="acme")
     assert [a.code for a in await client.enqueue_many(requests)] == [ADMITTED] * 5
     entries = {unpack(f[b"m"])["id"]: e.decode() for e, f in await redis.xrange(keys.queue(MODEL))}
     marks = await redis.hgetall(keys.bulk_ids(JOB))
     for n, request in enumerate(requests, 1):
         assert not await redis.exists(keys.result(request.id))  # no result hash while it is queued
-        ids_key, field = keys.bulk_line(request.id) or ("", "")
-        assert ids_key == keys.bulk_ids(JOB)
-        assert marks[field.encode()].decode() == f"{n} {entries[request.id]} {keys.queue(MODEL)}"
+        ids_key, ref = keys.bulk_line(request.id) or ("", "")
+        assert ids_key == keys.bulk_ids(JOB) and ref == f"{digest(f'c{n - 1}')} 0"
+        assert marks[ref.split()[0].encode()].decode() == f"{n} 0 {entries[request.id]} {keys.queue(MODEL)}"
         assert (await client.get(request.id)).status == "queued"
+    # The same custom_id in another run (epoch) of the job is another request: not this queued one.
+    with pytest.raises(RequestNotFound):
+        await client.get(bulk_request_id(JOB, 1, digest("c0")))
+    with pytest.raises(RequestNotFound):
+        await client.cancel(bulk_request_id(JOB, 1, digest("c0")))
 
     # A feed replayed after a crash: the runner's first_lines still reads its line numbers, nothing is added.
     again = await feed(client, 5, tenant="acme")
     assert [a.code for a in await client.enqueue_many(again)] == [EXISTS] * 5
     assert await redis.xlen(keys.queue(MODEL)) == 5
-    assert await redis.hget(keys.tenants(MODEL), "acme") == b"5"
+    assert await redis.hget(keys.tenants(MODEL), "acme") == b"15"
 
     start_worker("--engine", "standin", "--model", MODEL)
 
@@ -85,18 +90,28 @@ async def test_a_queued_bulk_line_is_kept_in_its_jobs_id_hash_and_runs_once(
 
     await wait_until(all_answered, 30, "every line to be answered")
     answered = await replies(redis, keys)
-    for request in requests:
+    marks = await redis.hgetall(keys.bulk_ids(JOB))
+    for n, request in enumerate(requests, 1):
         assert answered[request.id]["status"] == "done"
         stored = await redis.hgetall(keys.result(request.id))
         assert stored[b"status"] == b"done" and stored[b"attempts"] == b"1"
         assert stored[b"entry"].decode() == f"{entries[request.id]} {keys.queue(MODEL)}"  # start.lua copied it
-    assert not await redis.hexists(keys.tenants(MODEL), "acme")  # released once per line
+        assert marks[digest(f"c{n - 1}").encode()] == str(n).encode()  # the id hash let go of it
+    assert await redis.hget(keys.tenants(MODEL), "acme") == b"10"  # each line released its count once
+    # A line that ended is not queued again when its result is gone (it expired): nothing to read or cancel.
+    assert await client.cancel(requests[0].id) == "done"
+    await redis.delete(keys.result(requests[0].id))
+    with pytest.raises(RequestNotFound):
+        await client.get(requests[0].id)
+    with pytest.raises(RequestNotFound):
+        await client.cancel(requests[0].id)
 
 
 async def test_a_cancelled_or_expired_bulk_line_ends_once_and_a_forged_entry_runs_nothing(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:
     keys = Keys.of(settings)
+    await redis.hset(keys.tenants(MODEL), "acme", 10)  # ten unfinished requests of the tenant elsewhere
     cancelled, kept, late = await feed(client, 3, tenant="acme")
     late = late.model_copy(update={"deadline": time.time() + 0.3})
     assert [a.code for a in await client.enqueue_many([cancelled])] == [ADMITTED]
@@ -119,10 +134,12 @@ async def test_a_cancelled_or_expired_bulk_line_ends_once_and_a_forged_entry_run
 
     await wait_until(all_ended, 30, "the lines to end and the forged entry to be dead-lettered")
     answered = await replies(redis, keys)
+    marks = await redis.hgetall(keys.bulk_ids(JOB))
+    assert sorted(marks.values()) == [b"1", b"2", b"3"]  # each line's state is its result hash now
     assert answered[kept.id]["status"] == "done" and answered[kept.id]["completion_tokens"] == 2  # not the forgery
     assert answered[cancelled.id]["status"] == "cancelled"
     assert answered[late.id]["status"] == "expired"
     letters = await client.dead_letters(MODEL).list()
     forgeries = [letter.request for letter in letters if "forged entry" in letter.error]
     assert [(r.id, r.prompt) for r in forgeries if r is not None] == [(kept.id, "forged")], letters
-    assert not await redis.hexists(keys.tenants(MODEL), "acme")  # each of the three released its count once
+    assert await redis.hget(keys.tenants(MODEL), "acme") == b"10"  # each of the three released its count once

@@ -5,9 +5,10 @@
 -- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] the reply-stream record of this run (msgpack),
 -- [5] worker name, [6] tenant ('' for none), [7] the reply-stream record of a request cancelled while queued
 -- (msgpack; '' without a reply stream), [8] the DLQ's length bound, [9] n = how many result field/value
--- items follow, [10] the bulk line's digest ('' for another request), [11 .. 10+n] the final state's fields
--- and values, then (to dead-letter the entry) the DLQ entry's fields and values.
--- A bulk line that never started has no result hash: the entry that owns it is in the job's id hash.
+-- items follow, [10] the bulk line's reference ('' for another request), [11 .. 10+n] the final state's
+-- fields and values, then (to dead-letter the entry) the DLQ entry's fields and values.
+-- A bulk line that never started has no result hash: the entry that owns it is in the job's id hash, which
+-- lets go of it once its final state is stored.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
 -- Idempotent: if another delivery of the same request already stored a final state, that one stands (a
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
@@ -36,7 +37,10 @@ local function reply(record)
 end
 local entry = ARGV[2] .. ' ' .. KEYS[2]
 local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
-local owner = stored[1] or admitted_entry(ids, ARGV[10])
+local owner, line = stored[1], nil
+if not owner then
+  owner, line = admitted_entry(ids, ARGV[10])
+end
 if owner and owner ~= entry then
   -- A forged entry that names a request admitted with another entry: it ends nothing but itself.
   dead_letter()
@@ -66,6 +70,9 @@ elseif redis.call('HEXISTS', KEYS[1], 'ended_by') == 0 then
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[5])
 else
   redis.call('HINCRBY', KEYS[1], 'duplicates', 1)
+end
+if line then
+  settle_line(ids, ARGV[10], line)
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 -- The tenant's count goes down once per admitted entry: when this call is the one that acknowledges it.

@@ -1,15 +1,18 @@
 -- Mark a request running, unless it already ended or was cancelled while queued (docs/CONTRACTS.md, "Cancellation and deadlines").
 -- KEYS[1] the result hash, KEYS[2] (a bulk job's line only) the job's id hash. ARGV: worker name, started_at
 -- (unix seconds), result_ttl_s, model, queued_at (unix seconds, from the entry id: the admission writes only
--- the status, to stay cheap), the entry ('<entry id> <lane stream>'), [the line's digest].
+-- the status, to stay cheap), the entry ('<entry id> <lane stream>'), [the line's reference].
 -- A bulk line its runner admitted has no result hash yet: the entry that owns it is in the id hash, and goes
--- into the result hash written here (finish.lua and cancel.lua find it there).
+-- into the result hash written here (finish.lua and cancel.lua find it there); the id hash lets go of it.
 -- Returns the status the worker must act on: 'running' (go), 'cancelled' (a cancel is pending: end it
 -- cancelled), a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge), or
 -- 'foreign': the request was admitted with another entry, so this one (forged) must not touch it.
 local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
 local owner, status = stored[1], stored[2]
-local marked = not owner and admitted_entry(KEYS[2], ARGV[7])
+local marked, line
+if not owner then
+  marked, line = admitted_entry(KEYS[2], ARGV[7])
+end
 if (owner or marked) and (owner or marked) ~= ARGV[6] then
   return 'foreign'
 end
@@ -24,6 +27,9 @@ if marked then
   fields[#fields + 1], fields[#fields + 2] = 'entry', marked
 end
 redis.call('HSET', KEYS[1], unpack(fields))
+if marked then
+  settle_line(KEYS[2], ARGV[7], line)
+end
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 'running'
