@@ -56,6 +56,17 @@ async def replies(redis: Redis, keys: Keys) -> dict[str, dict[str, Any]]:
     return by_id
 
 
+async def all_answered(redis: Redis, settings: Settings, lines: int) -> dict[str, dict[str, Any]]:
+    """The job's records once there are `lines` of them and the model's queue is empty."""
+    keys = Keys.of(settings)
+
+    async def ended() -> bool:
+        return len(await replies(redis, keys)) == lines and await drained(redis, settings, MODEL) == (0, 0)
+
+    await wait_until(ended, 30, f"{lines} lines to be answered and the queue to empty")
+    return await replies(redis, keys)
+
+
 async def test_a_queued_bulk_line_is_kept_in_its_jobs_id_hash_and_runs_once(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:
@@ -84,12 +95,7 @@ async def test_a_queued_bulk_line_is_kept_in_its_jobs_id_hash_and_runs_once(
     assert await redis.hget(keys.tenants(MODEL), "acme") == b"15"
 
     start_worker("--engine", "standin", "--model", MODEL)
-
-    async def all_answered() -> bool:
-        return len(await replies(redis, keys)) == 5 and await drained(redis, settings, MODEL) == (0, 0)
-
-    await wait_until(all_answered, 30, "every line to be answered")
-    answered = await replies(redis, keys)
+    answered = await all_answered(redis, settings, 5)
     marks = await redis.hgetall(keys.bulk_ids(JOB))
     for n, request in enumerate(requests, 1):
         assert answered[request.id]["status"] == "done"
@@ -128,12 +134,7 @@ async def test_a_cancelled_or_expired_bulk_line_ends_once_and_a_forged_entry_run
         await client.cancel(bulk_request_id(JOB, 0, digest("never-fed")))
     await asyncio.sleep(max(late.deadline - time.time(), 0) + 0.05)  # type: ignore[operator]  # past its deadline
     start_worker("--engine", "standin", "--model", MODEL)
-
-    async def all_ended() -> bool:
-        return len(await replies(redis, keys)) == 3 and await drained(redis, settings, MODEL) == (0, 0)
-
-    await wait_until(all_ended, 30, "the lines to end and the forged entry to be dead-lettered")
-    answered = await replies(redis, keys)
+    answered = await all_answered(redis, settings, 3)  # and the forged entry dead-lettered: the queue is empty
     marks = await redis.hgetall(keys.bulk_ids(JOB))
     assert sorted(marks.values()) == [b"1", b"2", b"3"]  # each line's state is its result hash now
     assert answered[kept.id]["status"] == "done" and answered[kept.id]["completion_tokens"] == 2  # not the forgery
