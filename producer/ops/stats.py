@@ -50,34 +50,49 @@ async def drain_rate(redis: Redis, keys: Keys, model: str) -> float:
     return sum(w["completions_per_s"] for w in await workers(redis, keys) if w["model"] == model)
 
 
-async def lane_stats(redis: Redis, stream: str) -> dict[str, Any]:
-    """Length, lag, pending, oldest pending age and consumers of one lane stream."""
-    length = int(await redis.xlen(stream))
-    out: dict[str, Any] = {"length": length, "lag": 0, "pending": 0, "oldest_pending_s": None, "consumers": []}
-    if not await redis.exists(stream):
-        return out
-    counts = group_counts(await redis.xinfo_groups(stream), length)
-    if counts is not None:
-        pending, lag = counts
-        out["pending"], out["lag"] = pending, lag or 0
-        if pending:
-            summary = await redis.xpending(stream, GROUP)
-            oldest_ms = int(text(summary["min"]).split("-")[0])  # an entry id starts with its add time
-            out["oldest_pending_s"] = round(time.time() - oldest_ms / 1000, 1)
-        out["consumers"] = [
-            {"name": text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
-            for c in await redis.xinfo_consumers(stream, GROUP)
-        ]
+def _empty_lane() -> dict[str, Any]:
+    return {"length": 0, "lag": 0, "pending": 0, "oldest_pending_s": None, "consumers": []}
+
+
+async def lane_stats(redis: Redis, streams: list[str]) -> list[dict[str, Any]]:
+    """Length, lag, pending, oldest pending age and consumers of each lane stream, all in one round trip (a
+    status with many shards costs no more waits than one with one). A stream or group that does not exist
+    answers with an error, read as empty."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, GROUP)
+            pipe.xinfo_consumers(stream, GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+    out = []
+    now = time.time()
+    for at in range(0, len(replies), 4):
+        length, groups, summary, consumers = replies[at : at + 4]
+        one = _empty_lane()
+        one["length"] = 0 if isinstance(length, Exception) else int(length)
+        counts = group_counts(groups, one["length"])  # None for an error: no stream, or no group
+        if counts is not None:
+            one["pending"], lag = counts
+            one["lag"] = lag or 0
+            if one["pending"] and isinstance(summary, dict) and summary.get("min"):
+                oldest_ms = int(text(summary["min"]).split("-")[0])  # an entry id starts with its add time
+                one["oldest_pending_s"] = round(now - oldest_ms / 1000, 1)
+            if isinstance(consumers, list):
+                one["consumers"] = [
+                    {"name": text(c["name"]), "pending": int(c["pending"]), "idle_ms": int(c["idle"])}
+                    for c in consumers
+                ]
+        out.append(one)
     return out
 
 
-async def lane_total(redis: Redis, streams: list[str]) -> dict[str, Any]:
-    """`lane_stats` of one lane summed over its shard streams (the oldest pending is the oldest of all; a
-    consumer's pending summed, its idle time the least)."""
-    total: dict[str, Any] = {"length": 0, "lag": 0, "pending": 0, "oldest_pending_s": None, "consumers": []}
+def lane_total(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """`lane_stats` of one lane's shard streams, summed (the oldest pending is the oldest of all; a consumer's
+    pending summed, its idle time the least)."""
+    total = _empty_lane()
     consumers: dict[str, dict[str, Any]] = {}
-    for stream in streams:
-        one = await lane_stats(redis, stream)
+    for one in shards:
         for name in ("length", "lag", "pending"):
             total[name] += one[name]
         if one["oldest_pending_s"] is not None:
@@ -88,6 +103,13 @@ async def lane_total(redis: Redis, streams: list[str]) -> dict[str, Any]:
             seen["idle_ms"] = min(seen["idle_ms"], c["idle_ms"])
     total["consumers"] = list(consumers.values())
     return total
+
+
+async def lanes(redis: Redis, keys: Keys, model: str) -> dict[str, dict[str, Any]]:
+    """Each lane of the model, summed over its shards, in one round trip."""
+    per_lane = {lane: [keys.queue(model, lane, shard) for shard in range(keys.shards)] for lane in LANES}
+    found = iter(await lane_stats(redis, [stream for streams in per_lane.values() for stream in streams]))
+    return {lane: lane_total([next(found) for _ in streams]) for lane, streams in per_lane.items()}
 
 
 async def _summed(redis: Redis, keys: Keys, model: str) -> dict[str, Any]:
@@ -132,9 +154,8 @@ async def collect(redis: Redis, keys: Keys, only: list[str] | None = None) -> di
     report: dict[str, Any] = {"time": time.time(), "models": {}}
     for model in only or await models(redis, keys):
         mine = [w for w in live if w["model"] == model]
-        shards = range(keys.shards)
         report["models"][model] = {
-            "lanes": {lane: await lane_total(redis, [keys.queue(model, lane, s) for s in shards]) for lane in LANES},
+            "lanes": await lanes(redis, keys, model),
             **await _summed(redis, keys, model),
             "workers": mine,
             "completions_per_s": round(sum(w["completions_per_s"] for w in mine), 2),
