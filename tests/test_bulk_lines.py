@@ -140,6 +140,8 @@ async def test_a_cancelled_or_expired_bulk_line_ends_once_and_a_forged_entry_run
     assert answered[kept.id]["status"] == "done" and answered[kept.id]["completion_tokens"] == 2  # not the forgery
     assert answered[cancelled.id]["status"] == "cancelled"
     assert answered[late.id]["status"] == "expired"
+    for line in (cancelled, kept, late):  # each result names its own entry, however the line ended
+        assert (await redis.hget(keys.result(line.id), "entry") or b"").endswith(keys.queue(MODEL).encode())
     letters = await client.dead_letters(MODEL).list()
     forgeries = [letter.request for letter in letters if "forged entry" in letter.error]
     assert [(r.id, r.prompt) for r in forgeries if r is not None] == [(kept.id, "forged")], letters

@@ -55,6 +55,9 @@ local wrote = 0
 if not final then
   reply(ARGV[4])
   local fields = {'ended_by', ARGV[5]}
+  if line then  -- a bulk line ended unstarted: its result names its entry, as a started one's does
+    fields[#fields + 1], fields[#fields + 2] = 'entry', owner
+  end
   for i = 11, 10 + n do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
   if stored[3] then
