@@ -137,8 +137,8 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         if dead_letter is not None:
             keys.append(self.keys.dlq(first.model, shard))
             args += ["retry", dead_letter]
-        elif self._bulk_line(first)[0]:  # a bulk job's lines: their queued state goes in its id hash
-            keys.append(self._bulk_line(first)[0])
+        elif ids := self._bulk_line(first)[0]:  # a bulk job's lines: their queued state goes in its id hash
+            keys.append(ids)
             args += ["bulk", *(self._bulk_line(request)[1] for request, _ in batch)]
         else:
             args.append("")

@@ -189,7 +189,8 @@ class BulkStore:
 
     async def first_lines(self, job: str, numbered: list[tuple[str, int]]) -> list[int]:
         """For each (custom_id, line number), the first line the custom_id was seen on (this one if new). The
-        admission adds a fed line's entry to its field ('<line> <entry>': admit.lua); the line comes first."""
+        admission adds a queued line's epoch and entry to its field ('<line> <epoch> <entry id> <lane stream>':
+        admit.lua); the line comes first."""
         key = self.keys.bulk_ids(job)
         async with self.redis.pipeline(transaction=False) as pipe:
             for custom_id, number in numbered:
