@@ -165,8 +165,8 @@ class Keys:
         return f"{self.prefix}:bulk:{job}:{self._tag(self.job_shard(job))}"
 
     def bulk_ids(self, job: str) -> str:
-        """Hash custom_id digest -> first line number: duplicate detection without holding ids in memory. Once
-        the line is admitted, also its entry ('<line> <entry id> <lane stream>'): its queued state (bulk_line)."""
+        """Hash custom_id digest -> first line number: duplicate detection without holding ids in memory. While
+        the line is queued, also its run and entry ('<line> <epoch> <entry id> <lane stream>': bulk_line)."""
         return f"{self.prefix}:bulk:{job}:ids:{self._tag(self.job_shard(job))}"
 
     def bulk_line(self, request_id: str) -> tuple[str, str] | None:
