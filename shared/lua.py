@@ -8,6 +8,13 @@ pipeline (`script.run_all`), or as a command in someone else's transaction (`scr
 `reload_missing` for the calls a NOSCRIPT refused). A NOSCRIPT reply (first use on a server, or a server
 that restarted) means the call did nothing, so loading the script and sending the call again is safe.
 
+A script that runs once per request (the worker's start and finish) is `batched`: its file is the body of
+one call, and one EVALSHA runs many calls of it in turn (`merge_calls`), each with its own KEYS and ARGV and
+its own reply or error, as if each had been sent alone. Redis spends more on an EVALSHA itself (finding the
+script, setting up the Lua call, its KEYS and ARGV tables) than on the few commands such a script runs, so
+the calls of one batch share that cost. Calls are merged only with calls whose first key is in the same
+hash slot (a cluster runs a script on one slot's node).
+
 Keys reach a script only as KEYS, formatted by `shared.keys`: a script never builds a key name.
 """
 
@@ -19,12 +26,14 @@ from importlib import resources
 from typing import Any, ClassVar
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from inferq.shared.connection import execute_all
 from inferq.shared.schemas import FINAL_STATES, SCHEMA_VERSION
 
 Call = tuple[Sequence[str], Sequence[Any]]  # (keys, args)
+Command = tuple[Any, ...]
 
 
 # Helpers every script may call. A dead letter is added, the oldest beyond `max_len` dropped, and how many
@@ -66,6 +75,30 @@ end
 """
 
 
+# The rest of a batched script, after its body (wrapped as `call_one`). ARGV: how many calls, then per call its
+# key count, its arg count and its args; KEYS: every call's keys in turn. A call's error is its reply (a
+# table with `err`), as a call sent alone would answer: the calls after it still run.
+_BATCH_LOOP = """
+local replies, k, a = {}, 0, 1
+for i = 1, tonumber(ARGV[1]) do
+  local nk, na = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j] end
+  for j = 1, na do args[j] = ARGV[a + 2 + j] end
+  k, a = k + nk, a + 2 + na
+  local ok, reply = pcall(call_one, keys, args)
+  if not ok and type(reply) ~= 'table' then
+    reply = {err = tostring(reply)}
+  end
+  replies[i] = reply == nil and false or reply
+end
+return replies
+"""
+# At most this many calls in one EVALSHA: Redis runs a script to its end before anything else, and a few
+# hundred calls of a short script take it about a millisecond.
+_MAX_MERGED = 256
+
+
 def _preamble() -> str:
     final = ", ".join(f"{state} = true" for state in sorted(FINAL_STATES))
     return f"local FINAL = {{{final}}}\nlocal SCHEMA_VERSION = {SCHEMA_VERSION}\n{_HELPERS}"
@@ -74,9 +107,13 @@ def _preamble() -> str:
 class LuaScript:
     _loaded: ClassVar[dict[str, LuaScript]] = {}  # sha -> script: what a NOSCRIPT reply names
 
-    def __init__(self, package: str, filename: str) -> None:
+    def __init__(self, package: str, filename: str, *, batched: bool = False) -> None:
         self.name = filename
-        self.source = _preamble() + resources.files(package).joinpath(filename).read_text()
+        self.batched = batched
+        body = resources.files(package).joinpath(filename).read_text()
+        if batched:  # the file is one call's body: KEYS and ARGV are that call's, `return` gives its reply
+            body = f"local function call_one(KEYS, ARGV)\n{body}\nend\n{_BATCH_LOOP}"
+        self.source = _preamble() + body
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         LuaScript._loaded[self.sha] = self
 
@@ -91,10 +128,11 @@ class LuaScript:
         replies: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))
         for _ in range(2):  # the second round only for what NOSCRIPT refused, once the script is loaded
+            merged = Merged([commands[i] for i in todo])
             async with redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    pipe.execute_command(*commands[i])
-                for i, reply in zip(todo, await execute_all(redis, pipe), strict=True):
+                for command in merged.commands:
+                    pipe.execute_command(*command)
+                for i, reply in zip(todo, merged.split(await execute_all(redis, pipe)), strict=True):
                     replies[i] = reply
             todo = await reload_missing(redis, commands, replies)
             if not todo:
@@ -108,12 +146,63 @@ class LuaScript:
         """Load the script now (SCRIPT LOAD is idempotent), so that its first call is not refused."""
         await redis.script_load(self.source)
 
-    def command(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
-        """The call as a raw command, for a pipeline or transaction built elsewhere (the worker's outbox)."""
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> Command:
+        """The call as a raw command, for a pipeline or transaction built elsewhere (the worker's outbox), which
+        sends a batched script's calls through `Merged`."""
+        if self.batched:
+            return ("EVALSHA", self.sha, len(keys), *keys, 1, len(keys), len(args), *args)
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-async def reload_missing(redis: Redis, commands: Sequence[tuple[Any, ...]], replies: Sequence[Any]) -> list[int]:
+class Merged:
+    """Commands to send, with the calls of each batched script merged: one EVALSHA per script and hash slot
+    (at most _MAX_MERGED calls each), where the first of them stood; other commands as they were, in order.
+    `split` gives back one reply (or error) per command given."""
+
+    def __init__(self, commands: Sequence[Command]) -> None:
+        self.commands: list[Command] = []
+        self._where: list[tuple[int, int]] = []  # per command given: (its position sent, its call's index or -1)
+        parts: dict[int, list[Command]] = {}  # position sent -> the calls merged there
+        open_: dict[tuple[str, int], int] = {}  # (script, slot) -> the position still taking calls
+        for command in commands:
+            script = LuaScript._loaded.get(command[1]) if command[0] == "EVALSHA" else None
+            if script is None or not script.batched:
+                self._where.append((len(self.commands), -1))
+                self.commands.append(command)
+                continue
+            group = (command[1], key_slot(command[3].encode()) if command[2] else -1)
+            position = open_.get(group)
+            if position is None or len(parts[position]) >= _MAX_MERGED:
+                position = open_[group] = len(self.commands)
+                parts[position] = []
+                self.commands.append(command)
+            self._where.append((position, len(parts[position])))
+            parts[position].append(command)
+        for position, calls in parts.items():
+            if len(calls) > 1:
+                self.commands[position] = _merge(calls)
+
+    def split(self, replies: Sequence[Any]) -> list[Any]:
+        """One reply per command given, from the replies to `commands` (an error of a merged EVALSHA as a whole,
+        NOSCRIPT for one, is each of its calls' error)."""
+        return [
+            replies[position] if index < 0 or isinstance(replies[position], Exception) else replies[position][index]
+            for position, index in self._where
+        ]
+
+
+def _merge(calls: list[Command]) -> Command:
+    """One EVALSHA for the calls (each from `command`: its keys, then 1, its key count, arg count and args)."""
+    keys: list[Any] = []
+    args: list[Any] = [len(calls)]
+    for call in calls:
+        end = 3 + call[2]
+        keys += call[3:end]
+        args += call[end + 1 :]
+    return ("EVALSHA", calls[0][1], len(keys), *keys, *args)
+
+
+async def reload_missing(redis: Redis, commands: Sequence[Command], replies: Sequence[Any]) -> list[int]:
     """After a pipeline of `command()`s: load every script a NOSCRIPT reply refused; returns the positions of
     those calls, which did nothing and can be sent again."""
     refused = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]

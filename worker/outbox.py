@@ -28,12 +28,11 @@ from inferq.shared.batching import Batcher
 from inferq.shared.codec import pack
 from inferq.shared.connection import OUTAGE, Backoff, execute_all, is_cluster, passing_refusal, pipeline, retry_outages
 from inferq.shared.errors import WriteRefused
-from inferq.shared.lua import reload_missing
+from inferq.shared.lua import Command, Merged, reload_missing
 from inferq.shared.schemas import SCHEMA_VERSION
 
 log = logging.getLogger("inferq.worker")
 
-Command = tuple[Any, ...]
 Event = tuple[str, dict[str, Any]]  # (reply channel, token event)
 Item = tuple[tuple[Command, ...], tuple[Event, ...]]  # what one caller adds: its commands, then its events
 
@@ -120,7 +119,8 @@ class Outbox(Batcher[Item]):
         errors: list[BaseException | None] = [None] * len(items)
         while commands or events:
             raw = [command for _, command in commands]
-            results = await self._send(raw, events)
+            merged = Merged(raw)  # the finishes of the batch: one script call per slot (shared.lua)
+            results = merged.split(await self._send(merged.commands, events))
             for (owner, _), result in zip(commands, results, strict=False):
                 if isinstance(result, Exception) and not isinstance(result, NoScriptError):
                     errors[owner] = result

@@ -8,8 +8,8 @@ READ_LANES = LuaScript("inferq.worker", "read_lanes.lua")
 CLAIM = LuaScript("inferq.worker", "claim.lua")
 RENEW = LuaScript("inferq.worker", "renew.lua")
 REAP = LuaScript("inferq.worker", "reap.lua")
-START = LuaScript("inferq.worker", "start.lua")
-FINISH = LuaScript("inferq.worker", "finish.lua")
+START = LuaScript("inferq.worker", "start.lua", batched=True)  # once a request: many in one call
+FINISH = LuaScript("inferq.worker", "finish.lua", batched=True)
 DEAD_LETTER = LuaScript("inferq.worker", "dead_letter.lua")
 
 # Loaded when a worker starts, before it reads: the outbox's final writes (FINISH, DEAD_LETTER) share a
