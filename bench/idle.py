@@ -36,12 +36,13 @@ def descendants(roots: Iterable[int]) -> set[int]:
 
 
 def cpu_seconds(roots: Iterable[int]) -> float:
-    """User + system CPU seconds of `roots` and every process below them (those alive now)."""
+    """User + system CPU seconds of `roots` and every process below them: those alive now, and those that ended
+    and were waited for (a Redis's AOF rewrites, each a child process that lives a few seconds)."""
     total = 0.0
     for pid in descendants(roots):
         with contextlib.suppress(psutil.Error):
             times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
+            total += times.user + times.system + times.children_user + times.children_system
     return total
 
 
