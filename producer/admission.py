@@ -66,7 +66,12 @@ def estimate_retry_after(queue_len: int, cap: int, drain_rate: float, *, tenant_
     return min(max(excess / drain_rate, _MIN_RETRY_S), _MAX_RETRY_S)
 
 
-class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
+# What one submit asks: the request, the DLQ entry it replaces (a retry) or None, its packed payload if the
+# caller has it already (the client packs it to check its size) or None.
+Ask = tuple[GenerationRequest, str | None, bytes | None]
+
+
+class Admitter(Batcher[Ask]):
     """Submits of one loop turn are grouped by lane: one admit.lua call per lane admits the lot in order."""
 
     def __init__(self, redis: Redis, settings: Settings, tenant_caps: Mapping[str, int] | None = None) -> None:
@@ -78,15 +83,18 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         self._rates: dict[str, tuple[float, float]] = {}  # model -> (measured at, requests/s)
         self._listed: dict[str, float] = {}  # model -> when to list it in the models' index again (monotonic)
 
-    async def admit(self, request: GenerationRequest, *, replacing_dead_letter: str | None = None) -> Admission:
+    async def admit(
+        self, request: GenerationRequest, *, replacing_dead_letter: str | None = None, packed: bytes | None = None
+    ) -> Admission:
         """Enqueue `request` unless its lane (or its tenant) is at the cap. With `replacing_dead_letter` (a DLQ
-        entry id) the request's failed result is replaced and that dead letter removed in the same step."""
-        return _admission(await self.call((request, replacing_dead_letter)))
+        entry id) the request's failed result is replaced and that dead letter removed in the same step.
+        `packed`: the request's payload, packed (codec.pack), if the caller has it."""
+        return _admission(await self.call((request, replacing_dead_letter, packed)))
 
     async def admit_many(self, requests: list[GenerationRequest]) -> list[Admission]:
         """Admit many requests at once, in order (a bulk caller's path: no task or future per request).
         Connection errors are raised; per-request outcomes are in the returned list."""
-        replies = await self.send([(request, None) for request in requests])
+        replies = await self.send([(request, None, None) for request in requests])
         out = []
         for reply in replies:
             if isinstance(reply, Exception):
@@ -94,10 +102,10 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             out.append(_admission(reply))
         return out
 
-    async def send(self, items: list[tuple[GenerationRequest, str | None]]) -> list[Any]:
-        await self._register({request.model for request, _ in items})
+    async def send(self, items: list[Ask]) -> list[Any]:
+        await self._register({request.model for request, _, _ in items})
         by_lane: dict[tuple[str, ...], list[int]] = {}  # (lane, tenant, bulk job) -> positions in `items`
-        for i, (request, dead_letter) in enumerate(items):
+        for i, (request, dead_letter, _) in enumerate(items):
             # The last part is a bulk line's job's id hash: a call admits the lines of one job.
             group = (request.model, request.priority, str(self.keys.shard_of(request.id)), request.tenant or "",
                      self._bulk_line(request)[0])  # fmt: skip
@@ -111,16 +119,16 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
                 results[i] = reply if isinstance(reply, Exception) else reply[n]
         return results
 
-    def _call(self, batch: list[tuple[GenerationRequest, str | None]]) -> tuple[list[str], list[Any]]:
+    def _call(self, batch: list[Ask]) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of one admit.lua call (see the script) for requests of one shard's lane and tenant. The
         caps are split evenly over the shards (a cap of 10 over 3 shards: 4 in each)."""
-        first, dead_letter = batch[0]
+        first, dead_letter, _ = batch[0]
         model, shard = first.model, self.keys.shard_of(first.id)
         keys = [
             self.keys.queue(model, first.priority, shard), self.keys.tenants(model, shard),
             self.keys.refusals(model, shard),
         ]  # fmt: skip
-        keys += [self.keys.result(request.id) for request, _ in batch]
+        keys += [self.keys.result(request.id) for request, _, _ in batch]
         args: list[Any] = [
             self.per_shard(self.settings.lane_cap(first.priority)),
             self.per_shard(self.settings.max_lag),
@@ -129,9 +137,9 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             len(batch),
             first.tenant or "",
         ]
-        args += [pack(request.payload()) for request, _ in batch]
+        args += [pack(request.payload()) if packed is None else packed for request, _, packed in batch]
         now = time.time()
-        limits = [wait_limit(request, now, self.settings) for request, _ in batch]
+        limits = [wait_limit(request, now, self.settings) for request, _, _ in batch]
         args += [max(math.ceil(limit - now), 0) + self.settings.result_ttl_s for limit in limits]
         args += [repr(limit) for limit in limits]
         if dead_letter is not None:
@@ -139,7 +147,7 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
             args += ["retry", dead_letter]
         elif ids := self._bulk_line(first)[0]:  # a bulk job's lines: their queued state goes in its id hash
             keys.append(ids)
-            args += ["bulk", *(self._bulk_line(request)[1] for request, _ in batch)]
+            args += ["bulk", *(self._bulk_line(request)[1] for request, _, _ in batch)]
         else:
             args.append("")
         return keys, args
@@ -164,12 +172,14 @@ class Admitter(Batcher[tuple[GenerationRequest, str | None]]):
         """A lane's or tenant's cap (0: off) as each of the model's shards holds it."""
         return -(-cap // self.keys.shards)
 
-    async def enqueue(self, request: GenerationRequest, *, wait: bool = False, wait_s: float = 0.0) -> Admission:
+    async def enqueue(
+        self, request: GenerationRequest, *, wait: bool = False, wait_s: float = 0.0, packed: bytes | None = None
+    ) -> Admission:
         """Admit `request`; on refusal raise QueueFull, or with `wait` retry (jittered, paced by the drain
         rate) until admitted or `wait_s` has passed."""
         give_up = time.monotonic() + wait_s
         while True:
-            admission = await self.admit(request)
+            admission = await self.admit(request, packed=packed)
             if admission.code not in (REFUSED, TENANT_FULL):
                 return admission
             retry_after, note = await self.retry_after(request, admission)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -235,6 +236,19 @@ class InferenceClient(AsyncLifecycle):
 
         `ttl` (seconds from now) is a shorthand for `deadline` (unix time): a request not started by then
         ends `expired` without running; one still running then is aborted and ends `expired`."""
+        return self._build(prompt=prompt, messages=messages, model=model, request_id=request_id, ttl=ttl, **params)[0]
+
+    def _build(
+        self,
+        *,
+        prompt: str | None,
+        messages: Sequence[ChatMessage | dict[str, str]] | None,
+        model: str | None,
+        request_id: str | None,
+        ttl: float | None = None,
+        **params: Any,
+    ) -> tuple[GenerationRequest, bytes]:
+        """build_request, and the request's payload packed (its size is checked on it; admission sends it)."""
         if ttl is not None:
             if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
                 raise InvalidRequest(f"ttl={ttl!r} must be a positive number of seconds (how long it may wait and run)")
@@ -243,7 +257,8 @@ class InferenceClient(AsyncLifecycle):
             params["deadline"] = time.time() + ttl
         stream_job = self.keys.reply_stream_job(params["reply_stream"]) if params.get("reply_stream") else None
         if request_id is None:  # a reply stream takes only its job's requests: give this one such an id
-            request_id = bulk_request_id(stream_job, 0, uuid.uuid4().hex) if stream_job else uuid.uuid4().hex
+            unique = os.urandom(16).hex()  # as random as uuid4's hex, without making a UUID (this runs per submit)
+            request_id = bulk_request_id(stream_job, 0, unique) if stream_job else unique
             if self.settings.tenant is not None and not stream_job:
                 request_id = Keys.tenant_scoped(self.settings.tenant, request_id)
         if self.settings.tenant is not None:
@@ -262,13 +277,13 @@ class InferenceClient(AsyncLifecycle):
         except TypeError as exc:
             raise InvalidRequest(f"invalid request: {exc}") from None
         try:
-            size = len(pack(request.payload()))
+            packed = pack(request.payload())
         except UnicodeEncodeError:
             raise InvalidRequest(
                 "invalid request: its text is not valid Unicode (a lone surrogate such as '\\ud800'?)"
             ) from None
-        check_request(request, size, self.settings, self.keys)
-        return request
+        check_request(request, len(packed), self.settings, self.keys)
+        return request, packed
 
     def _bound_tenant(self, request_id: str, tenant: object) -> str:
         """A tenant-bound client's requests are its tenant's, with ids it may write (INFERQ_TENANT)."""
@@ -302,7 +317,7 @@ class InferenceClient(AsyncLifecycle):
         not enqueued again: the handle follows the first one. With `wait=True` a full queue is retried
         (jittered, paced by the drain rate) for up to `wait_timeout` seconds (default:
         settings.request_timeout_s) before QueueFull is raised."""
-        request = self.build_request(
+        request, packed = self._build(
             prompt=prompt,
             messages=messages,
             model=model,
@@ -315,7 +330,7 @@ class InferenceClient(AsyncLifecycle):
         queue = self._replies.register(request.id)  # before the add: no event can be missed
         try:
             limit = self.settings.request_timeout_s if wait_timeout is None else wait_timeout
-            admission = await self._admitter.enqueue(request, wait=wait, wait_s=limit)
+            admission = await self._admitter.enqueue(request, wait=wait, wait_s=limit, packed=packed)
         except OUTAGE as exc:
             self._replies.unregister(request.id, queue)
             raise RedisUnavailable(
