@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -274,6 +275,13 @@ def test_the_model_runs_in_the_engine_core_which_loads_the_spin_plugin(tiny_work
     assert not any(t.startswith("VLLM::Worker") for t in titles), titles
     lines = [line for line in log.splitlines() if "busy-waits 2 ms" in line]
     assert any(line.startswith("(EngineCore pid=") for line in lines), lines
+
+
+def test_the_worker_keeps_its_startup_heap_out_of_full_collections(tiny_worker: WorkerProcess) -> None:
+    # vLLM and torch leave hundreds of thousands of objects behind after the start; frozen, a full collection
+    # while serving walks only what serving made (worker/run.py, freeze_startup_heap).
+    frozen = re.search(r"startup heap frozen: (\d+) objects", tiny_worker.log())
+    assert frozen is not None and int(frozen.group(1)) > 100_000
 
 
 def total(samples: dict[Any, float], name: str, **labels: str) -> float:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
@@ -82,6 +84,7 @@ async def _serve(
     alongside: Alongside | None,
 ) -> int:
     await engine.start()
+    freeze_startup_heap()  # before the worker says it is ready: the collection stops everything for a moment
     try:
         async with Worker(settings, engine, redis, model=model, consumer=consumer, metrics=metrics) as worker:
             if probe is not None:
@@ -125,6 +128,20 @@ async def _serve(
         if probe is not None:
             probe.state = "stopping"
         await engine.stop()
+
+
+def freeze_startup_heap() -> None:
+    """Keep what starting made (vLLM, torch and the model's objects: 600,000 of them on the tiny model) out of
+    the garbage collector's full passes, which walked them all: 350 ms with the event loop stopped, each time
+    enough of what serving allocates survives to set one off. vLLM's own server does the same once it is up
+    (gc.freeze after a collection, so that only live objects are kept)."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "startup heap frozen: %d objects out of the garbage collector's full passes (a full pass took %.0f ms)",
+        gc.get_freeze_count(), 1000 * (time.perf_counter() - started),
+    )  # fmt: skip
 
 
 async def run_until_signalled(service: Alongside) -> int:
