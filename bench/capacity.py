@@ -37,6 +37,7 @@ from inferq.worker.vllm_children import handed_down
 
 _WARMUP_REQUESTS = 200  # per producer process, before it says it is ready
 _GRACE_S = 10.0  # how long requests still out at the end of an open-loop cell may take to come back
+_TICK_S = 0.005  # the open loop releases the requests due every 5 ms
 _BEHIND = 0.95  # an open-loop cell served less than this share of its offered rate: saturated
 
 
@@ -86,12 +87,14 @@ async def _produce(settings: Settings, mode: str, load: float, seconds: float, c
 
             await asyncio.gather(*(caller() for _ in range(int(load))))
         else:
-            tasks = []
-            for i in range(int(load * seconds)):
-                delay = start + i / load - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(True)))
+            tasks: list[asyncio.Task[None]] = []
+            total = int(load * seconds)
+            while len(tasks) < total:
+                # Every request due by now goes; then one tick's sleep (not one timer per request: the load
+                # generator shares the box's CPU with what it measures).
+                due = min(int((time.perf_counter() - start) * load) + 1, total)
+                tasks += [asyncio.create_task(one(True)) for _ in range(due - len(tasks))]
+                await asyncio.sleep(_TICK_S)
             await asyncio.wait(tasks, timeout=_GRACE_S) if tasks else None
         wall = time.perf_counter() - start
     return {"latencies": latencies, "errors": errors, "wall_s": wall}
