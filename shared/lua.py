@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
-from inferq.shared.connection import execute_all
+from inferq.shared.connection import execute_all, is_cluster
 from inferq.shared.schemas import FINAL_STATES, SCHEMA_VERSION
 
 Call = tuple[Sequence[str], Sequence[Any]]  # (keys, args)
@@ -128,7 +128,7 @@ class LuaScript:
         replies: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))
         for _ in range(2):  # the second round only for what NOSCRIPT refused, once the script is loaded
-            merged = Merged([commands[i] for i in todo])
+            merged = Merged([commands[i] for i in todo], by_slot=is_cluster(redis))
             async with redis.pipeline(transaction=False) as pipe:
                 for command in merged.commands:
                     pipe.execute_command(*command)
@@ -155,11 +155,11 @@ class LuaScript:
 
 
 class Merged:
-    """Commands to send, with the calls of each batched script merged: one EVALSHA per script and hash slot
-    (at most _MAX_MERGED calls each), where the first of them stood; other commands as they were, in order.
-    `split` gives back one reply (or error) per command given."""
+    """Commands to send, with the calls of each batched script merged: one EVALSHA per script (and, `by_slot`,
+    per hash slot: for a cluster) of at most _MAX_MERGED calls, where the first of them stood; other commands
+    as they were, in order. `split` gives back one reply (or error) per command given."""
 
-    def __init__(self, commands: Sequence[Command]) -> None:
+    def __init__(self, commands: Sequence[Command], *, by_slot: bool = True) -> None:
         self.commands: list[Command] = []
         self._where: list[tuple[int, int]] = []  # per command given: (its position sent, its call's index or -1)
         parts: dict[int, list[Command]] = {}  # position sent -> the calls merged there
@@ -170,7 +170,7 @@ class Merged:
                 self._where.append((len(self.commands), -1))
                 self.commands.append(command)
                 continue
-            group = (command[1], key_slot(command[3].encode()) if command[2] else -1)
+            group = (command[1], key_slot(command[3].encode()) if by_slot and command[2] else -1)
             position = open_.get(group)
             if position is None or len(parts[position]) >= _MAX_MERGED:
                 position = open_[group] = len(self.commands)

@@ -54,6 +54,7 @@ async def test_calls_of_different_slots_go_in_different_calls(redis: Redis, sett
     merged = Merged(commands)
     slots = [key_slot(c[3].encode()) for c in merged.commands]
     assert len(merged.commands) == 3 and len(set(slots)) == 3
+    assert len(Merged(commands, by_slot=False).commands) == 1  # one server runs any keys in one call
     replies = await scripts.START.run_all(redis, [_start(keys.result(i), "1-0 lane") for i in ids])
     assert replies == [b"running"] * len(ids)  # no result hash yet (not admitted): started all the same
 

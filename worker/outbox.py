@@ -119,7 +119,8 @@ class Outbox(Batcher[Item]):
         errors: list[BaseException | None] = [None] * len(items)
         while commands or events:
             raw = [command for _, command in commands]
-            merged = Merged(raw)  # the finishes of the batch: one script call per slot (shared.lua)
+            # The finishes of the batch: one script call (per slot, on a cluster: shared.lua).
+            merged = Merged(raw, by_slot=is_cluster(self.redis))
             results = merged.split(await self._send(merged.commands, events))
             for (owner, _), result in zip(commands, results, strict=False):
                 if isinstance(result, Exception) and not isinstance(result, NoScriptError):
