@@ -9,11 +9,11 @@ pipeline (`script.run_all`), or as a command in someone else's transaction (`scr
 that restarted) means the call did nothing, so loading the script and sending the call again is safe.
 
 A script that runs once per request (the worker's start and finish) is `batched`: its file is the body of
-one call, and one EVALSHA runs many calls of it in turn (`merge_calls`), each with its own KEYS and ARGV and
-its own reply or error, as if each had been sent alone. Redis spends more on an EVALSHA itself (finding the
+one call, and one EVALSHA runs many calls of it in turn (`Merged`), each with its own KEYS and ARGV and its
+own reply or error, as if each had been sent alone. Redis spends more on an EVALSHA itself (finding the
 script, setting up the Lua call, its KEYS and ARGV tables) than on the few commands such a script runs, so
-the calls of one batch share that cost. Calls are merged only with calls whose first key is in the same
-hash slot (a cluster runs a script on one slot's node).
+the calls of one batch share that cost. On a cluster, calls are merged only with calls whose first key is in
+the same hash slot (it runs a script on that slot's node).
 
 Keys reach a script only as KEYS, formatted by `shared.keys`: a script never builds a key name.
 """
