@@ -91,10 +91,12 @@ class Admitter(Batcher[Ask]):
         `packed`: the request's payload, packed (codec.pack), if the caller has it."""
         return _admission(await self.call((request, replacing_dead_letter, packed)))
 
-    async def admit_many(self, requests: list[GenerationRequest]) -> list[Admission]:
+    async def admit_many(self, requests: list[GenerationRequest], packed: list[bytes] | None = None) -> list[Admission]:
         """Admit many requests at once, in order (a bulk caller's path: no task or future per request).
-        Connection errors are raised; per-request outcomes are in the returned list."""
-        replies = await self.send([(request, None, None) for request in requests])
+        `packed`: their payloads, packed, if the caller has them. Connection errors are raised; per-request
+        outcomes are in the returned list."""
+        payloads: list[bytes | None] = [None] * len(requests) if packed is None else list(packed)
+        replies = await self.send([(r, None, p) for r, p in zip(requests, payloads, strict=True)])
         out = []
         for reply in replies:
             if isinstance(reply, Exception):

@@ -236,19 +236,22 @@ class InferenceClient(AsyncLifecycle):
 
         `ttl` (seconds from now) is a shorthand for `deadline` (unix time): a request not started by then
         ends `expired` without running; one still running then is aborted and ends `expired`."""
-        return self._build(prompt=prompt, messages=messages, model=model, request_id=request_id, ttl=ttl, **params)[0]
+        return self.build_packed(
+            prompt=prompt, messages=messages, model=model, request_id=request_id, ttl=ttl, **params
+        )[0]
 
-    def _build(
+    def build_packed(
         self,
         *,
-        prompt: str | None,
-        messages: Sequence[ChatMessage | dict[str, str]] | None,
-        model: str | None,
-        request_id: str | None,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
         ttl: float | None = None,
         **params: Any,
     ) -> tuple[GenerationRequest, bytes]:
-        """build_request, and the request's payload packed (its size is checked on it; admission sends it)."""
+        """build_request, and the request's payload packed: its size is checked on these bytes, and admission
+        sends them as they are (enqueue_many's `packed`), so a request is packed once."""
         if ttl is not None:
             if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
                 raise InvalidRequest(f"ttl={ttl!r} must be a positive number of seconds (how long it may wait and run)")
@@ -317,7 +320,7 @@ class InferenceClient(AsyncLifecycle):
         not enqueued again: the handle follows the first one. With `wait=True` a full queue is retried
         (jittered, paced by the drain rate) for up to `wait_timeout` seconds (default:
         settings.request_timeout_s) before QueueFull is raised."""
-        request, packed = self._build(
+        request, packed = self.build_packed(
             prompt=prompt,
             messages=messages,
             model=model,
@@ -349,11 +352,14 @@ class InferenceClient(AsyncLifecycle):
         return handle
 
     @redis_errors("add requests")
-    async def enqueue_many(self, requests: list[GenerationRequest]) -> list[Admission]:
-        """Admit many built requests at once (bulk callers: no reply route, no task per request). Each
-        outcome says admitted, already there (idempotent) or refused; refused ones are the caller's to retry."""
+    async def enqueue_many(
+        self, requests: list[GenerationRequest], *, packed: list[bytes] | None = None
+    ) -> list[Admission]:
+        """Admit many built requests at once (bulk callers: no reply route, no task per request). `packed`:
+        their payloads from build_packed, sent as they are. Each outcome says admitted, already there
+        (idempotent) or refused; refused ones are the caller's to retry."""
         await self.start()
-        return await self._admitter.admit_many(requests)
+        return await self._admitter.admit_many(requests, packed)
 
     async def generate(self, **kwargs: Any) -> Result:
         """Submit and wait: the stored result of a request that ended `done`; RequestFailed otherwise."""

@@ -155,20 +155,20 @@ class BulkRunner:
         parsed = [self._parse(number, raw) for number, raw in batch]
         firsts = await self.store.first_lines(self.job.id, [(p.custom_id, p.number) for p, _ in parsed])
         errors: list[dict[str, Any]] = []
-        todo: list[GenerationRequest] = []
-        for (line, request), first in zip(parsed, firsts, strict=True):
+        todo: list[tuple[GenerationRequest, bytes]] = []  # each request with its payload, packed once
+        for (line, built), first in zip(parsed, firsts, strict=True):
             if first != line.number:
                 errors.append(error_entry(duplicate(line.number, line.custom_id, line.kind, first)))
-            elif isinstance(line, LineError) or request is None:
+            elif isinstance(line, LineError) or built is None:
                 errors.append(error_entry(line))  # type: ignore[arg-type]
             else:
-                todo.append(request)
+                todo.append(built)
         admitted = len(todo)
         while todo:  # a full queue is waited out, never an error
-            outcomes = await self.client.enqueue_many(todo)
-            todo = [r for r, a in zip(todo, outcomes, strict=True) if a.code not in (ADMITTED, EXISTS)]
+            outcomes = await self.client.enqueue_many([r for r, _ in todo], packed=[p for _, p in todo])
+            todo = [built for built, a in zip(todo, outcomes, strict=True) if a.code not in (ADMITTED, EXISTS)]
             if todo and self._stop_feeding:  # cancelled meanwhile: what is not queued will not be
-                for r in todo:
+                for r, _ in todo:
                     number, kind, _, _, custom_id = formats.read_tag(r.tag or "[]", self.job.tag_defaults)
                     message = f"line {number}: the job was cancelled before this line was queued"
                     errors.append(error_entry(LineError(number, custom_id, kind, message), status="cancelled"))
@@ -181,20 +181,20 @@ class BulkRunner:
         await self._commit(errors, len(batch), admitted)
         return True
 
-    def _parse(self, number: int, raw: str) -> tuple[BulkLine | LineError, GenerationRequest | None]:
+    def _parse(self, number: int, raw: str) -> tuple[BulkLine | LineError, tuple[GenerationRequest, bytes] | None]:
         line = parse_line(number, raw, self.job.model, self.job.format or SIMPLE)
         if isinstance(line, LineError):
             return line, None
         model = line.params.get("model", self.job.model)
         try:
             tag = formats.make_tag(number, line.kind, line.endpoint, model, line.custom_id, self.job.tag_defaults)
-            request = self.client.build_request(
+            built = self.client.build_packed(
                 request_id=request_id(self.job, line.custom_id), reply_stream=self.store.keys.done(self.job.id),
                 tag=tag, **line.params,
             )  # fmt: skip
         except InvalidRequest as exc:
             return refused(line, exc), None
-        return line, request
+        return line, built
 
     async def _commit(self, errors: list[dict[str, Any]], lines: int, requests: int, feed_done: bool = False) -> None:
         if not await self.store.commit_feed(self.job.id, self.job.fed, lines, requests, feed_done, errors):
