@@ -222,23 +222,10 @@ class InferenceClient(AsyncLifecycle):
             self._redis = None
         self._started = False
 
-    def build_request(
-        self,
-        *,
-        prompt: str | None = None,
-        messages: Sequence[ChatMessage | dict[str, str]] | None = None,
-        model: str | None = None,
-        request_id: str | None = None,
-        ttl: float | None = None,
-        **params: Any,
-    ) -> GenerationRequest:
-        """Validate a request without sending it. Raises InvalidRequest with what to fix.
-
-        `ttl` (seconds from now) is a shorthand for `deadline` (unix time): a request not started by then
-        ends `expired` without running; one still running then is aborted and ends `expired`."""
-        return self.build_packed(
-            prompt=prompt, messages=messages, model=model, request_id=request_id, ttl=ttl, **params
-        )[0]
+    def build_request(self, **params: Any) -> GenerationRequest:
+        """Validate a request without sending it (the arguments of build_packed). Raises InvalidRequest with
+        what to fix."""
+        return self.build_packed(**params)[0]
 
     def build_packed(
         self,
@@ -250,8 +237,12 @@ class InferenceClient(AsyncLifecycle):
         ttl: float | None = None,
         **params: Any,
     ) -> tuple[GenerationRequest, bytes]:
-        """build_request, and the request's payload packed: its size is checked on these bytes, and admission
-        sends them as they are (enqueue_many's `packed`), so a request is packed once."""
+        """Validate a request without sending it, and pack its payload: its size is checked on these bytes, and
+        admission sends them as they are (enqueue_many's `packed`), so a request is packed once. Raises
+        InvalidRequest with what to fix.
+
+        `ttl` (seconds from now) is a shorthand for `deadline` (unix time): a request not started by then
+        ends `expired` without running; one still running then is aborted and ends `expired`."""
         if ttl is not None:
             if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
                 raise InvalidRequest(f"ttl={ttl!r} must be a positive number of seconds (how long it may wait and run)")
