@@ -112,6 +112,7 @@ async def _redis_counters(client: InferenceClient) -> dict[str, float]:
         "commands": float(stats["total_commands_processed"]),
         "reads": float(stats["total_reads_processed"]),
         **{f"cmd {name.removeprefix('cmdstat_')}": float(c["calls"]) for name, c in calls.items()},
+        **{f"usec {name.removeprefix('cmdstat_')}": float(c["usec"]) for name, c in calls.items()},
     }
 
 
@@ -164,12 +165,18 @@ async def _cell(
         "aof_rewrites": int(after["aof_rewrites"] - before["aof_rewrites"]),
         # CPU time per request completed, per kind of process (a producer's includes its loop's idle turns)
         "cpu_us_per_request": {kind: round(1e6 * seconds / per, 1) for kind, seconds in cpu.items()},
-        "calls_per_request": {  # the commands behind commands_per_request, most first
-            name.removeprefix("cmd "): round((after[name] - before.get(name, 0.0)) / per, 2)
-            for name in sorted(after, key=lambda n: before.get(n, 0.0) - after[n]) if name.startswith("cmd ")
-            and after[name] > before.get(name, 0.0)
-        },
+        "calls_per_request": _per_request(before, after, "cmd ", per),  # behind commands_per_request, most first
+        # Redis's time in each command, most first: a script's (EVALSHA) includes the commands it ran, and EXEC
+        # the commands of its transaction, which are also counted under their own names.
+        "redis_us_per_request": _per_request(before, after, "usec ", per),
     }  # fmt: skip
+
+
+def _per_request(before: dict[str, float], after: dict[str, float], kind: str, per: int) -> dict[str, float]:
+    """What each command added to the `kind` counters (calls or usec) during the cell, per request, most first."""
+    grown = {name: after[name] - before.get(name, 0.0) for name in after if name.startswith(kind)}
+    ranked = sorted((name for name, added in grown.items() if added > 0), key=lambda name: -grown[name])
+    return {name.removeprefix(kind): round(grown[name] / per, 2) for name in ranked}
 
 
 async def bench_capacity(
@@ -246,6 +253,11 @@ def capacity_table(report: dict[str, Any]) -> str:
     )
     top = report["rows"][-1]["calls_per_request"] if report["rows"] else {}
     lines.append("commands per request in the last cell: " + ", ".join(f"{k} {v:g}" for k, v in list(top.items())[:10]))
+    spent = report["rows"][-1].get("redis_us_per_request", {}) if report["rows"] else {}
+    lines.append(
+        "Redis us per request by command in the last cell (a script's time includes its commands', EXEC's its "
+        "transaction's): " + ", ".join(f"{k} {v:g}" for k, v in list(spent.items())[:8])
+    )
     if report["saturated_at_offered_per_s"]:
         lines.append(f"saturated: the open loop fell behind at {report['saturated_at_offered_per_s']:,.0f}/s offered")
     return "\n".join(lines)

@@ -131,6 +131,9 @@ async def test_capacity_bench_counts_every_request_and_what_redis_did(settings: 
         # Every kind of process did work for the requests (a worker runs them, producers send them, Redis holds them).
         assert set(r["cpu_us_per_request"]) == {"workers", "producers", "redis"}
         assert all(us > 0 for us in r["cpu_us_per_request"].values())
+        # Redis's time by command, most first: the scripts (admission, start, finish) among it.
+        spent = list(r["redis_us_per_request"].values())
+        assert r["redis_us_per_request"]["evalsha"] > 0 and spent == sorted(spent, reverse=True)
     for r in report["rows"][1:]:  # the open loop ran at its offered rate
         assert r["completed"] >= 0.9 * r["offered_per_s"] * report["seconds_per_cell"]
 
