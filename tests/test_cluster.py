@@ -167,6 +167,42 @@ async def test_an_attached_bulk_job_answers_every_line_once(
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 
+async def test_a_refused_token_channel_fails_that_request_only(
+    cluster: LocalCluster, client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    """A worker whose Redis user may not publish to one client's channel (an operator's ACL mistake: NOPERM):
+    as on one server (tests/test_ownership.py), that client's streamed requests end `failed` saying why, and the
+    worker serves the others. Here a PUBLISH is no part of a transaction, so its refusal comes in its reply."""
+    keys = Keys.of(settings)
+    user = f"{settings.key_prefix}-worker"
+    rules = ["on", ">pw", f"~{settings.key_prefix}:*", f"&{keys.cancel()}", f"&{keys.tokens('[0-9a-f]*')}", "+@all"]
+    live = [node for node in cluster.nodes if node not in cluster.dead]
+    for node in live:  # each node keeps its own users
+        cluster.client(node).execute_command("ACL", "SETUSER", user, *rules)
+    try:
+        narrow = (settings.redis_url or "").replace("redis://", f"redis://{user}:pw@")
+        start_worker(*STANDIN, cfg=settings.model_copy(update={"redis_url": narrow}))
+        async with InferenceClient(settings.model_copy(update={"tenant": "zed"})) as refused_client:
+            before = await client.submit(prompt="hi", model=MODEL, max_tokens=4)
+            refused = [await refused_client.submit(prompt="hi", model=MODEL, max_tokens=40) for _ in range(3)]
+            assert "".join([event.text async for event in before.tokens()]) == "t0 t1 t2 t3 "
+            for handle in refused:
+                result = await handle.result(timeout=30)
+                assert result.status == "failed", result
+                assert "Redis refused" in (result.error or "") and "NOPERM" in (result.error or ""), result.error
+                assert result.usage.completion_tokens < 40  # stopped, not run to its end for nobody
+            # Unstreamed, it publishes only its final event, after its result landed: that result stands, and the
+            # client, hearing nothing, reads it.
+            quiet = await refused_client.submit(prompt="hi", model=MODEL, max_tokens=2, stream=False)
+            assert (await quiet.result(timeout=30)).text == "t0 t1 "
+            after = await client.submit(prompt="hi", model=MODEL, max_tokens=4)  # the worker goes on
+            assert (await after.result(timeout=30)).text == "t0 t1 t2 t3 "
+        assert await drained(redis, settings, MODEL) == (0, 0)
+    finally:
+        for node in live:
+            cluster.client(node).execute_command("ACL", "DELUSER", user)
+
+
 async def test_kill_9_of_a_worker_its_entries_taken_over_on_every_shard(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:

@@ -9,7 +9,8 @@ final result + ack) await the future `add` returns. Batches are sent one at a ti
 A Redis outage, or a refusal that passes (OOM, READONLY during a failover), is retried until the writes
 land: a final result is never lost. A write Redis refuses for what it asks (no permission on a reply
 channel, a reply stream that is not a stream) is tried alone a few times, then its caller gets WriteRefused
-and ends that one request `failed`; the rest of the batch is written and the worker goes on.
+and ends that one request `failed`; the rest of the batch is written and the worker goes on. (On a cluster a
+refused PUBLISH comes in its own reply, after the writes landed: `_refused_events`.)
 """
 
 from __future__ import annotations
@@ -121,17 +122,25 @@ class Outbox(Batcher[Item]):
             raw = [command for _, command in commands]
             # The finishes of the batch: one script call (per slot, on a cluster: shared.lua).
             merged = Merged(raw, by_slot=is_cluster(self.redis))
-            results = merged.split(await self._send(merged.commands, events))
+            replies, refused_channels = await self._send(merged.commands, events)
+            results = merged.split(replies)
             for (owner, _), result in zip(commands, results, strict=False):
                 if isinstance(result, Exception) and not isinstance(result, NoScriptError):
                     errors[owner] = result
+            if refused_channels:
+                _refused_events(items, refused_channels, errors)
             # A script the server did not know (it restarted) ran nothing: load it and send those calls again.
             reload = functools.partial(reload_missing, self.redis, raw, results)
             refused = await retry_outages(reload, "loading a script again", log)
             commands, events = [commands[i] for i in refused], defaultdict(list)
         return errors
 
-    async def _send(self, commands: list[Command], events: dict[str, list[dict[str, Any]]]) -> list[Any]:
+    async def _send(
+        self, commands: list[Command], events: dict[str, list[dict[str, Any]]]
+    ) -> tuple[list[Any], dict[str, BaseException]]:
+        """The commands' replies, and the channels whose PUBLISH Redis refused. That comes in a PUBLISH's reply
+        only on a cluster, where it is no part of a transaction; one server refuses the whole transaction
+        (_Aborted)."""
         backoff = Backoff()
         publish = [
             ("PUBLISH", channel, pack({"v": SCHEMA_VERSION, "events": batch})) for channel, batch in events.items()
@@ -142,11 +151,17 @@ class Outbox(Batcher[Item]):
                     # No MULTI on a cluster, and its pipeline sends to every node at once: the events go once
                     # the writes before them have landed, so no final event arrives before its stored result.
                     results = await self._pipelined(commands, atomic=False)
-                    await self._pipelined(publish, atomic=False)
+                    published = await self._pipelined(publish, atomic=False)
                 else:
-                    results = await self._pipelined([*commands, *publish], atomic=True)
+                    replies = await self._pipelined([*commands, *publish], atomic=True)
+                    results, published = replies[: len(commands)], replies[len(commands) :]
                 self.batches += 1
-                return results
+                refused = {
+                    command[1]: reply
+                    for command, reply in zip(publish, published, strict=True)
+                    if isinstance(reply, Exception)
+                }
+                return results, refused
             except OUTAGE as exc:
                 # Final results must not be lost: retry until Redis is back. A repeated token event shows up
                 # as a seq gap at the client, which then reads the stored result.
@@ -168,6 +183,21 @@ class Outbox(Batcher[Item]):
             for command in commands:
                 pipe.execute_command(*command)
             return await execute_all(self.redis, pipe)
+
+
+def _refused_events(items: list[Item], refused: dict[str, BaseException], errors: list[BaseException | None]) -> None:
+    """Events to a channel Redis refused: token events alone fail their item (as on one server: its request is
+    stopped). An item with writes had them land already, so only its final event is gone: its client, hearing
+    nothing, reads the stored result."""
+    for owner, (commands, events) in enumerate(items):
+        channel = next((channel for channel, _ in events if channel in refused), None)
+        if channel is None or errors[owner] is not None:
+            continue
+        if commands:
+            log.error("redis refused the final event to %s (its client reads the stored result): %s", channel,
+                      _short(refused[channel]))  # fmt: skip
+        else:
+            errors[owner] = refused[channel]
 
 
 class _Aborted(Exception):
