@@ -17,7 +17,7 @@ from redis.exceptions import NoPermissionError, RedisError
 from inferq.producer.admission import EXISTS, Admission, Admitter
 from inferq.producer.ops import stats
 from inferq.producer.ops.dead_letters import DeadLetters
-from inferq.producer.replies import DEADLINE, TICK, ReplyListener, Signal
+from inferq.producer.replies import GAP, TICK, TICK_S, Inbox, ReplyListener, Signal
 from inferq.shared.batching import BatchedHashReads
 from inferq.shared.codec import pack, text
 from inferq.shared.connection import OUTAGE, as_inferq_error, open_redis, redis_errors
@@ -44,12 +44,12 @@ EXPIRE = LuaScript("inferq.producer", "expire.lua")
 class RequestHandle:
     """A submitted request: iterate `tokens()` for its events, await `result()` for the stored outcome."""
 
-    def __init__(self, client: InferenceClient, request: GenerationRequest, queue: asyncio.Queue[Any]) -> None:
+    def __init__(self, client: InferenceClient, request: GenerationRequest, queue: Inbox) -> None:
         self.client = client
         self.request = request
         self.id = request.id
         self._queue = queue
-        self._final = asyncio.Event()
+        self._finished = False  # its final event came
         self._next_seq = 0
         self.gap = False  # True once events were missed: tokens() stops early, result() reads the store
 
@@ -62,12 +62,13 @@ class RequestHandle:
         if not self.request.stream:
             raise InvalidRequest("this request was submitted with stream=False; await result() instead")
         limit = self._limit(timeout)
-        timer = asyncio.get_running_loop().call_later(limit, self._queue.put_nowait, DEADLINE)
+        deadline = Signal("DEADLINE")  # this call's own: one a timer of an earlier call left behind is not it
+        timer = asyncio.get_running_loop().call_later(limit, self._queue.put_nowait, deadline)
         heard = True
         try:
-            while not self._final.is_set():
+            while not self._finished:
                 item = await self._queue.get()
-                if item is DEADLINE:
+                if item is deadline:
                     await self._timed_out(limit)
                 if item is TICK:
                     # Quiet since the last tick: a final event may have been lost, so ask the store.
@@ -76,6 +77,8 @@ class RequestHandle:
                         return
                     heard = False
                     continue
+                if isinstance(item, Signal) and item is not GAP:
+                    continue  # an earlier call's deadline
                 heard = True
                 event = self._accept(item)
                 if event is None:
@@ -83,7 +86,7 @@ class RequestHandle:
                 yield event
         finally:
             timer.cancel()
-            if self._final.is_set():
+            if self._finished:
                 self.client._replies.unregister(self.id, self._queue)  # nothing more will come for this id
 
     async def result(self, timeout: float | None = None) -> Result:
@@ -92,19 +95,37 @@ class RequestHandle:
         Raises RequestTimeout after `timeout` seconds (default: settings.request_timeout_s); the request
         itself goes on and can be read later with `client.get(id)`."""
         limit = self._limit(timeout)
-        deadline = time.monotonic() + limit
-        while True:
-            if self._final.is_set() or self.gap:
-                stored = await self._stored_if_final()
-                if stored is not None:
-                    self.client._replies.unregister(self.id, self._queue)
-                    return stored
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                await self._timed_out(limit)
-            await self._wait_for_final(min(remaining, _RESULT_POLL_S))
-            if not self._final.is_set():
-                self.gap = True  # nothing heard for a while: consult the store on the next pass
+        loop = asyncio.get_running_loop()
+        # One timer for the limit (not a timeout scope per wait: this runs per request). Between events the
+        # listener's ticks (TICK_S apart, to a quiet handle) pace the reads of the store: every _RESULT_POLL_S
+        # while no final event came, in case it was lost.
+        deadline = Signal("DEADLINE")
+        timer = loop.call_later(limit, self._queue.put_nowait, deadline)
+        give_up = loop.time() + limit
+        read_at = loop.time() if self.gap else loop.time() + _RESULT_POLL_S
+        try:
+            while True:
+                if self._finished or (self.gap and loop.time() >= read_at):
+                    stored = await self._stored_if_final()
+                    if stored is not None:
+                        self.client._replies.unregister(self.id, self._queue)
+                        return stored
+                    read_at = loop.time() + _RESULT_POLL_S
+                    if self._finished:  # no event will come now: only the store can answer (Redis is away)
+                        if loop.time() >= give_up:
+                            await self._timed_out(limit)
+                        await asyncio.sleep(TICK_S)
+                        continue
+                item = await self._queue.get()
+                if item is deadline:
+                    await self._timed_out(limit)
+                elif item is TICK:
+                    if loop.time() >= read_at:
+                        self.gap = True  # nothing final heard for a while: consult the store
+                elif (isinstance(item, TokenEvent) or item is GAP) and self._accept(item) is None:
+                    read_at = loop.time()  # events were missed: the store is the truth now
+        finally:
+            timer.cancel()
 
     async def cancel(self) -> str:
         """Cancel this request (see InferenceClient.cancel); returns its status after the call."""
@@ -136,25 +157,12 @@ class RequestHandle:
             f"check later with `inferq result {self.id}`"
         )
 
-    async def _wait_for_final(self, timeout: float) -> None:
-        """Consume queued events (for stream=False, or after tokens() stopped) until the final one."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not self._final.is_set():
-                    item = await self._queue.get()
-                    if item is TICK or item is DEADLINE:
-                        continue
-                    if self._accept(item) is None:
-                        return
-        except TimeoutError:
-            return
-
     def _accept(self, item: TokenEvent | Signal) -> TokenEvent | None:
         if not isinstance(item, TokenEvent):  # GAP
             self.gap = True
             return None
         if item.finished:
-            self._final.set()
+            self._finished = True
         if item.seq != self._next_seq:
             self.gap = True  # a lost message: the stored result is the truth now
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Final
 
 from pydantic import TypeAdapter, ValidationError
@@ -35,7 +36,6 @@ class Signal:
 
 GAP: Final = Signal("GAP")  # events may have been lost: read the stored result instead
 TICK: Final = Signal("TICK")  # time passed: a waiter checks its deadline and, if it heard nothing, the store
-DEADLINE: Final = Signal("DEADLINE")  # put by a waiter's own timer
 Item = TokenEvent | Signal
 # One validation call per message (one engine step), not one per event: this runs for every token.
 _EVENTS = TypeAdapter(list[TokenEvent])
@@ -43,11 +43,40 @@ _EVENTS = TypeAdapter(list[TokenEvent])
 TICK_S = 0.5
 
 
+class Inbox:
+    """One request handle's items, in order: put without waiting (the router), get by one reader at a time (the
+    handle). What asyncio.Queue does for this, without its bookkeeping for many readers and bounds: one is made
+    per submit."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Item) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Item:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class ReplyListener:
     def __init__(self, redis: Redis, channel: str) -> None:
         self.channel = channel
         # request id -> the queues of its handles (one per submit; the same id submitted twice gets both)
-        self._routes: dict[str, list[asyncio.Queue[Item]]] = {}
+        self._routes: dict[str, list[Inbox]] = {}
         self._subscription = Subscription(redis, channel, self._route, self._announce_gap)
         self._ticker: asyncio.Task[None] | None = None
 
@@ -70,12 +99,12 @@ class ReplyListener:
                     if queue.empty():
                         queue.put_nowait(TICK)
 
-    def register(self, request_id: str) -> asyncio.Queue[Item]:
-        queue: asyncio.Queue[Item] = asyncio.Queue()
+    def register(self, request_id: str) -> Inbox:
+        queue = Inbox()
         self._routes.setdefault(request_id, []).append(queue)
         return queue
 
-    def unregister(self, request_id: str, queue: asyncio.Queue[Item]) -> None:
+    def unregister(self, request_id: str, queue: Inbox) -> None:
         queues = self._routes.get(request_id, [])
         if queue in queues:
             queues.remove(queue)

@@ -157,22 +157,18 @@ class Result(BaseModel):
     @classmethod
     def from_hash(cls, request_id: str, raw: dict[bytes, bytes]) -> Result:
         h = {k.decode(): v.decode() for k, v in raw.items()}
-        usage = Usage(
-            prompt_tokens=int(h.get("prompt_tokens", 0)), completion_tokens=int(h.get("completion_tokens", 0))
-        )
-        timings = Timings(**{f: float(h[f]) for f in Timings.model_fields if h.get(f)})
-        return cls(
-            id=request_id,
-            status=h.get("status", "queued"),  # type: ignore[arg-type]
-            model=h.get("model", ""),
-            text=h.get("text", ""),
-            finish_reason=h.get("finish_reason") or None,
-            usage=usage,
-            timings=timings,
-            error=h.get("error") or None,
-            worker=h.get("worker") or None,
-            attempts=int(h.get("attempts", 0)),
-        )
+        get = h.get
+        # One validation of the whole (nested) result, from the hash's strings: this runs per request.
+        return cls.model_validate({
+            "id": request_id, "status": get("status", "queued"), "model": get("model", ""), "text": get("text", ""),
+            "finish_reason": get("finish_reason") or None,
+            "usage": {"prompt_tokens": get("prompt_tokens", 0), "completion_tokens": get("completion_tokens", 0)},
+            "timings": {name: h[name] for name in _TIMINGS if get(name)},
+            "error": get("error") or None, "worker": get("worker") or None, "attempts": get("attempts", 0),
+        })  # fmt: skip
+
+
+_TIMINGS = tuple(Timings.model_fields)
 
 
 _ID = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
