@@ -50,6 +50,7 @@ class RequestHandle:
         self.id = request.id
         self._queue = queue
         self._finished = False  # its final event came
+        self._told: Result | None = None  # the stored result, when its final event carried it
         self._next_seq = 0
         self.gap = False  # True once events were missed: tokens() stops early, result() reads the store
 
@@ -105,6 +106,9 @@ class RequestHandle:
         read_at = loop.time() if self.gap else loop.time() + _RESULT_POLL_S
         try:
             while True:
+                if self._told is not None:  # its final event said what was stored: no read needed
+                    self.client._replies.unregister(self.id, self._queue)
+                    return self._told
                 if self._finished or (self.gap and loop.time() >= read_at):
                     stored = await self._stored_if_final()
                     if stored is not None:
@@ -163,6 +167,8 @@ class RequestHandle:
             return None
         if item.finished:
             self._finished = True
+            if item.result is not None:  # what the worker stored, sent with the event: true even after a gap
+                self._told = Result.from_fields(self.id, item.result)
         if item.seq != self._next_seq:
             self.gap = True  # a lost message: the stored result is the truth now
             return None

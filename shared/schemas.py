@@ -116,6 +116,9 @@ class TokenEvent(BaseModel):
     finished: bool = False
     finish_reason: str | None = None
     status: Status | None = None  # set on the final event
+    # On the final event of a request with stream=False, when the worker's final write stored the result of the run
+    # that sent it: that stored result's fields, as in its hash (Result.from_fields). Its client then needs no read.
+    result: dict[str, str] | None = None
 
 
 class Usage(BaseModel):
@@ -156,7 +159,11 @@ class Result(BaseModel):
 
     @classmethod
     def from_hash(cls, request_id: str, raw: dict[bytes, bytes]) -> Result:
-        h = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls.from_fields(request_id, {k.decode(): v.decode() for k, v in raw.items()})
+
+    @classmethod
+    def from_fields(cls, request_id: str, h: dict[str, str]) -> Result:
+        """From the stored hash's fields (decoded), or the same fields sent with a final event."""
         get = h.get
         # One validation of the whole (nested) result, from the hash's strings: this runs per request.
         return cls.model_validate({

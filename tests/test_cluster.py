@@ -171,8 +171,9 @@ async def test_a_refused_token_channel_fails_that_request_only(
     cluster: LocalCluster, client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:
     """A worker whose Redis user may not publish to one client's channel (an operator's ACL mistake: NOPERM):
-    as on one server (tests/test_ownership.py), that client's streamed requests end `failed` saying why, and the
-    worker serves the others. Here a PUBLISH is no part of a transaction, so its refusal comes in its reply."""
+    as on one server (tests/test_ownership.py), that client's streamed requests end `failed` saying why and go to
+    the DLQ, and the worker serves the others. Here a PUBLISH is no part of a transaction, so its refusal comes in
+    its own reply."""
     keys = Keys.of(settings)
     user = f"{settings.key_prefix}-worker"
     rules = ["on", ">pw", f"~{settings.key_prefix}:*", f"&{keys.cancel()}", f"&{keys.tokens('[0-9a-f]*')}", "+@all"]
@@ -197,6 +198,9 @@ async def test_a_refused_token_channel_fails_that_request_only(
             assert (await quiet.result(timeout=30)).text == "t0 t1 "
             after = await client.submit(prompt="hi", model=MODEL, max_tokens=4)  # the worker goes on
             assert (await after.result(timeout=30)).text == "t0 t1 t2 t3 "
+        letters = await client.dead_letters(MODEL).list()
+        assert sorted(letter.request.id for letter in letters if letter.request) == sorted(h.id for h in refused)
+        await client.dead_letters(MODEL).purge()
         assert await drained(redis, settings, MODEL) == (0, 0)
     finally:
         for node in live:

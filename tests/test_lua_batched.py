@@ -35,7 +35,7 @@ async def test_merged_calls_answer_one_by_one_and_an_error_stays_its_own(redis: 
     assert sent[2] == len(calls) and sent[3 + len(calls)] == len(calls)  # a key per call, then how many calls
 
     replies = await scripts.START.run_all(redis, calls)
-    assert replies[:3] == [b"running", b"running", b"cancelled"]
+    assert replies[:3] == [[b"running", 1], [b"running", 1], b"cancelled"]  # running: with the attempts so far
     assert isinstance(replies[3], ResponseError) and "WRONGTYPE" in str(replies[3])
     assert replies[4] == b"foreign"
     for key in results[:2]:  # the calls after the failed one ran too
@@ -56,7 +56,7 @@ async def test_calls_of_different_slots_go_in_different_calls(redis: Redis, sett
     assert len(merged.commands) == 3 and len(set(slots)) == 3
     assert len(Merged(commands, by_slot=False).commands) == 1  # one server runs any keys in one call
     replies = await scripts.START.run_all(redis, [_start(keys.result(i), "1-0 lane") for i in ids])
-    assert replies == [b"running"] * len(ids)  # no result hash yet (not admitted): started all the same
+    assert replies == [[b"running", 1]] * len(ids)  # no result hash yet (not admitted): started all the same
 
 
 async def test_a_server_that_lost_its_scripts_runs_every_merged_call_once(redis: Redis, settings: Settings) -> None:
@@ -64,5 +64,5 @@ async def test_a_server_that_lost_its_scripts_runs_every_merged_call_once(redis:
     await redis.script_flush()
     calls = [_start(keys.result(f"req-{i}"), "1-0 lane") for i in range(300)]  # more than one EVALSHA holds
     assert len(Merged([scripts.START.command(k, a) for k, a in calls]).commands) == 2
-    assert await scripts.START.run_all(redis, calls) == [b"running"] * 300
+    assert await scripts.START.run_all(redis, calls) == [[b"running", 1]] * 300
     assert {await redis.hget(keys.result(f"req-{i}"), "attempts") for i in range(300)} == {b"1"}

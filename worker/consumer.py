@@ -46,6 +46,11 @@ from inferq.worker.upkeep import Upkeep
 log = logging.getLogger("inferq.worker")
 
 
+# The stop reason of a request whose token events Redis refused (no permission on its channel): it ends `failed`
+# and is dead-lettered without its reply targets, as one whose final writes Redis refused.
+_REFUSED = "refused"
+
+
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -283,6 +288,8 @@ class Worker(Upkeep, AsyncLifecycle):
             task = asyncio.current_task()
             if task is not None and task.uncancel() > 0:
                 raise  # a shutdown cancel came on top of the interrupt: it wins
+            if job.stop_reason == _REFUSED:  # ends as a request whose final writes Redis refused (_process)
+                raise WriteRefused(job.error or "") from None
             log.info("request %s %s after %d tokens", request.id, job.stop_reason, job.gen.completion_tokens)
             await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, job.gen, error=job.error)
         except EngineError as exc:
@@ -350,14 +357,19 @@ class Worker(Upkeep, AsyncLifecycle):
     async def _mark_running(self, request: GenerationRequest, job: Job, queued_at: float) -> str:
         """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
         entry = f"{job.entry_id} {job.stream}"  # what the admission stored as the request's own entry
-        args = [self.name, repr(time.time()), self.settings.result_ttl_s, request.model, repr(queued_at), entry]
+        started_at, added = repr(time.time()), repr(queued_at)
+        args = [self.name, started_at, self.settings.result_ttl_s, request.model, added, entry]
         keys = [self.keys.result(request.id)]
         line = self.keys.bulk_line(request.id)
         if line is not None:  # a bulk job's line: its entry may be in the job's id hash (start.lua)
             keys.append(line[0])
             args.append(line[1])
-        status = await retry_outages(lambda: self._start_script(keys, args), f"starting {request.id}", log)
-        return text(status)
+        reply = await retry_outages(lambda: self._start_script(keys, args), f"starting {request.id}", log)
+        if isinstance(reply, list):  # ['running', attempts]: what this run stored, for its final event
+            job.gen.run = {"model": request.model, "started_at": started_at, "worker": self.name,
+                           "queued_at": added, "attempts": str(reply[1])}  # fmt: skip
+            return "running"
+        return text(reply)
 
     async def _generate(self, job: Job, request: GenerationRequest, deltas: AsyncIterator[Delta]) -> None:
         gen = job.gen
@@ -378,7 +390,7 @@ class Worker(Upkeep, AsyncLifecycle):
         """A token event Redis refused (no permission on the channel): stop generating what nobody gets."""
         error = None if sent.cancelled() else sent.exception()
         if error is not None:
-            self.interrupt(request_id, "failed", f"Redis refused the request's token events: {error}")
+            self.interrupt(request_id, _REFUSED, str(error))
 
 
 async def _resumed(first: asyncio.Future[Delta] | None, rest: AsyncGenerator[Delta, None]) -> AsyncIterator[Delta]:

@@ -5,8 +5,11 @@
 -- ARGV[1] group, [2] entry id, [3] result_ttl_s, [4] the reply-stream record of this run (msgpack),
 -- [5] worker name, [6] tenant ('' for none), [7] the reply-stream record of a request cancelled while queued
 -- (msgpack; '' without a reply stream), [8] the DLQ's length bound, [9] n = how many result field/value
--- items follow, [10] the bulk line's reference ('' for another request), [11 .. 10+n] the final state's
--- fields and values, then (to dead-letter the entry) the DLQ entry's fields and values.
+-- items follow, [10] the bulk line's reference ('' for another request), [11] the request's reply channel ('' for
+-- none), [12] its final event carrying the stored result ('' for none: a streamed request, or one that did not
+-- start in this run), [13] the `started_at` of this run's start ('' for none), [14] its final event without the
+-- result, [15 .. 14+n] the final state's fields and values, then (to dead-letter the entry) the DLQ entry's
+-- fields and values.
 -- A bulk line that never started has no result hash: the entry that owns it is in the job's id hash, which
 -- lets go of it once its final state is stored.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
@@ -14,15 +17,19 @@
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
 -- run is only counted in `duplicates`. A request cancelled or expired while queued has a final state but no
 -- run (no `ended_by`): its one reply-stream record is written here, when a worker acknowledges its entry.
--- Returns 1 if this call stored the result, 0 if one was there already, 2 if the entry is not the one the
--- request was admitted with (forged: only the entry itself is acknowledged, deleted and dead-lettered).
+-- The final event goes out last, once all of it is written. It carries the stored result (so its client needs no
+-- read of its own) only if this call stored it and the start fields stored are this run's (another worker may
+-- have taken the request over and started it again since): else the client reads what is stored.
+-- Returns {1} if this call stored the result, {0} if one was there already, {2} if the entry is not the one the
+-- request was admitted with (forged: only the entry itself is acknowledged, deleted and dead-lettered); a
+-- second element, Redis's refusal of the final event (NOPERM on the channel), when that was refused.
 local n = tonumber(ARGV[9])
 local ids = ARGV[10] ~= '' and KEYS[#KEYS] or nil
 local reply_stream = #KEYS - (ids and 1 or 0) >= 6 and KEYS[6] or nil
 local function dead_letter()
-  if #ARGV > 10 + n then
+  if #ARGV > 14 + n then
     local dead = {}
-    for i = 11 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
+    for i = 15 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
     add_dead_letter(KEYS[4], KEYS[5], ARGV[8], dead)
   end
 end
@@ -36,7 +43,8 @@ local function reply(record)
   end
 end
 local entry = ARGV[2] .. ' ' .. KEYS[2]
-local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
+-- One lookup: this runs per request.
+local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel', 'worker', 'started_at')
 local owner, line = stored[1], nil
 if not owner then
   owner, line = admitted_entry(ids, ARGV[10])
@@ -46,7 +54,7 @@ if owner and owner ~= entry then
   dead_letter()
   redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
-  return 2
+  return {2}
 end
 local status = stored[2]
 local final = FINAL[status]
@@ -58,7 +66,7 @@ if not final then
   if line then  -- a bulk line ended unstarted: its result names its entry, as a started one's does
     fields[#fields + 1], fields[#fields + 2] = 'entry', owner
   end
-  for i = 11, 10 + n do fields[#fields + 1] = ARGV[i] end
+  for i = 15, 14 + n do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
   if stored[3] then
     redis.call('HDEL', KEYS[1], 'cancel')
@@ -86,4 +94,11 @@ if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 1 and ARGV[6] ~= '' and owne
   end
 end
 redis.call('XDEL', KEYS[2], ARGV[2])
-return wrote
+if ARGV[11] ~= '' then
+  local told = wrote == 1 and ARGV[12] ~= '' and stored[4] == ARGV[5] and stored[5] == ARGV[13]
+  local sent = redis.pcall('PUBLISH', ARGV[11], told and ARGV[12] or ARGV[14])
+  if type(sent) == 'table' and sent.err then
+    return {wrote, sent.err}  -- all of it is written: only the event is lost, and the client reads the store
+  end
+end
+return {wrote}

@@ -19,7 +19,8 @@ class Job:
     deliveries: int
     task: asyncio.Task[None] | None = None
     request: GenerationRequest | None = None
-    stop_reason: str | None = None  # "cancelled", "expired" or "failed" (the watchdog) once interrupted on purpose
+    # "cancelled", "expired", "failed" (the watchdog) or "refused" (its token events) once interrupted on purpose
+    stop_reason: str | None = None
     error: str | None = None  # why, when it was stopped as `failed`
     interruptible: bool = False  # True while it starts or generates; the final write is never interrupted
     gen: Generation = field(default_factory=Generation)  # what it produced so far

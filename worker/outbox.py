@@ -3,14 +3,16 @@ cluster, which has none: one pipeline of the writes, then one of the events.)
 
 Request tasks add commands and token events without waiting; the batcher (shared.batching) wakes once per
 event loop turn, gathers everything the step produced and sends it as one MULTI/EXEC pipeline, with the
-events for each reply channel packed into a single PUBLISH. Callers that must know their write landed (the
-final result + ack) await the future `add` returns. Batches are sent one at a time, in order.
+events for each reply channel packed into a single PUBLISH, ahead of the writes: a request's final event is
+sent by its final write (finish.lua), after its last token event. (On a cluster it goes with the events,
+after the writes.) Callers that must know their write landed (the final result + ack) await the future
+`add` returns. Batches are sent one at a time, in order.
 
 A Redis outage, or a refusal that passes (OOM, READONLY during a failover), is retried until the writes
 land: a final result is never lost. A write Redis refuses for what it asks (no permission on a reply
 channel, a reply stream that is not a stream) is tried alone a few times, then its caller gets WriteRefused
 and ends that one request `failed`; the rest of the batch is written and the worker goes on. (On a cluster a
-refused PUBLISH comes in its own reply, after the writes landed: `_refused_events`.)
+refused PUBLISH comes in its own reply, not as a refused transaction.)
 """
 
 from __future__ import annotations
@@ -62,17 +64,20 @@ class Outbox(Batcher[Item]):
         """Queue a token event; its future fails with WriteRefused if Redis will not take it."""
         return self.submit(((), ((channel, event),)))
 
-    def add(self, *commands: Command, events: tuple[Event, ...] = ()) -> asyncio.Future[None]:
-        """Queue commands (and events after them); the future resolves once they are written."""
+    def add(self, *commands: Command, events: tuple[Event, ...] = ()) -> asyncio.Future[Any]:
+        """Queue commands (and, on a cluster, events to send once they are written: a request's final event);
+        the future resolves once they are written, with the first one's reply."""
         return self.submit((commands, events))
 
     async def flush(self) -> None:
         """Until everything queued before this call is written."""
         await self.add()
 
-    async def send(self, items: list[Item]) -> list[WriteRefused | None]:
+    async def send(self, items: list[Item]) -> list[Any]:
+        """Per item: the reply to its first command (None for token events alone), or WriteRefused."""
+        replies: list[Any] = [None] * len(items)
         try:
-            errors = await self._write(items)
+            errors = await self._write(items, replies)
         except _Aborted as exc:
             # The server refused the whole transaction (a command it would not queue): nothing was written.
             # Each item goes alone, so the one Redis refuses fails by itself and the others land.
@@ -86,48 +91,52 @@ class Outbox(Batcher[Item]):
             if not commands and channels <= refused_channels.keys():
                 errors[i] = refused_channels[next(iter(channels))]
                 continue
-            errors[i] = error = await self._write_alone(items[i], _TRIES if commands else 1)
+            errors[i] = error = await self._write_alone(items, i, _TRIES if commands else 1, replies)
             if error is not None:
                 what = "a request's final writes" if commands else f"token events to {', '.join(sorted(channels))}"
                 log.error("redis refused %s; the request ends without them: %s", what, _short(error))
                 if not commands:
                     refused_channels.update(dict.fromkeys(channels, error))
-        return [None if e is None else WriteRefused(_short(e)) for e in errors]
+        return [reply if e is None else WriteRefused(_short(e)) for e, reply in zip(errors, replies, strict=True)]
 
-    async def _write_alone(self, item: Item, tries: int) -> BaseException | None:
-        """One item's writes in a transaction of their own, tried up to `tries` times: None once written, or
-        the refusal that stood every time."""
-        backoff, error = Backoff(), None
+    async def _write_alone(self, items: list[Item], at: int, tries: int, replies: list[Any]) -> BaseException | None:
+        """Item `at`'s writes in a transaction of their own, tried up to `tries` times: None once written (its
+        first command's reply in `replies[at]`), or the refusal that stood every time."""
+        backoff, error, reply = Backoff(), None, [None]
         for attempt in range(tries):
             if attempt:
                 await asyncio.sleep(backoff.next())
             try:
-                (error,) = await self._write([item])
+                (error,) = await self._write([items[at]], reply)
             except _Aborted as exc:
                 error = exc.reason
             if error is None:
+                replies[at] = reply[0]
                 return None
         return error
 
-    async def _write(self, items: list[Item]) -> list[BaseException | None]:
+    async def _write(self, items: list[Item], replies: list[Any]) -> list[BaseException | None]:
         """Write `items` in one transaction: per item, None or the error Redis answered one of its commands
-        with (the rest of the transaction is written). Raises _Aborted if the server refused the transaction."""
-        commands = [(i, command) for i, (batch, _) in enumerate(items) for command in batch]
+        with (the rest of the transaction is written), and the reply to its first command in `replies`. Raises
+        _Aborted if the server refused the transaction."""
+        commands = [(i, n, command) for i, (batch, _) in enumerate(items) for n, command in enumerate(batch)]
         events: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         for _, batch_events in items:
             for channel, event in batch_events:
                 events[channel].append(event)
         errors: list[BaseException | None] = [None] * len(items)
         while commands or events:
-            raw = [command for _, command in commands]
+            raw = [command for _, _, command in commands]
             # The finishes of the batch: one script call (per slot, on a cluster: shared.lua).
             merged = Merged(raw, by_slot=is_cluster(self.redis))
-            replies, refused_channels = await self._send(merged.commands, events)
-            results = merged.split(replies)
-            for (owner, _), result in zip(commands, results, strict=False):
+            sent, refused_channels = await self._send(merged.commands, events)
+            results = merged.split(sent)
+            for (owner, n, _), result in zip(commands, results, strict=False):
                 if isinstance(result, Exception) and not isinstance(result, NoScriptError):
                     errors[owner] = result
-            if refused_channels:
+                elif n == 0:
+                    replies[owner] = result
+            if refused_channels:  # a cluster's PUBLISH replies (see _send)
                 _refused_events(items, refused_channels, errors)
             # A script the server did not know (it restarted) ran nothing: load it and send those calls again.
             reload = functools.partial(reload_missing, self.redis, raw, results)
@@ -148,13 +157,16 @@ class Outbox(Batcher[Item]):
         while True:
             try:
                 if is_cluster(self.redis):
-                    # No MULTI on a cluster, and its pipeline sends to every node at once: the events go once
-                    # the writes before them have landed, so no final event arrives before its stored result.
+                    # No MULTI on a cluster, and its pipeline sends to every node at once: the events go once the
+                    # writes before them have landed, so no final event arrives before its stored result. (A
+                    # final event sent by finish.lua, from the node of its result, could overtake token events
+                    # sent through another node: on a cluster the final events go here, after the writes.)
                     results = await self._pipelined(commands, atomic=False)
                     published = await self._pipelined(publish, atomic=False)
                 else:
-                    replies = await self._pipelined([*commands, *publish], atomic=True)
-                    results, published = replies[: len(commands)], replies[len(commands) :]
+                    # Token events first: a request's final event goes from finish.lua, after its token events.
+                    replies = await self._pipelined([*publish, *commands], atomic=True)
+                    published, results = replies[: len(publish)], replies[len(publish) :]
                 self.batches += 1
                 refused = {
                     command[1]: reply
@@ -186,8 +198,8 @@ class Outbox(Batcher[Item]):
 
 
 def _refused_events(items: list[Item], refused: dict[str, BaseException], errors: list[BaseException | None]) -> None:
-    """Events to a channel Redis refused: token events alone fail their item (as on one server: its request is
-    stopped). An item with writes had them land already, so only its final event is gone: its client, hearing
+    """Events to a channel Redis refused: token events alone fail their item (its request is stopped, as on one
+    server). An item with writes had them land already, so only its final event is gone: its client, hearing
     nothing, reads the stored result."""
     for owner, (commands, events) in enumerate(items):
         channel = next((channel for channel, _ in events if channel in refused), None)

@@ -8,14 +8,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferq.shared.codec import pack
+from inferq.shared.codec import pack, text
+from inferq.shared.connection import is_cluster
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.schemas import SCHEMA_VERSION, GenerationRequest
 from inferq.shared.settings import Settings
 from inferq.worker import scripts
 from inferq.worker.engine import Delta
 from inferq.worker.metrics import WorkerMetrics, queued_at
-from inferq.worker.outbox import Outbox
+from inferq.worker.outbox import Event, Outbox
 
 log = logging.getLogger("inferq.requests")
 
@@ -33,6 +34,7 @@ class Generation:
     finish_reason: str | None = None
     last: Delta | None = None  # the final delta, sent with the final event
     seq: int = 0  # the next token event's seq
+    run: dict[str, str] | None = None  # what start.lua stored for this run (None: it did not start in this run)
 
     def add(self, delta: Delta) -> bool:
         """Take one step's delta; True if it is the last one."""
@@ -115,12 +117,34 @@ class RequestWriter:
         line = self.keys.bulk_line(request.id)  # a bulk line that never started: its entry is in the id hash
         if line is not None:
             keys.append(line[0])
-        fields = [x for kv in record.items() for x in (kv[0], str(kv[1]))]
+        stored = {name: str(value) for name, value in record.items()}
+        fields = [x for kv in stored.items() for x in kv]
+        announce, events = self._final_event(request, status, finish_reason, gen, stored, error)
         finish = scripts.FINISH.command(
             keys,
             [GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "", cancelled,
-             self.settings.dlq_max_len, len(fields), line[1] if line else "", *fields, *dead_letter],
+             self.settings.dlq_max_len, len(fields), line[1] if line else "", *announce, *fields, *dead_letter],
         )  # fmt: skip
+        reply = await self.outbox.add(finish, events=events)
+        if len(reply) > 1:  # Redis refused the final event (finish.lua); the rest is written
+            log.error("redis refused the final event of request %s to %s (its client reads the stored result): %s",
+                      request.id, request.reply_channel, text(reply[1]))  # fmt: skip
+        self.metrics.finished(stream, entry_id, status, gen.prompt_tokens, gen.completion_tokens)
+        if self.settings.log_requests:
+            self._log_end(stream, entry_id, request.id, status, gen, now, error)
+
+    def _final_event(
+        self,
+        request: GenerationRequest,
+        status: str,
+        finish_reason: str,
+        gen: Generation,
+        stored: dict[str, str],
+        error: str | None,
+    ) -> tuple[list[Any], tuple[Event, ...]]:
+        """finish.lua's arguments for the final event (the reply channel, the event carrying the stored result, the
+        `started_at` of this run, the event without the result), and what the outbox sends itself: on a cluster,
+        the event, after the writes (see worker/outbox.py)."""
         streaming = request.publishes
         last = gen.last if streaming and status == "done" else None
         event = {
@@ -133,11 +157,17 @@ class RequestWriter:
             "finish_reason": finish_reason,
             "status": status,
         }
-        events = ((request.reply_channel, event),) if request.reply_channel else ()
-        await self.outbox.add(finish, events=events)
-        self.metrics.finished(stream, entry_id, status, gen.prompt_tokens, gen.completion_tokens)
-        if self.settings.log_requests:
-            self._log_end(stream, entry_id, request.id, status, gen, now, error)
+        channel = request.reply_channel
+        if not channel:
+            return ["", "", "", ""], ()
+        if is_cluster(self.outbox.redis):
+            return ["", "", "", ""], ((channel, event),)
+        told = b""
+        if gen.run is not None and not request.stream:  # a streamed request's client has its text already
+            # The whole stored result: what this run's start stored, and what this call stores.
+            told = pack({"v": SCHEMA_VERSION, "events": [{**event, "result": {**gen.run, **stored}}]})
+        started_at = gen.run["started_at"] if gen.run is not None else ""
+        return [channel, told, started_at, pack({"v": SCHEMA_VERSION, "events": [event]})], ()
 
     def _log_end(
         self, stream: str, entry_id: str, request_id: str, status: str, gen: Generation, now: float, error: str | None

@@ -4,9 +4,10 @@
 -- the status, to stay cheap), the entry ('<entry id> <lane stream>'), [the line's reference].
 -- A bulk line its runner admitted has no result hash yet: the entry that owns it is in the id hash, and goes
 -- into the result hash written here (finish.lua and cancel.lua find it there); the id hash lets go of it.
--- Returns the status the worker must act on: 'running' (go), 'cancelled' (a cancel is pending: end it
--- cancelled), a final status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge), or
--- 'foreign': the request was admitted with another entry, so this one (forged) must not touch it.
+-- Returns the status the worker must act on: {'running', attempts} (go: the starts counted, this one included,
+-- which the worker sends with the final event), 'cancelled' (a cancel is pending: end it cancelled), a final
+-- status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge), or 'foreign': the request was
+-- admitted with another entry, so this one (forged) must not touch it.
 local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
 local owner, status = stored[1], stored[2]
 local marked, line
@@ -30,6 +31,6 @@ redis.call('HSET', KEYS[1], unpack(fields))
 if marked then
   settle_line(KEYS[2], ARGV[7], line)
 end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 'running'
+return {'running', attempts}

@@ -1,0 +1,81 @@
+"""The final event of a request submitted with stream=False carries its stored result, so that its client has the
+whole result without a read of its own; and it does so only when that is the truth."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from inferq.producer import InferenceClient
+from inferq.shared.keys import GROUP, Keys
+from inferq.shared.settings import Settings
+from inferq.worker import scripts
+from inferq.worker.metrics import WorkerMetrics
+from inferq.worker.outbox import Outbox
+from inferq.worker.requests import Generation, RequestWriter
+from tests.conftest import drained
+
+MODEL = "fake"
+
+
+async def _result_reads(redis: Redis) -> int:
+    return int((await redis.info("commandstats")).get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+async def test_an_unstreamed_requests_result_comes_with_its_final_event(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    start_worker("--engine", "standin", "--model", MODEL)
+    reads = await _result_reads(redis)
+    handles = [await client.submit(prompt=f"p{i}", model=MODEL, max_tokens=3, stream=False) for i in range(20)]
+    results = [await handle.result(timeout=30) for handle in handles]
+    assert await _result_reads(redis) == reads  # the client read no stored result
+    for handle, result in zip(handles, results, strict=True):
+        assert result == await client.get(handle.id)  # field for field what is stored
+        assert (result.status, result.text, result.usage.completion_tokens) == ("done", "t0 t1 t2 ", 3)
+        assert (result.model, result.worker, result.attempts) == (MODEL, "w0", 1)
+        timings = result.timings
+        assert timings.queued_at and timings.started_at and timings.first_token_at and timings.finished_at
+    # A streamed request's final event carries no result (its client has the text): result() reads it.
+    streamed = await client.submit(prompt="streamed", model=MODEL, max_tokens=2)
+    events = [event async for event in streamed.tokens()]
+    assert events[-1].finished and events[-1].result is None
+    assert (await streamed.result(timeout=30)).text == "t0 t1 "
+    assert await _result_reads(redis) == reads + 1 + len(handles)  # that read, and the gets above
+    assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+async def test_a_run_started_again_elsewhere_sends_no_result_it_did_not_store(
+    client: InferenceClient, settings: Settings, redis: Redis
+) -> None:
+    """A worker that stalled while its entry was taken over, and ends the request after the other worker started
+    it again: its final write stores the result (nothing final was stored), but the start fields stored are the
+    other run's, so its final event must not say what it alone knows. The client reads the stored result."""
+    keys = Keys.of(settings)
+    handle = await client.submit(prompt="taken over", model=MODEL, max_tokens=1, stream=False)
+    stream = keys.queue(MODEL)
+    ((_, [(entry_id, _)]),) = await redis.xreadgroup(GROUP, "a", {stream: ">"}, count=1)
+    entry_id = entry_id.decode()
+    entry, ttl = f"{entry_id} {stream}", settings.result_ttl_s
+
+    def start(worker: str, started_at: str) -> tuple[list[str], list[object]]:
+        return [keys.result(handle.id)], [worker, started_at, ttl, MODEL, "99.5", entry]
+
+    assert await scripts.START.run_all(redis, [start("a", "100.5"), start("b", "200.5")]) == [
+        [b"running", 1],
+        [b"running", 2],
+    ]
+    outbox = Outbox(redis)
+    outbox.start()
+    try:
+        writer = RequestWriter(outbox, keys, settings, "a", MODEL, WorkerMetrics(keys, MODEL))
+        gen = Generation(parts=["late "], completion_tokens=1, prompt_tokens=2, finish_reason="length")
+        gen.run = {"model": MODEL, "started_at": "100.5", "worker": "a", "queued_at": "99.5", "attempts": "1"}
+        reads = await _result_reads(redis)
+        await writer.end(stream, entry_id, handle.request, "done", gen)
+        result = await handle.result(timeout=10)
+    finally:
+        await outbox.stop()
+    assert await _result_reads(redis) == reads + 1  # the event said only that it ended: the client read the store
+    assert result == await client.get(handle.id)
+    assert (result.status, result.text, result.worker, result.attempts) == ("done", "late ", "b", 2)
+    assert result.timings.started_at == 200.5
