@@ -8,8 +8,8 @@
 -- items follow, [10] the bulk line's reference ('' for another request), [11] the request's reply channel ('' for
 -- none), [12] its final event carrying the stored result ('' for none: a streamed request, or one that did not
 -- start in this run), [13] the `started_at` of this run's start ('' for none), [14] its final event without the
--- result ('' beside [12]: then it is made here, if needed), [15] the request id, [16 .. 15+n] the final state's
--- fields and values, then (to dead-letter the entry) the DLQ entry's fields and values.
+-- result, [15 .. 14+n] the final state's fields and values, then (to dead-letter the entry) the DLQ entry's
+-- fields and values.
 -- A bulk line that never started has no result hash: the entry that owns it is in the job's id hash, which
 -- lets go of it once its final state is stored.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
@@ -27,9 +27,9 @@ local n = tonumber(ARGV[9])
 local ids = ARGV[10] ~= '' and KEYS[#KEYS] or nil
 local reply_stream = #KEYS - (ids and 1 or 0) >= 6 and KEYS[6] or nil
 local function dead_letter()
-  if #ARGV > 15 + n then
+  if #ARGV > 14 + n then
     local dead = {}
-    for i = 16 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
+    for i = 15 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
     add_dead_letter(KEYS[4], KEYS[5], ARGV[8], dead)
   end
 end
@@ -66,7 +66,7 @@ if not final then
   if line then  -- a bulk line ended unstarted: its result names its entry, as a started one's does
     fields[#fields + 1], fields[#fields + 2] = 'entry', owner
   end
-  for i = 16, 15 + n do fields[#fields + 1] = ARGV[i] end
+  for i = 15, 14 + n do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(fields))
   if stored[3] then
     redis.call('HDEL', KEYS[1], 'cancel')
@@ -96,11 +96,7 @@ end
 redis.call('XDEL', KEYS[2], ARGV[2])
 if ARGV[11] ~= '' then
   local told = wrote == 1 and ARGV[12] ~= '' and stored[4] == ARGV[5] and stored[5] == ARGV[13]
-  local event = told and ARGV[12] or ARGV[14]
-  if event == '' then  -- unstreamed, and its result is not this run's to tell: it says only that it ended
-    event = cmsgpack.pack({v = SCHEMA_VERSION, events = {{id = ARGV[15], seq = 0, finished = true}}})
-  end
-  local sent = redis.pcall('PUBLISH', ARGV[11], event)
+  local sent = redis.pcall('PUBLISH', ARGV[11], told and ARGV[12] or ARGV[14])
   if type(sent) == 'table' and sent.err then
     return {wrote, sent.err}  -- all of it is written: only the event is lost, and the client reads the store
   end

@@ -143,8 +143,8 @@ class RequestWriter:
         error: str | None,
     ) -> tuple[list[Any], tuple[Event, ...]]:
         """finish.lua's arguments for the final event (the reply channel, the event carrying the stored result, the
-        `started_at` of this run, the event without the result, the request id), and what the outbox sends itself:
-        on a cluster, the event, after the writes (see worker/outbox.py)."""
+        `started_at` of this run, the event without the result), and what the outbox sends itself: on a cluster,
+        the event, after the writes (see worker/outbox.py)."""
         streaming = request.publishes
         last = gen.last if streaming and status == "done" else None
         event = {
@@ -159,15 +159,16 @@ class RequestWriter:
         }
         channel = request.reply_channel
         if not channel:
-            return ["", "", "", "", request.id], ()
+            return ["", "", "", ""], ()
         if is_cluster(self.outbox.redis):
-            return ["", "", "", "", request.id], ((channel, event),)
+            return ["", "", "", ""], ((channel, event),)
         if gen.run is None or request.stream:  # a streamed request's client has its text already
-            return [channel, "", "", pack({"v": SCHEMA_VERSION, "events": [event]}), request.id], ()
-        # The whole stored result: what this run's start stored, and what this call stores. The event without it
-        # is made by finish.lua, in the rare case it is needed: one pack a request here.
+            return [channel, "", "", pack({"v": SCHEMA_VERSION, "events": [event]})], ()
+        # The whole stored result: what this run's start stored, and what this call stores. Beside it, for the rare
+        # case it may not be told (a takeover, a duplicate), an event that says only that it ended.
         told = pack({"v": SCHEMA_VERSION, "events": [{**event, "result": {**gen.run, **stored}}]})
-        return [channel, told, gen.run["started_at"], "", request.id], ()
+        ended = pack({"v": SCHEMA_VERSION, "events": [{"id": request.id, "seq": 0, "finished": True}]})
+        return [channel, told, gen.run["started_at"], ended], ()
 
     def _log_end(
         self, stream: str, entry_id: str, request_id: str, status: str, gen: Generation, now: float, error: str | None
