@@ -293,24 +293,28 @@ async def test_profile_vllm_runs_vllm_as_it_ships_with_its_metrics_and_readiness
     settings: Settings, start_worker
 ) -> None:
     """INFERQ_ENGINE_PROFILE=vllm on this CPU: vLLM's own model process and compile, its `vllm:*` series on the
-    worker's /metrics beside inferq's, /ready answering 503 while the engine loads and 200 after, and vLLM's own
-    log lines (engine core included) as JSON objects."""
+    worker's /metrics beside inferq's, /ready saying 503 until the engine has loaded and 200 after, and vLLM's own
+    log lines (engine core included) as JSON objects. (While vLLM builds its engine, AsyncLLM.from_vllm_config
+    holds the worker's event loop: the probe answers before and after, not during.)"""
     port = free_port()
     worker = start_worker(
         "--model", "tiny", "--max-inflight", "8", "--no-bulk-jobs", "--engine-profile", "vllm",
         "--metrics-port", str(port), "--log-format", "json", wait=False,
     )  # fmt: skip
 
-    async def answers() -> bool:
-        try:
-            return (await get(port, "/health"))[0] == 200
-        except aiohttp.ClientConnectionError:
-            return False
+    answers: list[tuple[int, str]] = []
 
-    await wait_until(answers, 120, "the worker's metrics port")
-    assert await get(port, "/ready") == (503, "not ready: loading the engine\n")  # the engine takes ~30 s
+    async def ready() -> bool:
+        try:
+            answers.append(await asyncio.wait_for(get(port, "/ready"), 2))
+        except (aiohttp.ClientConnectionError, TimeoutError):
+            return False  # not listening yet, or its loop held while vLLM builds the engine
+        return answers[-1][0] == 200
+
+    await wait_until(ready, 180, "the worker's /ready")
+    # Never ready before the engine is: every answer before said it was loading.
+    assert set(answers[:-1]) <= {(503, "not ready: loading the engine\n")} and answers[-1] == (200, "ready\n")
     await asyncio.to_thread(worker.wait_ready)
-    assert await get(port, "/ready") == (200, "ready\n")
     before = await scrape(port)
     async with InferenceClient(settings) as client:
         handles = [
