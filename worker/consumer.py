@@ -161,7 +161,8 @@ class Worker(Upkeep, AsyncLifecycle):
 
     def interrupt(self, request_id: str, reason: str, error: str | None = None) -> None:
         """Abort a running request on purpose (reason "cancelled", "expired", or "failed" with `error`); it
-        ends with that status."""
+        ends with that status. Reason "refused" (its token events, with Redis's refusal as `error`): it ends
+        `failed` and goes to the DLQ without its reply targets."""
         job = self._by_request.get(request_id)
         if job is None or job.task is None or not job.interruptible or job.stop_reason is not None:
             return

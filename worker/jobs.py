@@ -21,6 +21,6 @@ class Job:
     request: GenerationRequest | None = None
     # "cancelled", "expired", "failed" (the watchdog) or "refused" (its token events) once interrupted on purpose
     stop_reason: str | None = None
-    error: str | None = None  # why, when it was stopped as `failed`
+    error: str | None = None  # why, when it was stopped as `failed` or `refused`
     interruptible: bool = False  # True while it starts or generates; the final write is never interrupted
     gen: Generation = field(default_factory=Generation)  # what it produced so far

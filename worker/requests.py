@@ -162,13 +162,13 @@ class RequestWriter:
             return ["", "", "", ""], ()
         if is_cluster(self.outbox.redis):
             return ["", "", "", ""], ((channel, event),)
+        bare = pack({"v": SCHEMA_VERSION, "events": [event]})
         if gen.run is None or request.stream:  # a streamed request's client has its text already
-            return [channel, "", "", pack({"v": SCHEMA_VERSION, "events": [event]})], ()
-        # The whole stored result: what this run's start stored, and what this call stores. Beside it, for the rare
-        # case it may not be told (a takeover, a duplicate), an event that says only that it ended.
+            return [channel, "", "", bare], ()
+        # The whole stored result: what this run's start stored, and what this call stores. The bare event goes
+        # instead in the rare case it may not be told (a takeover, a duplicate).
         told = pack({"v": SCHEMA_VERSION, "events": [{**event, "result": {**gen.run, **stored}}]})
-        ended = pack({"v": SCHEMA_VERSION, "events": [{"id": request.id, "seq": 0, "finished": True}]})
-        return [channel, told, gen.run["started_at"], ended], ()
+        return [channel, told, gen.run["started_at"], bare], ()
 
     def _log_end(
         self, stream: str, entry_id: str, request_id: str, status: str, gen: Generation, now: float, error: str | None
