@@ -24,8 +24,8 @@ def run(coro: Coroutine[Any, Any, T], *, sigterm_cancels: bool = True) -> T:
     """Run `coro` as the program. SIGTERM stops it as Ctrl-C does: its task is cancelled, so every `async with`
     unwinds (a `--local` worker is stopped, an in-process engine shut down) instead of the process vanishing
     and leaving those children running; then SystemExit(143), the shell's code for "ended by SIGTERM".
-    A worker passes `sigterm_cancels=False`: it owns its signals (worker/run.py), and while its engine loads
-    (blocking, minutes) SIGTERM must still end it at once, not when the load is done."""
+    A worker passes `sigterm_cancels=False`: it owns its signals (worker/run.py), from before its engine loads
+    (minutes) until it has drained."""
     sigterm = _SigtermCancels()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         try:

@@ -203,6 +203,26 @@ def test_a_killed_worker_leaves_no_engine_process(settings: Settings, start_work
         time.sleep(0.1)
 
 
+def test_a_worker_stopped_while_its_engine_loads_leaves_no_engine_process(settings: Settings, start_worker) -> None:
+    """SIGTERM while vLLM starts (its engine core still importing or waiting for its handshake, before our plugin
+    runs in it): the worker stops at once with 143, and the engine processes started so far stop too. They used
+    to wait minutes for a parent that was gone."""
+    worker = start_worker("--model", "tiny", "--max-inflight", "4", "--no-bulk-jobs", wait=False)
+    me = psutil.Process(worker.proc.pid)
+    give_up = time.monotonic() + 120
+    while not any("spawn_main" in " ".join(p.cmdline()) for p in me.children()):  # vLLM spawned its engine core
+        assert worker.proc.poll() is None and time.monotonic() < give_up, worker.log()[-2000:]
+        time.sleep(0.05)
+    started = me.children(recursive=True)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(30) == 128 + signal.SIGTERM, worker.log()[-2000:]
+    assert "SIGTERM while the engine loads: stopping now" in worker.log()
+    give_up = time.monotonic() + 30
+    while alive := [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < give_up, f"left running after their worker stopped: {alive}"
+        time.sleep(0.1)
+
+
 async def test_cancel_aborts_a_running_request_in_the_engine(tiny: Settings, redis: Redis) -> None:
     async with InferenceClient(tiny) as client:
         handle = await client.submit(prompt="Tell a very long story", max_tokens=1500, temperature=0, model="tiny")
@@ -293,27 +313,36 @@ async def test_profile_vllm_runs_vllm_as_it_ships_with_its_metrics_and_readiness
     settings: Settings, start_worker
 ) -> None:
     """INFERQ_ENGINE_PROFILE=vllm on this CPU: vLLM's own model process and compile, its `vllm:*` series on the
-    worker's /metrics beside inferq's, /ready saying 503 until the engine has loaded and 200 after, and vLLM's own
-    log lines (engine core included) as JSON objects. (While vLLM builds its engine, AsyncLLM.from_vllm_config
-    holds the worker's event loop: the probe answers before and after, not during.)"""
+    worker's /metrics beside inferq's, /ready saying 503 until the engine has loaded and 200 after, answered
+    promptly all along (vLLM builds its engine off the worker's event loop), and vLLM's own log lines (engine
+    core included) as JSON objects."""
     port = free_port()
     worker = start_worker(
         "--model", "tiny", "--max-inflight", "8", "--no-bulk-jobs", "--engine-profile", "vllm",
         "--metrics-port", str(port), "--log-format", "json", wait=False,
     )  # fmt: skip
 
-    answers: list[tuple[int, str]] = []
+    answers: list[tuple[float, tuple[int, str]]] = []  # (when, answer)
+    unanswered: list[float] = []
 
     async def ready() -> bool:
+        asked = time.monotonic()
         try:
-            answers.append(await asyncio.wait_for(get(port, "/ready"), 2))
-        except (aiohttp.ClientConnectionError, TimeoutError):
-            return False  # not listening yet, or its loop held while vLLM builds the engine
-        return answers[-1][0] == 200
+            answers.append((time.monotonic(), await asyncio.wait_for(get(port, "/ready"), 5)))
+        except aiohttp.ClientConnectionError:
+            return False  # not listening yet
+        except TimeoutError:
+            unanswered.append(asked)
+            return False
+        return answers[-1][1][0] == 200
 
     await wait_until(ready, 180, "the worker's /ready")
     # Never ready before the engine is: every answer before said it was loading.
-    assert set(answers[:-1]) <= {(503, "not ready: loading the engine\n")} and answers[-1] == (200, "ready\n")
+    replies = [reply for _, reply in answers]
+    assert set(replies[:-1]) <= {(503, "not ready: loading the engine\n")} and replies[-1] == (200, "ready\n")
+    # The probe answered all through the load (tens of seconds here): no question left unanswered, no long gap.
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(answers)]
+    assert not unanswered and max(gaps) < 5, f"{len(unanswered)} unanswered, longest gap {max(gaps):.1f} s"
     await asyncio.to_thread(worker.wait_ready)
     before = await scrape(port)
     async with InferenceClient(settings) as client:

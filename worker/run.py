@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from inferq.shared.aio import cancel_and_wait
 from inferq.shared.connection import open_redis
 from inferq.shared.errors import ConfigError
 from inferq.shared.keys import Keys
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from inferq.worker.probe import Probe
 
 log = logging.getLogger("inferq.worker")
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def make_engine(kind: str, model_path: str, settings: Settings) -> Engine:
@@ -83,7 +85,8 @@ async def _serve(
     consumer: str | None,
     alongside: Alongside | None,
 ) -> int:
-    await engine.start()
+    if (code := await _start_engine(engine)) is not None:
+        return code
     freeze_startup_heap()  # before the worker says it is ready: the collection stops everything for a moment
     try:
         async with Worker(settings, engine, redis, model=model, consumer=consumer, metrics=metrics) as worker:
@@ -108,7 +111,7 @@ async def _serve(
                     log.warning("second signal: leaving in-flight requests pending for other workers")
                     hard_stop.set()
 
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in _SIGNALS:
                 loop.add_signal_handler(sig, on_signal, sig)
             try:
                 async with alongside() if alongside else contextlib.nullcontext():
@@ -121,13 +124,40 @@ async def _serve(
                     drain.cancel()
                     await worker.abandon()
             finally:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in _SIGNALS:
                     loop.remove_signal_handler(sig)
         return 1 if worker.fatal else 0
     finally:
         if probe is not None:
             probe.state = "stopping"
         await engine.stop()
+
+
+async def _start_engine(engine: Engine) -> int | None:
+    """Start the engine (minutes for a large model; it loads off the event loop, so the probe answers). None once
+    it has started. A SIGTERM or SIGINT meanwhile stops the worker at once, as nothing runs yet that could drain:
+    the engine's start is cancelled, which stops the engine processes started so far, and the signal's exit code
+    (128 + its number) is returned."""
+    loop = asyncio.get_running_loop()
+    signalled: asyncio.Future[int] = loop.create_future()
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, lambda s=sig: signalled.done() or signalled.set_result(s))
+    starting = asyncio.create_task(engine.start())
+    try:
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        starting.cancel()
+        raise
+    finally:
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
+    if not signalled.done():
+        await starting  # its error, if it failed
+        return None
+    signum = signalled.result()
+    log.warning("%s while the engine loads: stopping now (nothing runs yet)", signal.Signals(signum).name)
+    await cancel_and_wait(starting)
+    return 128 + signum
 
 
 def freeze_startup_heap() -> None:

@@ -6,8 +6,10 @@ vLLM spawns its engine core (and, where the model runs in a process of its own, 
 processes, and loads its *general plugins* in each before it does anything else. This one, in a process
 started while an inferq engine starts vLLM (`die_with_this_process`, which hands the starting process's pid
 down in a private environment variable), asks Linux for SIGKILL when its parent dies (PR_SET_PDEATHSIG), and
-exits at once if the parent is gone already. Each level guards itself: the model process dies with the engine
-core, the engine core with the worker. Any other vLLM run in this environment is left as it ships. No vLLM
+exits at once if the parent is gone already. Linux sends that signal when the *thread* that started the
+child ends: an inferq engine starts vLLM from a thread of its own that lives as long as the engine
+(worker/vllm_engine.py). Each level guards itself: the model process dies with the engine core, the engine
+core with the worker. Any other vLLM run in this environment is left as it ships. No vLLM
 name is touched: only the operating system's.
 """
 
@@ -65,3 +67,14 @@ def apply() -> None:
         return
     if os.getppid() == 1:  # the parent died before the guard was set: nobody will read what this computes
         os._exit(1)
+
+
+def stop_started() -> None:
+    """Tell every process this one started (vLLM's engine core and model process, perhaps still starting) to stop:
+    SIGTERM, which vLLM's processes handle by shutting down, or die of. For a worker stopped while its engine
+    loads, whose engine processes may not have loaded this plugin yet."""
+    import psutil  # vLLM's own dependency
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.terminate()

@@ -112,11 +112,34 @@ class VllmEngine:
         self._llm: Any = None
         self._tokenizer: Any = None
         self._encode = Encoder(_unstarted)
-        self._tokenizing: ThreadPoolExecutor | None = None  # one thread: long prompts, one at a time, in order
+        # The engine's thread: it builds the engine, then tokenizes long prompts, one at a time, in order.
+        self._thread: ThreadPoolExecutor | None = None
         self._load = LoadState()
         self.setup: EngineSetup | None = None  # how it was set up (worker/engine_profile.py), once started
 
     async def start(self) -> None:
+        # vLLM is imported and builds its engine (spawns the core, loads the model: minutes for a large one) in
+        # this engine's own thread, so the event loop stays free meanwhile: the probe answers /health and a
+        # "loading" /ready, and SIGTERM is heard. The thread lives as long as the engine, and must: the engine
+        # processes die when the thread that started them ends (PR_SET_PDEATHSIG, worker/vllm_children.py).
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-engine")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._build)
+        except asyncio.CancelledError:
+            # The build cannot be stopped in its thread; what it started so far is. (An engine core still waiting
+            # for its handshake would wait minutes for a parent gone, before its plugin could see that.)
+            vllm_children.stop_started()
+            raise
+        self._tokenizer = self._llm.get_tokenizer()
+        self._encode = fast_encode(self._tokenizer)
+        if self.setup is not None and self.setup.cache_envs:
+            vllm_private.envs_cache(True)
+
+    def _build(self) -> None:
+        """The AsyncLLM the settings ask for, built in the engine's thread. (AsyncLLM starts its output handler
+        on the event loop, at the first request.) Stored here, not returned: a frame of this thread outlives
+        the call (a library keeps a traceback of an import made here), and a reference there would keep the
+        AsyncLLM alive past stop(), to be collected at interpreter exit, when its finalizer fails."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.usage.usage_lib import UsageContext
@@ -143,11 +166,6 @@ class VllmEngine:
                 self._llm = AsyncLLM.from_vllm_config(
                     config, stat_loggers=stat_loggers(self._load, *quiet), disable_log_stats=args.disable_log_stats
                 )
-        self._tokenizer = self._llm.get_tokenizer()
-        self._encode = fast_encode(self._tokenizer)
-        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-tokenize")
-        if setup.cache_envs:
-            vllm_private.envs_cache(True)
 
     def load(self) -> EngineLoad | None:
         return self._load.snapshot()
@@ -159,9 +177,9 @@ class VllmEngine:
             # default waits 5 s for an engine core that rarely exits by itself, then kills it anyway.
             self._llm.shutdown(timeout=_SHUTDOWN_GRACE_S)
             self._llm = None
-        if self._tokenizing is not None:
-            self._tokenizing.shutdown(wait=False, cancel_futures=True)
-            self._tokenizing = None
+        if self._thread is not None:  # only now: its end would kill the engine processes it started
+            self._thread.shutdown(wait=False, cancel_futures=True)
+            self._thread = None
             if self.setup is not None and self.setup.cache_envs:
                 vllm_private.envs_cache(False)
 
@@ -189,10 +207,10 @@ class VllmEngine:
 
     async def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         off_loop = self._encode.off_loop
-        if _prompt_chars(request) <= _INLINE_CHARS or off_loop is None or self._tokenizing is None:
+        if _prompt_chars(request) <= _INLINE_CHARS or off_loop is None or self._thread is None:
             return self.prompt_token_ids(request)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizing, self.prompt_token_ids, request, off_loop)
+        return await loop.run_in_executor(self._thread, self.prompt_token_ids, request, off_loop)
 
     def _sampling_params(self, request: GenerationRequest) -> Any:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
