@@ -75,6 +75,53 @@ async def serve(
         await redis.aclose()
 
 
+class _Signals:
+    """The worker's SIGTERM and SIGINT, from before the engine loads until it has stopped. While the engine loads,
+    the first stops the worker at once (nothing runs yet that could drain). Once the worker runs, the first stops
+    its reading and it drains; the second leaves what still runs pending for other workers."""
+
+    def __init__(self, probe: Probe | None) -> None:
+        self.probe = probe
+        self.first: asyncio.Future[int] = asyncio.get_running_loop().create_future()  # its number, once it came
+        self.hard_stop = asyncio.Event()
+        self.worker: Worker | None = None
+        self._count = 0
+
+    def __enter__(self) -> _Signals:
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
+
+    def serving(self, worker: Worker) -> None:
+        """The worker runs from now: a signal that came before it did stops its reading at once."""
+        self.worker = worker
+        if self.first.done():
+            self._stop_reading(worker, self.first.result())
+
+    def _on_signal(self, signum: int) -> None:
+        self._count += 1
+        if self._count == 1:
+            self.first.set_result(signum)
+            if self.worker is not None:
+                self._stop_reading(self.worker, signum)
+        elif self.worker is not None:
+            log.warning("second signal: leaving in-flight requests pending for other workers")
+            self.hard_stop.set()
+
+    def _stop_reading(self, worker: Worker, signum: int) -> None:
+        name = signal.Signals(signum).name
+        log.info("%s: no new work; finishing in-flight requests (signal again to stop now)", name)
+        worker.stop_reading()
+        if self.probe is not None:
+            self.probe.state = "draining: no new work"
+
+
 async def _serve(
     settings: Settings,
     engine: Engine,
@@ -85,73 +132,42 @@ async def _serve(
     consumer: str | None,
     alongside: Alongside | None,
 ) -> int:
-    if (code := await _start_engine(engine)) is not None:
-        return code
-    freeze_startup_heap()  # before the worker says it is ready: the collection stops everything for a moment
-    try:
-        async with Worker(settings, engine, redis, model=model, consumer=consumer, metrics=metrics) as worker:
-            if probe is not None:
-                probe.state, probe.worker = "ready", worker
-            loop = asyncio.get_running_loop()
-            signals = 0
-            hard_stop = asyncio.Event()
-
-            def on_signal(signum: int) -> None:
-                nonlocal signals
-                signals += 1
-                if signals == 1:
-                    log.info(
-                        "%s: no new work; finishing in-flight requests (signal again to stop now)",
-                        signal.Signals(signum).name,
-                    )
-                    worker.stop_reading()
-                    if probe is not None:
-                        probe.state = "draining: no new work"
-                else:
-                    log.warning("second signal: leaving in-flight requests pending for other workers")
-                    hard_stop.set()
-
-            for sig in _SIGNALS:
-                loop.add_signal_handler(sig, on_signal, sig)
-            try:
+    with _Signals(probe) as signals:
+        try:
+            if (code := await _start_engine(engine, signals.first)) is not None:
+                return code
+            freeze_startup_heap()  # before the worker says it is ready: the collection stops everything a moment
+            async with Worker(settings, engine, redis, model=model, consumer=consumer, metrics=metrics) as worker:
+                if probe is not None:
+                    probe.state, probe.worker = "ready", worker
+                signals.serving(worker)
                 async with alongside() if alongside else contextlib.nullcontext():
                     await worker.run()
                 drain = asyncio.create_task(worker.drain(0 if worker.fatal else settings.drain_timeout_s))
-                stop = asyncio.create_task(hard_stop.wait())
+                stop = asyncio.create_task(signals.hard_stop.wait())
                 await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
                 if not drain.done():
                     drain.cancel()
                     await worker.abandon()
-            finally:
-                for sig in _SIGNALS:
-                    loop.remove_signal_handler(sig)
-        return 1 if worker.fatal else 0
-    finally:
-        if probe is not None:
-            probe.state = "stopping"
-        await engine.stop()
+            return 1 if worker.fatal else 0
+        finally:
+            if probe is not None:
+                probe.state = "stopping"
+            await engine.stop()
 
 
-async def _start_engine(engine: Engine) -> int | None:
+async def _start_engine(engine: Engine, signalled: asyncio.Future[int]) -> int | None:
     """Start the engine (minutes for a large model; it loads off the event loop, so the probe answers). None once
-    it has started. A SIGTERM or SIGINT meanwhile stops the worker at once, as nothing runs yet that could drain:
-    the engine's start is cancelled, which stops the engine processes started so far, and the signal's exit code
-    (128 + its number) is returned."""
-    loop = asyncio.get_running_loop()
-    signalled: asyncio.Future[int] = loop.create_future()
-    for sig in _SIGNALS:
-        loop.add_signal_handler(sig, lambda s=sig: signalled.done() or signalled.set_result(s))
+    it has started. A signal meanwhile (`signalled`) cancels the start, which stops the engine processes started
+    so far, and gives the signal's exit code (128 + its number)."""
     starting = asyncio.create_task(engine.start())
     try:
         await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         starting.cancel()
         raise
-    finally:
-        for sig in _SIGNALS:
-            loop.remove_signal_handler(sig)
-    if not signalled.done():
+    if starting.done():  # started (a signal that came with it is the worker's first: it drains at once)
         await starting  # its error, if it failed
         return None
     signum = signalled.result()

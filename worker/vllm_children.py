@@ -49,14 +49,16 @@ def handed_down(name: str, value: str | None) -> Iterator[None]:
 
 
 def die_with_this_process() -> contextlib.AbstractContextManager[None]:
-    """While vLLM starts: every engine process it spawns dies with this process (and theirs with them)."""
+    """While vLLM starts: every engine process it spawns or forks dies with this process (and theirs with them)."""
+    _guard_forks()
     return handed_down(HANDOFF, str(os.getpid()))
 
 
 def apply() -> None:
-    """The `vllm.general_plugins` entry point: in a vLLM process an inferq engine started, die with the parent."""
-    starter = os.environ.get(HANDOFF)
-    if not starter or starter == str(os.getpid()) or not sys.platform.startswith("linux"):
+    """The `vllm.general_plugins` entry point (and, in a forked child, the fork hook): in a vLLM process an inferq
+    engine started, die with the parent."""
+    parent = os.environ.get(HANDOFF)
+    if not parent or parent == str(os.getpid()) or not sys.platform.startswith("linux"):
         return  # not started by an inferq engine, or the starting process itself
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -65,16 +67,39 @@ def apply() -> None:
     except Exception as exc:  # vLLM calls plugins unguarded: it must still start
         log.warning("this engine process may outlive its worker: PR_SET_PDEATHSIG failed (%s)", exc)
         return
-    if os.getppid() == 1:  # the parent died before the guard was set: nobody will read what this computes
-        os._exit(1)
+    os.environ[HANDOFF] = str(os.getpid())  # the parent this process's own engine processes check for
+    if str(os.getppid()) != parent:  # the parent died before the guard was set (its orphan went to init or a
+        os._exit(1)  # subreaper): nobody will read what this computes
 
 
-def stop_started() -> None:
-    """Tell every process this one started (vLLM's engine core and model process, perhaps still starting) to stop:
-    SIGTERM, which vLLM's processes handle by shutting down, or die of. For a worker stopped while its engine
-    loads, whose engine processes may not have loaded this plugin yet."""
+_forks_guarded = False
+
+
+def _guard_forks() -> None:
+    """vLLM forks its engine core where it can (on a GPU unless CUDA is up already; a CPU always spawns). A forked
+    child inherits vLLM's "plugins loaded" flag and never loads this plugin, so the guard goes on right after the
+    fork instead, in any child forked while an engine starts (HANDOFF set)."""
+    global _forks_guarded
+    if not _forks_guarded:
+        os.register_at_fork(after_in_child=apply)
+        _forks_guarded = True
+
+
+def child_pids() -> set[int]:
+    """This process's children and theirs, now."""
     import psutil  # vLLM's own dependency
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def kill_started(before: set[int]) -> None:
+    """SIGKILL the processes this one started since `before` (`child_pids()` then): an engine whose start was
+    given up. vLLM's engine core takes SIGTERM during its load only as a note to stop once loaded, and these have
+    served nothing. multiprocessing's resource tracker is spared: it removes what they left in shared memory
+    once they are gone, then exits."""
+    import psutil
 
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            child.terminate()
+            if child.pid not in before and "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
+                child.kill()

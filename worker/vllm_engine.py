@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,6 +115,10 @@ class VllmEngine:
         self._encode = Encoder(_unstarted)
         # The engine's thread: it builds the engine, then tokenizes long prompts, one at a time, in order.
         self._thread: ThreadPoolExecutor | None = None
+        # A start given up (its caller cancelled it): the build, which cannot be stopped in its thread, shuts down
+        # what it built. The lock orders that with the loop's side (stop, giving up).
+        self._given_up = False
+        self._lock = threading.Lock()
         self._load = LoadState()
         self.setup: EngineSetup | None = None  # how it was set up (worker/engine_profile.py), once started
 
@@ -123,12 +128,16 @@ class VllmEngine:
         # "loading" /ready, and SIGTERM is heard. The thread lives as long as the engine, and must: the engine
         # processes die when the thread that started them ends (PR_SET_PDEATHSIG, worker/vllm_children.py).
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-engine")
+        before = vllm_children.child_pids()
         try:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._build)
         except asyncio.CancelledError:
-            # The build cannot be stopped in its thread; what it started so far is. (An engine core still waiting
-            # for its handshake would wait minutes for a parent gone, before its plugin could see that.)
-            vllm_children.stop_started()
+            # Given up (a signal while it loads): the engine processes started so far are killed, so the build
+            # fails soon; one still waiting for its handshake would otherwise wait minutes for a parent gone.
+            with self._lock:
+                self._given_up = True
+                vllm_children.kill_started(before)
+                self._shut_down()
             raise
         self._tokenizer = self._llm.get_tokenizer()
         self._encode = fast_encode(self._tokenizer)
@@ -163,20 +172,29 @@ class VllmEngine:
             quiet = [vllm_private.quiet_prometheus()] if setup.quiet_vllm_metrics else []
             in_core = vllm_private.model_in_core(config) if setup.model_in_core else contextlib.nullcontext()
             with in_core:
+                if self._given_up:
+                    return
                 self._llm = AsyncLLM.from_vllm_config(
                     config, stat_loggers=stat_loggers(self._load, *quiet), disable_log_stats=args.disable_log_stats
                 )
+        with self._lock:
+            if self._given_up:  # while it loaded: nobody will use it
+                self._shut_down()
 
-    def load(self) -> EngineLoad | None:
-        return self._load.snapshot()
-
-    async def stop(self) -> None:
+    def _shut_down(self) -> None:
         if self._llm is not None:
             # The worker stops the engine only once nothing runs in it (drained, or abandoned to others), so
             # there is nothing to wait for: stop the core at once, as `vllm run-batch` does (timeout 0). vLLM's
             # default waits 5 s for an engine core that rarely exits by itself, then kills it anyway.
             self._llm.shutdown(timeout=_SHUTDOWN_GRACE_S)
             self._llm = None
+
+    def load(self) -> EngineLoad | None:
+        return self._load.snapshot()
+
+    async def stop(self) -> None:
+        with self._lock:
+            self._shut_down()
         if self._thread is not None:  # only now: its end would kill the engine processes it started
             self._thread.shutdown(wait=False, cancel_futures=True)
             self._thread = None
