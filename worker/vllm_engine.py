@@ -101,7 +101,7 @@ def _prompt_chars(request: GenerationRequest) -> int:
 
 
 class VllmEngine:
-    """One AsyncLLM in this process (its engine core runs in a spawned child process)."""
+    """One AsyncLLM in this process (its engine core runs in a child process, started from the engine's thread)."""
 
     def __init__(self, model_path: str, settings: Settings, *, as_shipped: bool = False) -> None:
         """`as_shipped=True`: the profile's engine arguments, but vLLM's own busy-waiting and processes
