@@ -151,9 +151,7 @@ class Outbox(Batcher[Item]):
         only on a cluster, where it is no part of a transaction; one server refuses the whole transaction
         (_Aborted)."""
         backoff = Backoff()
-        publish = [
-            ("PUBLISH", channel, pack({"v": SCHEMA_VERSION, "events": batch})) for channel, batch in events.items()
-        ]
+        publish = [("PUBLISH", channel, pack_events(batch)) for channel, batch in events.items()]
         while True:
             try:
                 if is_cluster(self.redis):
@@ -195,6 +193,11 @@ class Outbox(Batcher[Item]):
             for command in commands:
                 pipe.execute_command(*command)
             return await execute_all(self.redis, pipe)
+
+
+def pack_events(events: list[dict[str, Any]]) -> bytes:
+    """One message on a reply channel: a request's events of one batch (producer/replies.py reads it)."""
+    return pack({"v": SCHEMA_VERSION, "events": events})
 
 
 def _refused_events(items: list[Item], refused: dict[str, BaseException], errors: list[BaseException | None]) -> None:

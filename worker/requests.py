@@ -16,9 +16,11 @@ from inferq.shared.settings import Settings
 from inferq.worker import scripts
 from inferq.worker.engine import Delta
 from inferq.worker.metrics import WorkerMetrics, queued_at
-from inferq.worker.outbox import Event, Outbox
+from inferq.worker.outbox import Event, Outbox, pack_events
 
 log = logging.getLogger("inferq.requests")
+# finish.lua's final-event arguments when it sends none (no reply channel; on a cluster the outbox sends it)
+_NOT_FROM_FINISH = ["", "", "", ""]
 
 
 @dataclass
@@ -159,15 +161,15 @@ class RequestWriter:
         }
         channel = request.reply_channel
         if not channel:
-            return ["", "", "", ""], ()
+            return _NOT_FROM_FINISH, ()
         if is_cluster(self.outbox.redis):
-            return ["", "", "", ""], ((channel, event),)
-        bare = pack({"v": SCHEMA_VERSION, "events": [event]})
+            return _NOT_FROM_FINISH, ((channel, event),)
+        bare = pack_events([event])
         if gen.run is None or request.stream:  # a streamed request's client has its text already
             return [channel, "", "", bare], ()
         # The whole stored result: what this run's start stored, and what this call stores. The bare event goes
         # instead in the rare case it may not be told (a takeover, a duplicate).
-        told = pack({"v": SCHEMA_VERSION, "events": [{**event, "result": {**gen.run, **stored}}]})
+        told = pack_events([{**event, "result": {**gen.run, **stored}}])
         return [channel, told, gen.run["started_at"], bare], ()
 
     def _log_end(
