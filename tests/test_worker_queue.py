@@ -142,6 +142,40 @@ async def test_worker_reads_no_more_than_its_free_slots(
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 
+async def test_a_worker_fills_its_free_slots_read_batch_at_a_time(
+    settings: Settings, client: InferenceClient, redis: Redis
+) -> None:
+    """10 queued, 10 free slots, read_batch 4: three reads of 4, 4 and 2, back to back (each read's entries start
+    while the next read runs), and the worker holds all 10."""
+    handles = [await client.submit(prompt=f"p{i}", model=MODEL, max_tokens=300, stream=False) for i in range(10)]
+    conn = Redis.from_url(settings.redis_url or "")
+    worker = Worker(settings.merged(max_inflight=10, read_batch=4), StandInEngine(step_s=0.001), conn, model=MODEL)
+    reads: list[tuple[int, int]] = []  # (free slots asked for, entries read)
+    three = asyncio.Event()
+    read = worker.reader.read
+
+    async def recorded(free: int):  # type: ignore[no-untyped-def]
+        entries = await read(free)
+        reads.append((free, len(entries)))
+        if len(reads) == 3:
+            three.set()
+        return entries
+
+    worker.reader.read = recorded  # type: ignore[method-assign]
+    async with worker:
+        runner = asyncio.create_task(worker.run())
+        await asyncio.wait_for(three.wait(), 10)
+        assert reads[:3] == [(4, 4), (4, 4), (2, 2)]
+        assert (await redis.xpending(Keys(settings.key_prefix).queue(MODEL), "workers"))["pending"] == 10
+        results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+        worker.stop_reading()
+        await runner
+        await worker.drain(5)
+    await conn.aclose()
+    assert [r.status for r in results] == ["done"] * 10
+    assert await drained(redis, settings, MODEL) == (0, 0)
+
+
 async def test_sigterm_drains_in_flight_then_exits_zero(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:

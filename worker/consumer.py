@@ -1,5 +1,6 @@
-"""The consumer-group worker: read as many entries as there are free slots, run them on the engine,
-stream their tokens, and end each with one atomic step (result + ack + delete) (docs/CONTRACTS.md, "Delivery").
+"""The consumer-group worker: read as many entries as there are free slots (read_batch at a time), run them on
+the engine, stream their tokens, and end each with one atomic step (result + ack + delete) (docs/CONTRACTS.md,
+"Delivery").
 
 Every entry ends in exactly one stored final state: `done`, `failed` (and dead-lettered), `cancelled` or
 `expired`; or it stays pending, owned by this worker, until another worker takes it over.
@@ -180,7 +181,10 @@ class Worker(Upkeep, AsyncLifecycle):
                 await self._slot_free.wait()
                 continue
             try:
-                entries = await self._read(free)
+                # A read takes at most read_batch: the first entries start while the next read runs. One read of
+                # every free slot moves them all through start and finish together, with Redis idle while the
+                # worker works and the other way round (a third less throughput on a zero-cost engine).
+                entries = await self._read(min(free, self.settings.read_batch))
             except OUTAGE as exc:
                 delay = backoff.next()
                 log.warning("redis unreachable (%s); reading again in %.2fs", exc, delay)
