@@ -20,7 +20,7 @@ from inferq.producer import InferenceClient
 from inferq.producer.local import worker_argv
 from inferq.shared.embedded import EmbeddedServer
 from inferq.shared.keys import Keys
-from inferq.shared.schemas import Timings
+from inferq.shared.schemas import GenerationRequest, Timings
 from inferq.shared.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +103,19 @@ async def first_event(client: InferenceClient, **request: Any) -> tuple[float | 
     """When (time.time()) the first token event of one request reached this client, and its stored timings."""
     trip = await timed_request(client, **request)
     return trip.first, trip.timings
+
+
+_CHUNK = 2000  # requests per enqueue_many: a busy lane's submits, up to 256 a script call
+
+
+async def admit_and_drain(client: InferenceClient, model: str, n: int) -> list[GenerationRequest]:
+    """Admit `n` one-token, unstreamed requests for `model` in bulk (the producer waits on nothing), then wait
+    until the model's streams are empty: every entry goes once its request has ended. Returns the requests."""
+    built = [client.build_packed(prompt="capacity", model=model, max_tokens=1, stream=False) for _ in range(n)]
+    for at in range(0, n, _CHUNK):
+        chunk = built[at : at + _CHUNK]
+        await client.enqueue_many([request for request, _ in chunk], packed=[payload for _, payload in chunk])
+    streams = [stream for lanes in client.keys.all_queues(model) for stream in lanes]
+    while sum([await client.redis.xlen(stream) for stream in streams]):  # noqa: ASYNC110 - only Redis knows
+        await asyncio.sleep(0.02)
+    return [request for request, _ in built]

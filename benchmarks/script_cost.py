@@ -13,16 +13,13 @@ the split between scripts is what this is for.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections import Counter
 
-from common import one_worker
+from common import admit_and_drain, one_worker
 
 from inferq.producer.admission import ADMIT
 from inferq.shared import aio
 from inferq.worker import scripts
-
-_CHUNK = 2000  # requests per enqueue_many
 
 
 async def measure(n: int) -> tuple[Counter[str], Counter[str]]:
@@ -33,17 +30,10 @@ async def measure(n: int) -> tuple[Counter[str], Counter[str]]:
         await redis.config_set("slowlog-max-len", 30 * n)  # every command of the run, scripts' own included
         await redis.config_set("slowlog-log-slower-than", 0)
         await redis.slowlog_reset()
-        built = [client.build_packed(prompt="capacity", max_tokens=1, stream=False) for _ in range(n)]
-        for at in range(0, n, _CHUNK):
-            chunk = built[at : at + _CHUNK]
-            await client.enqueue_many([request for request, _ in chunk], packed=[payload for _, payload in chunk])
-        streams = [stream for lanes in client.keys.all_queues("benchq") for stream in lanes]  # an entry goes
-        # once its request has ended
-        while sum([await redis.xlen(stream) for stream in streams]):  # noqa: ASYNC110 - only Redis knows
-            await asyncio.sleep(0.1)
+        built = await admit_and_drain(client, "benchq", n)
         await redis.config_set("slowlog-log-slower-than", 10_000)
         log = await redis.slowlog_get(30 * n)
-        ended = Counter([(await client.get(request.id)).status for request, _ in built])
+        ended = Counter([(await client.get(request.id)).status for request in built])
         if ended != Counter(done=n):
             raise SystemExit(f"not every request ended done: {dict(ended)}")
     names = {script.sha: script.name for script in (ADMIT, scripts.READ_LANES, scripts.START, scripts.FINISH)}
