@@ -147,7 +147,7 @@ async def test_a_worker_fills_its_free_slots_read_batch_at_a_time(
 ) -> None:
     """10 queued, 10 free slots, read_batch 4: three reads of 4, 4 and 2, back to back (each read's entries start
     while the next read runs), and the worker holds all 10."""
-    handles = [await client.submit(prompt=f"p{i}", model=MODEL, max_tokens=300, stream=False) for i in range(10)]
+    handles = [await client.submit(prompt=f"p{i}", model=MODEL, max_tokens=1000, stream=False) for i in range(10)]
     conn = Redis.from_url(settings.redis_url or "")
     worker = Worker(settings.merged(max_inflight=10, read_batch=4), StandInEngine(step_s=0.001), conn, model=MODEL)
     reads: list[tuple[int, int]] = []  # (free slots asked for, entries read)
