@@ -11,6 +11,7 @@ from inferq.console.base import die, model_path, run
 from inferq.console.logs import log_to_stderr
 from inferq.producer.bulk.detached import bulk_runner
 from inferq.shared.errors import ConfigError
+from inferq.shared.heap import settle_heap
 from inferq.shared.settings import Settings
 from inferq.worker.run import make_engine, run_until_signalled, serve
 
@@ -58,4 +59,5 @@ def run_gateway(settings: Settings, host: str, port: int) -> None:
         if missing.name != "aiohttp":
             raise
         die(f"`inferq gateway` needs the gateway extra ({missing.name} is missing): pip install 'inferq[gateway]'")
+    settle_heap("gateway")  # its modules are loaded: what they made stays out of the collector's passes
     run(serve_gateway(settings, host, port))

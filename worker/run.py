@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
-import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
@@ -18,6 +16,7 @@ from redis.asyncio import Redis
 from inferq.shared.aio import cancel_and_wait
 from inferq.shared.connection import open_redis
 from inferq.shared.errors import ConfigError
+from inferq.shared.heap import settle_heap
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
 from inferq.worker.consumer import Worker
@@ -136,7 +135,7 @@ async def _serve(
         try:
             if (code := await _start_engine(engine, signals.first)) is not None:
                 return code
-            freeze_startup_heap()  # before the worker says it is ready: the collection stops everything a moment
+            settle_heap("startup")  # before the worker says it is ready: the collection stops everything a moment
             async with Worker(settings, engine, redis, model=model, consumer=consumer, metrics=metrics) as worker:
                 if probe is not None:
                     probe.state, probe.worker = "ready", worker
@@ -174,20 +173,6 @@ async def _start_engine(engine: Engine, signalled: asyncio.Future[int]) -> int |
     log.warning("%s while the engine loads: stopping now (nothing runs yet)", signal.Signals(signum).name)
     await cancel_and_wait(starting)
     return 128 + signum
-
-
-def freeze_startup_heap() -> None:
-    """Keep what starting made (vLLM, torch and the model's objects: 600,000 of them on the tiny model) out of
-    the garbage collector's full passes, which walked them all: 350 ms with the event loop stopped, each time
-    enough of what serving allocates survives to set one off. vLLM's own server does the same once it is up
-    (gc.freeze after a collection, so that only live objects are kept)."""
-    started = time.perf_counter()
-    gc.collect()
-    gc.freeze()
-    log.info(
-        "startup heap frozen: %d objects out of the garbage collector's full passes (a full pass took %.0f ms)",
-        gc.get_freeze_count(), 1000 * (time.perf_counter() - started),
-    )  # fmt: skip
 
 
 async def run_until_signalled(service: Alongside) -> int:
