@@ -30,7 +30,7 @@ from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
 from inferq.shared.connection import execute_all, is_cluster
-from inferq.shared.schemas import FINAL_STATES, SCHEMA_VERSION
+from inferq.shared.schemas import EVENTS_HEAD, FINAL_STATES, SCHEMA_VERSION
 
 Call = tuple[Sequence[str], Sequence[Any]]  # (keys, args)
 Command = tuple[Any, ...]
@@ -75,9 +75,26 @@ end
 """
 
 
+# What a batched script's body may call, before it: `announce(channel, event)` queues a token event (one msgpack
+# map, packed) for a reply channel. The events wait until every call of the EVALSHA has run, then each channel
+# gets one message with all of its events (framed as shared.schemas.pack_events frames them): a client hears
+# the requests that ended together in one message, not one each. A call whose channel Redis refused (NOPERM)
+# gets the refusal as the last element of its reply (a table).
+_ANNOUNCE = """
+local announced, announcers, calling = {}, {}, 0  -- channel -> its events; channel -> the calls that sent them
+local function announce(channel, event)
+  if not announced[channel] then
+    announced[channel], announcers[channel] = {}, {}
+  end
+  table.insert(announced[channel], event)
+  table.insert(announcers[channel], calling)
+end
+"""
+
 # The rest of a batched script, after its body (wrapped as `call_one`). ARGV: how many calls, then per call its
 # key count, its arg count and its args; KEYS: every call's keys in turn. A call's error is its reply (a
-# table with `err`), as a call sent alone would answer: the calls after it still run.
+# table with `err`), as a call sent alone would answer: the calls after it still run. Then the announced
+# events go out, after everything the calls wrote.
 _BATCH_LOOP = """
 local replies, k, a = {}, 0, 1
 for i = 1, tonumber(ARGV[1]) do
@@ -86,11 +103,24 @@ for i = 1, tonumber(ARGV[1]) do
   for j = 1, nk do keys[j] = KEYS[k + j] end
   for j = 1, na do args[j] = ARGV[a + 2 + j] end
   k, a = k + nk, a + 2 + na
+  calling = i
   local ok, reply = pcall(call_one, keys, args)
   if not ok and type(reply) ~= 'table' then
     reply = {err = tostring(reply)}
   end
   replies[i] = reply == nil and false or reply
+end
+for channel, events in pairs(announced) do
+  local n = #events  -- an array of up to 65,535 (a uint16 length: at most _MAX_MERGED calls announce)
+  local message = EVENTS_HEAD .. string.char(0xdc, math.floor(n / 256), n % 256) .. table.concat(events)
+  local sent = redis.pcall('PUBLISH', channel, message)
+  if type(sent) == 'table' and sent.err then
+    for _, i in ipairs(announcers[channel]) do
+      if type(replies[i]) == 'table' and not replies[i].err then
+        table.insert(replies[i], sent.err)
+      end
+    end
+  end
 end
 return replies
 """
@@ -101,7 +131,11 @@ _MAX_MERGED = 256
 
 def _preamble() -> str:
     final = ", ".join(f"{state} = true" for state in sorted(FINAL_STATES))
-    return f"local FINAL = {{{final}}}\nlocal SCHEMA_VERSION = {SCHEMA_VERSION}\n{_HELPERS}"
+    head = ", ".join(str(byte) for byte in EVENTS_HEAD)
+    return (
+        f"local FINAL = {{{final}}}\nlocal SCHEMA_VERSION = {SCHEMA_VERSION}\n"
+        f"local EVENTS_HEAD = string.char({head})\n{_HELPERS}"
+    )
 
 
 class LuaScript:
@@ -112,7 +146,7 @@ class LuaScript:
         self.batched = batched
         body = resources.files(package).joinpath(filename).read_text()
         if batched:  # the file is one call's body: KEYS and ARGV are that call's, `return` gives its reply
-            body = f"local function call_one(KEYS, ARGV)\n{body}\nend\n{_BATCH_LOOP}"
+            body = f"{_ANNOUNCE}local function call_one(KEYS, ARGV)\n{body}\nend\n{_BATCH_LOOP}"
         self.source = _preamble() + body
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         LuaScript._loaded[self.sha] = self

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inferq.shared.codec import pack
 from inferq.shared.errors import BadPayload
 from inferq.shared.keys import MODEL_NAME, MODEL_NAME_MAX, Keys
 
@@ -20,6 +21,15 @@ HARD_MAX_TOKENS = 1 << 20  # schema ceiling; the client also applies Settings.ma
 Lane = Literal["high", "normal", "low"]
 Status = Literal["queued", "running", "done", "failed", "cancelled", "expired"]
 FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled", "expired"})
+
+
+def pack_events(events: list[dict[str, Any]]) -> bytes:
+    """One message on a reply channel: token events of one or more requests (producer/replies.py reads it)."""
+    return pack({"v": SCHEMA_VERSION, "events": events})
+
+
+# Such a message up to its events' array: a script frames events packed one by one with it (shared/lua.py).
+EVENTS_HEAD = pack_events([])[:-1]
 
 
 class ChatMessage(BaseModel):

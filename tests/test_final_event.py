@@ -3,9 +3,12 @@ whole result without a read of its own; and it does so only when that is the tru
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
+from inferq.shared.codec import unpack
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.settings import Settings
 from inferq.worker import scripts
@@ -79,3 +82,50 @@ async def test_a_run_started_again_elsewhere_sends_no_result_it_did_not_store(
     assert result == await client.get(handle.id)
     assert (result.status, result.text, result.worker, result.attempts) == ("done", "late ", "b", 2)
     assert result.timings.started_at == 200.5
+
+
+async def test_requests_ending_together_send_their_final_events_in_one_message(
+    client: InferenceClient, settings: Settings, redis: Redis
+) -> None:
+    """The finishes of one outbox batch run in one EVALSHA, and finish.lua's final events go out after all of them:
+    one message per reply channel with every event (shared/lua.py, `announce`), not one PUBLISH per request."""
+    keys, stream, ttl = Keys.of(settings), Keys.of(settings).queue(MODEL), settings.result_ttl_s
+    handles = [await client.submit(prompt=f"p{i}", model=MODEL, max_tokens=1, stream=False) for i in range(12)]
+    ((_, entries),) = await redis.xreadgroup(GROUP, "a", {stream: ">"}, count=20)
+    assert len(entries) == len(handles)
+    starts = [
+        ([keys.result(handle.id)], ["a", "100.5", ttl, MODEL, "99.5", f"{entry_id.decode()} {stream}"])
+        for handle, (entry_id, _) in zip(handles, entries, strict=True)
+    ]
+    assert await scripts.START.run_all(redis, starts) == [[b"running", 1]] * len(handles)
+    listener = redis.pubsub()
+    await listener.subscribe(client.channel)
+    assert (await listener.get_message(timeout=5))["type"] == "subscribe"
+    outbox = Outbox(redis)
+    outbox.start()
+    try:
+        writer = RequestWriter(outbox, keys, settings, "a", MODEL, WorkerMetrics(keys, MODEL))
+
+        async def end(handle, entry_id: bytes) -> None:  # type: ignore[no-untyped-def]
+            gen = Generation(parts=[f"{handle.id} "], completion_tokens=1, prompt_tokens=2, finish_reason="length")
+            gen.run = {"model": MODEL, "started_at": "100.5", "worker": "a", "queued_at": "99.5", "attempts": "1"}
+            await writer.end(stream, entry_id.decode(), handle.request, "done", gen)
+
+        publishes = int((await redis.info("commandstats")).get("cmdstat_publish", {}).get("calls", 0))
+        reads = await _result_reads(redis)
+        await asyncio.gather(*(end(h, entry_id) for h, (entry_id, _) in zip(handles, entries, strict=True)))
+        assert outbox.batches == 1  # the ends of one loop turn: one transaction
+        results = [await handle.result(timeout=10) for handle in handles]
+    finally:
+        await outbox.stop()
+    calls = int((await redis.info("commandstats"))["cmdstat_publish"]["calls"])
+    assert calls == publishes + 1  # one PUBLISH for the twelve
+    message = await listener.get_message(timeout=5)
+    assert message is not None and message["type"] == "message"
+    events = unpack(message["data"])["events"]
+    assert [event["id"] for event in events] == [handle.id for handle in handles]  # in the order they ended
+    assert await listener.get_message(timeout=0.2) is None  # and nothing else
+    await listener.aclose()
+    assert await _result_reads(redis) == reads  # each result came with its event
+    assert [(r.status, r.text, r.worker) for r in results] == [("done", f"{h.id} ", "a") for h in handles]
+    assert await drained(redis, settings, MODEL) == (0, 0)

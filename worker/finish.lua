@@ -8,8 +8,8 @@
 -- items follow, [10] the bulk line's reference ('' for another request), [11] the request's reply channel ('' for
 -- none), [12] its final event carrying the stored result ('' for none: a streamed request, or one that did not
 -- start in this run), [13] the `started_at` of this run's start ('' for none), [14] its final event without the
--- result, [15 .. 14+n] the final state's fields and values, then (to dead-letter the entry) the DLQ entry's
--- fields and values.
+-- result (each event one TokenEvent map, packed), [15 .. 14+n] the final state's fields and values, then (to
+-- dead-letter the entry) the DLQ entry's fields and values.
 -- A bulk line that never started has no result hash: the entry that owns it is in the job's id hash, which
 -- lets go of it once its final state is stored.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
@@ -17,9 +17,10 @@
 -- redelivered request never yields two different results, and is dead-lettered at most once); the extra
 -- run is only counted in `duplicates`. A request cancelled or expired while queued has a final state but no
 -- run (no `ended_by`): its one reply-stream record is written here, when a worker acknowledges its entry.
--- The final event goes out last, once all of it is written. It carries the stored result (so its client needs no
--- read of its own) only if this call stored it and the start fields stored are this run's (another worker may
--- have taken the request over and started it again since): else the client reads what is stored.
+-- The final event goes out last, once all of it (and all that the calls merged with it write) is written. It
+-- carries the stored result (so its client needs no read of its own) only if this call stored it and the start
+-- fields stored are this run's (another worker may have taken the request over and started it again since):
+-- else the client reads what is stored.
 -- Returns {1} if this call stored the result, {0} if one was there already, {2} if the entry is not the one the
 -- request was admitted with (forged: only the entry itself is acknowledged, deleted and dead-lettered); a
 -- second element, Redis's refusal of the final event (NOPERM on the channel), when that was refused.
@@ -96,9 +97,8 @@ end
 redis.call('XDEL', KEYS[2], ARGV[2])
 if ARGV[11] ~= '' then
   local told = wrote == 1 and ARGV[12] ~= '' and stored[4] == ARGV[5] and stored[5] == ARGV[13]
-  local sent = redis.pcall('PUBLISH', ARGV[11], told and ARGV[12] or ARGV[14])
-  if type(sent) == 'table' and sent.err then
-    return {wrote, sent.err}  -- all of it is written: only the event is lost, and the client reads the store
-  end
+  -- Sent once every call of this EVALSHA has run (shared/lua.py). Refused, only the event is lost (all of it
+  -- is written), and the client reads the store.
+  announce(ARGV[11], told and ARGV[12] or ARGV[14])
 end
 return {wrote}

@@ -28,11 +28,10 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from inferq.shared.batching import Batcher
-from inferq.shared.codec import pack
 from inferq.shared.connection import OUTAGE, Backoff, execute_all, is_cluster, passing_refusal, pipeline, retry_outages
 from inferq.shared.errors import WriteRefused
 from inferq.shared.lua import Command, Merged, reload_missing
-from inferq.shared.schemas import SCHEMA_VERSION
+from inferq.shared.schemas import pack_events
 
 log = logging.getLogger("inferq.worker")
 
@@ -193,11 +192,6 @@ class Outbox(Batcher[Item]):
             for command in commands:
                 pipe.execute_command(*command)
             return await execute_all(self.redis, pipe)
-
-
-def pack_events(events: list[dict[str, Any]]) -> bytes:
-    """One message on a reply channel: a request's events of one batch (producer/replies.py reads it)."""
-    return pack({"v": SCHEMA_VERSION, "events": events})
 
 
 def _refused_events(items: list[Item], refused: dict[str, BaseException], errors: list[BaseException | None]) -> None:

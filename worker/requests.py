@@ -16,7 +16,7 @@ from inferq.shared.settings import Settings
 from inferq.worker import scripts
 from inferq.worker.engine import Delta
 from inferq.worker.metrics import WorkerMetrics, queued_at
-from inferq.worker.outbox import Event, Outbox, pack_events
+from inferq.worker.outbox import Event, Outbox
 
 log = logging.getLogger("inferq.requests")
 # finish.lua's final-event arguments when it sends none (no reply channel; on a cluster the outbox sends it)
@@ -164,12 +164,12 @@ class RequestWriter:
             return _NOT_FROM_FINISH, ()
         if is_cluster(self.outbox.redis):
             return _NOT_FROM_FINISH, ((channel, event),)
-        bare = pack_events([event])
+        bare = pack(event)  # finish.lua frames it, with the other final events of its call to this channel
         if gen.run is None or request.stream:  # a streamed request's client has its text already
             return [channel, "", "", bare], ()
         # The whole stored result: what this run's start stored, and what this call stores. The bare event goes
         # instead in the rare case it may not be told (a takeover, a duplicate).
-        told = pack_events([{**event, "result": {**gen.run, **stored}}])
+        told = pack({**event, "result": {**gen.run, **stored}})
         return [channel, told, gen.run["started_at"], bare], ()
 
     def _log_end(
