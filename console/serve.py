@@ -46,6 +46,7 @@ def run_worker(settings: Settings, *, engine: str, consumer: str | None, bulk_jo
 def run_bulk_runner(settings: Settings) -> int:
     """Run detached bulk jobs only (no engine) until signalled; returns the exit code."""
     log_to_stderr(settings.log_format)
+    settle_heap("bulk runner")
     code: int = run(run_until_signalled(lambda: bulk_runner(settings)), sigterm_cancels=False)
     return code
 

@@ -1,4 +1,5 @@
-"""The garbage collector of a long-running serving process (a worker, the gateway), set once it has started.
+"""The garbage collector of a long-running serving process (a worker, the gateway, a bulk runner), set once it
+has started.
 
 Two costs the defaults leave in a server's hot path:
 - A full collection walks every object tracked, most of them made by starting (vLLM, torch and the model's
