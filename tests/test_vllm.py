@@ -8,8 +8,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -231,6 +233,29 @@ def test_a_worker_stopped_while_its_engine_loads_leaves_no_engine_process(settin
     while alive := [p for p in started if _running(p)]:
         assert time.monotonic() < give_up, f"left running after their worker stopped: {alive}"
         time.sleep(0.1)
+
+
+async def test_a_stopped_worker_leaves_no_socket_files_behind(settings: Settings, start_worker) -> None:
+    """vLLM binds its engine's ZeroMQ sockets to files in the temp dir and leaves them there when it stops: three
+    a start. A worker's engine binds them in a directory of its own, which goes when it stops."""
+    tmp = Path(tempfile.mkdtemp(prefix="iq"))  # short: a socket's path has at most 107 bytes
+    try:
+        worker = start_worker("--model", "tiny", "--max-inflight", "4", "--no-bulk-jobs", env={"TMPDIR": str(tmp)})
+
+        def sockets() -> list[Path]:
+            return [p for p in tmp.rglob("*") if p.is_socket()]
+
+        def engine_dirs() -> list[Path]:
+            return list(tmp.glob("inferq-vllm-*"))
+
+        assert sockets() and {p.parent for p in sockets()} == set(engine_dirs())  # one directory, the engine's
+        async with InferenceClient(settings) as client:
+            handle = await client.submit(prompt="Hello", model="tiny", max_tokens=2, stream=False)
+            assert (await handle.result(timeout=120)).status == "done"
+        assert worker.stop() == 0, worker.log()[-2000:]
+        assert sockets() == [] and engine_dirs() == []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _running(process: psutil.Process) -> bool:

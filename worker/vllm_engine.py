@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +124,10 @@ class VllmEngine:
         self._lock = threading.Lock()
         self._load = LoadState()
         self.setup: EngineSetup | None = None  # how it was set up (worker/engine_profile.py), once started
+        # vLLM binds its engine's ZeroMQ sockets to files in VLLM_RPC_BASE_PATH (the temp dir), and they stay
+        # when it stops (libzmq does not unlink them): three files a start, thousands on a box whose workers
+        # restart. Each engine gets a directory of its own there, removed when it stops.
+        self._ipc_dir: str | None = None
 
     async def start(self) -> None:
         # vLLM is imported and builds its engine (spawns the core, loads the model: minutes for a large one) in
@@ -128,6 +135,8 @@ class VllmEngine:
         # "loading" /ready, and SIGTERM is heard. The thread lives as long as the engine, and must: the engine
         # processes die when the thread that started them ends (PR_SET_PDEATHSIG, worker/vllm_children.py).
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-engine")
+        base = os.environ.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir()
+        self._ipc_dir = tempfile.mkdtemp(prefix="inferq-vllm-", dir=base)
         before = vllm_children.child_pids()
         try:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._build)
@@ -163,7 +172,8 @@ class VllmEngine:
         log.info("engine profile %s (INFERQ_ENGINE_PROFILE=%s)", setup.profile, self.settings.engine_profile)
         yield_to_neighbours(setup.nice)  # before vLLM starts its busy-polling processes
         # From here vLLM loads its plugins (as it reads the arguments), in this process and in each it spawns.
-        with vllm_spin.spin_for_children(setup.spin_s), vllm_children.die_with_this_process():
+        ipc = vllm_children.handed_down("VLLM_RPC_BASE_PATH", self._ipc_dir)  # read as the engine is built
+        with vllm_spin.spin_for_children(setup.spin_s), vllm_children.die_with_this_process(), ipc:
             args = AsyncEngineArgs(**setup.args)
             try:
                 config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
@@ -188,6 +198,9 @@ class VllmEngine:
             # default waits 5 s for an engine core that rarely exits by itself, then kills it anyway.
             self._llm.shutdown(timeout=_SHUTDOWN_GRACE_S)
             self._llm = None
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
 
     def load(self) -> EngineLoad | None:
         return self._load.snapshot()
