@@ -17,7 +17,7 @@ from redis.exceptions import NoPermissionError, RedisError
 from inferq.producer.admission import EXISTS, Admission, Admitter
 from inferq.producer.ops import stats
 from inferq.producer.ops.dead_letters import DeadLetters
-from inferq.producer.replies import GAP, TICK, TICK_S, Inbox, ReplyListener, Signal
+from inferq.producer.replies import GAP, TICK, Inbox, ReplyListener, Signal
 from inferq.shared.batching import BatchedHashReads
 from inferq.shared.codec import pack, text
 from inferq.shared.connection import OUTAGE, as_inferq_error, open_redis, redis_errors
@@ -35,8 +35,15 @@ from inferq.shared.lua import LuaScript
 from inferq.shared.schemas import ChatMessage, GenerationRequest, Result, TokenEvent, describe_validation_error
 from inferq.shared.settings import Settings, load_settings
 
-# How often result() re-reads the stored result while waiting, in case a final event was lost.
-_RESULT_POLL_S = 2.0
+# A waiting call reads the stored result now and then, in case a final event was lost (a reply channel Redis
+# refused, a worker that died between its final write and the event on a cluster): result() after 2 s without
+# its final event, tokens() after 1 s without an event (each within the listener's TICK_S). Each read that finds
+# it still running doubles the wait for the next, up to POLL_MAX_S: a request that waits long in a deep queue
+# costs a read or two, not one every few seconds, and a lost event still shows within POLL_MAX_S.
+RESULT_POLL_S = 2.0
+QUIET_S = 1.0
+POLL_MAX_S = 30.0
+_AWAY_S = 0.5  # how often result() asks again for a result Redis could not give (unreachable)
 CANCEL = LuaScript("inferq.producer", "cancel.lua")
 EXPIRE = LuaScript("inferq.producer", "expire.lua")
 
@@ -63,20 +70,27 @@ class RequestHandle:
         if not self.request.stream:
             raise InvalidRequest("this request was submitted with stream=False; await result() instead")
         limit = self._limit(timeout)
+        loop = asyncio.get_running_loop()
         deadline = Signal("DEADLINE")  # this call's own: one a timer of an earlier call left behind is not it
-        timer = asyncio.get_running_loop().call_later(limit, self._queue.put_nowait, deadline)
-        heard = True
+        timer = loop.call_later(limit, self._queue.put_nowait, deadline)
+        quiet = QUIET_S
+        self._queue.poll_at = loop.time() + quiet
+        heard = False  # an event came since the last tick (one read late, behind events, is not silence)
         try:
             while not self._finished:
                 item = await self._queue.get()
                 if item is deadline:
                     await self._timed_out(limit)
                 if item is TICK:
-                    # Quiet since the last tick: a final event may have been lost, so ask the store.
-                    if not heard and await self._stored_if_final() is not None:
-                        self.gap = True
-                        return
+                    if heard:
+                        quiet = QUIET_S
+                    else:  # nothing since the last tick: a final event may have been lost, so ask the store
+                        if await self._stored_if_final() is not None:
+                            self.gap = True
+                            return
+                        quiet = min(2 * quiet, POLL_MAX_S)
                     heard = False
+                    self._queue.poll_at = loop.time() + quiet
                     continue
                 if isinstance(item, Signal) and item is not GAP:
                     continue  # an earlier call's deadline
@@ -87,6 +101,7 @@ class RequestHandle:
                 yield event
         finally:
             timer.cancel()
+            self._queue.poll_at = math.inf
             if self._finished:
                 self.client._replies.unregister(self.id, self._queue)  # nothing more will come for this id
 
@@ -97,39 +112,43 @@ class RequestHandle:
         itself goes on and can be read later with `client.get(id)`."""
         limit = self._limit(timeout)
         loop = asyncio.get_running_loop()
-        # One timer for the limit (not a timeout scope per wait: this runs per request). Between events the
-        # listener's ticks (TICK_S apart, to a quiet handle) pace the reads of the store: every _RESULT_POLL_S
-        # while no final event came, in case it was lost.
+        # One timer for the limit (not a timeout scope per wait: this runs per request). The listener's TICK
+        # (Inbox.poll_at) paces the reads of the store, should no final event come: after RESULT_POLL_S, then
+        # twice as long each time (POLL_MAX_S).
         deadline = Signal("DEADLINE")
         timer = loop.call_later(limit, self._queue.put_nowait, deadline)
         give_up = loop.time() + limit
-        read_at = loop.time() if self.gap else loop.time() + _RESULT_POLL_S
+        poll = RESULT_POLL_S
+        read = self.gap  # events were missed already: the store is the truth now
         try:
             while True:
                 if self._told is not None:  # its final event said what was stored: no read needed
                     self.client._replies.unregister(self.id, self._queue)
                     return self._told
-                if self._finished or (self.gap and loop.time() >= read_at):
+                if self._finished or read:
                     stored = await self._stored_if_final()
                     if stored is not None:
                         self.client._replies.unregister(self.id, self._queue)
                         return stored
-                    read_at = loop.time() + _RESULT_POLL_S
                     if self._finished:  # no event will come now: only the store can answer (Redis is away)
                         if loop.time() >= give_up:
                             await self._timed_out(limit)
-                        await asyncio.sleep(TICK_S)
+                        await asyncio.sleep(_AWAY_S)
                         continue
+                    read = False
+                if self._queue.poll_at == math.inf:
+                    self._queue.poll_at = loop.time() + poll
+                    poll = min(2 * poll, POLL_MAX_S)
                 item = await self._queue.get()
                 if item is deadline:
                     await self._timed_out(limit)
                 elif item is TICK:
-                    if loop.time() >= read_at:
-                        self.gap = True  # nothing final heard for a while: consult the store
+                    read = True  # nothing final heard for a while: consult the store
                 elif (isinstance(item, TokenEvent) or item is GAP) and self._accept(item) is None:
-                    read_at = loop.time()  # events were missed: the store is the truth now
+                    read = True  # events were missed: the store is the truth now
         finally:
             timer.cancel()
+            self._queue.poll_at = math.inf
 
     async def cancel(self) -> str:
         """Cancel this request (see InferenceClient.cancel); returns its status after the call."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from typing import Final
 
@@ -35,11 +36,12 @@ class Signal:
 
 
 GAP: Final = Signal("GAP")  # events may have been lost: read the stored result instead
-TICK: Final = Signal("TICK")  # time passed: a waiter checks its deadline and, if it heard nothing, the store
+TICK: Final = Signal("TICK")  # the time its waiter asked for came (Inbox.poll_at): it may ask the store
 Item = TokenEvent | Signal
 # One validation call per message (one engine step), not one per event: this runs for every token.
 _EVENTS = TypeAdapter(list[TokenEvent])
-# One timer for all requests instead of one per awaited event: waiting for a token then costs no timer.
+# One timer for all waiting handles, instead of one per waiting call (this runs per request): a handle's TICK
+# comes within TICK_S after the time it asked for.
 TICK_S = 0.5
 
 
@@ -48,19 +50,17 @@ class Inbox:
     handle). What asyncio.Queue does for this, without its bookkeeping for many readers and bounds: one is made
     per submit."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "poll_at")
 
     def __init__(self) -> None:
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self.poll_at = math.inf  # when (event-loop time) its waiter wants a TICK; inf: none wanted
 
     def put_nowait(self, item: Item) -> None:
         self._items.append(item)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-    def empty(self) -> bool:
-        return not self._items
 
     async def get(self) -> Item:
         while not self._items:
@@ -90,13 +90,16 @@ class ReplyListener:
         self._ticker = None
 
     async def _tick(self) -> None:
-        """A TICK goes only to a queue with nothing in it: it means "nothing came for a while". Ticks piled up
-        while no one read would, read later, pass for silence ahead of the events queued behind them."""
+        """A TICK to each handle whose waiter asked for one by now, once (it asks again for the next). The others
+        are not woken: a deep backlog of waiting handles costs a look at each every TICK_S, no more."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_S)
+            now = loop.time()
             for queues in self._routes.values():
                 for queue in queues:
-                    if queue.empty():
+                    if queue.poll_at <= now:
+                        queue.poll_at = math.inf
                         queue.put_nowait(TICK)
 
     def register(self, request_id: str) -> Inbox:

@@ -129,3 +129,29 @@ async def test_requests_ending_together_send_their_final_events_in_one_message(
     assert await _result_reads(redis) == reads  # each result came with its event
     assert [(r.status, r.text, r.worker) for r in results] == [("done", f"{h.id} ", "a") for h in handles]
     assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+async def test_a_waiting_client_asks_the_store_less_often_the_longer_it_waits(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    """A request waiting in a queue with no worker hears nothing. Its waiting call reads the stored result in case
+    a final event was lost: tokens() after 1 s of silence, result() after 2 s, and each time twice as long after
+    that (producer/client.py). Every handle asking every half second made a deep backlog of waiting clients
+    cost more the deeper it got."""
+    streamed = await client.submit(prompt="streamed", model=MODEL, max_tokens=3)
+    unstreamed = await client.submit(prompt="unstreamed", model=MODEL, max_tokens=3, stream=False)
+    reads = await _result_reads(redis)
+
+    async def events() -> list[int]:
+        return [event.seq async for event in streamed.tokens(timeout=60)]
+
+    streaming = asyncio.create_task(events())
+    waiting = asyncio.create_task(unstreamed.result(timeout=60))
+    await asyncio.sleep(4.5)  # the time under test: nothing can end, there is no worker yet
+    # tokens() at 1 and 3 s (next at 7), result() at 2 s (next at 6), each up to TICK_S late: three reads, where
+    # it was eight
+    assert await _result_reads(redis) - reads == 3
+    start_worker("--engine", "standin", "--model", MODEL)
+    assert await streaming == [0, 1, 2] and not streamed.gap
+    assert (await waiting).text == "t0 t1 t2 "
+    assert await drained(redis, settings, MODEL) == (0, 0)

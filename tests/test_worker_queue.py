@@ -10,7 +10,7 @@ import msgpack
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
-from inferq.producer.replies import TICK_S
+from inferq.producer.client import QUIET_S
 from inferq.shared.codec import pack, unpack
 from inferq.shared.keys import Keys
 from inferq.shared.settings import Settings
@@ -47,10 +47,9 @@ async def test_a_stream_read_late_still_yields_every_event(
     client: InferenceClient, settings: Settings, start_worker
 ) -> None:
     """A caller that starts reading tokens() only after the request ended (busy elsewhere: the events wait in its
-    queue, behind the client's ticks from while it was queued) gets every event: time that passed before it
-    read is not mistaken for silence from the worker."""
+    queue) gets every event: time that passed before it read is not mistaken for silence from the worker."""
     handle = await client.submit(prompt="late reader", model=MODEL, max_tokens=4)
-    await asyncio.sleep(3 * TICK_S)  # queued for several of the client's ticks, with no worker yet
+    await asyncio.sleep(3 * QUIET_S)  # queued longer than tokens() waits before asking the store, with no worker yet
     start_worker("--engine", "standin", "--model", MODEL)
 
     async def ended() -> bool:
