@@ -237,10 +237,14 @@ def test_a_worker_stopped_while_its_engine_loads_leaves_no_engine_process(settin
 
 async def test_a_stopped_worker_leaves_no_socket_files_behind(settings: Settings, start_worker) -> None:
     """vLLM binds its engine's ZeroMQ sockets to files in the temp dir and leaves them there when it stops: three
-    a start. A worker's engine binds them in a directory of its own, which goes when it stops."""
+    a start. A worker's engine binds them in a directory of its own, which goes when it stops; one a SIGKILLed
+    worker left goes when the next engine starts, and one of a process still running stays."""
     tmp = Path(tempfile.mkdtemp(prefix="iq"))  # short: a socket's path has at most 107 bytes
+    stale, live = _engine_dir(tmp, _ended_pid()), _engine_dir(tmp, os.getpid())
     try:
         worker = start_worker("--model", "tiny", "--max-inflight", "4", "--no-bulk-jobs", env={"TMPDIR": str(tmp)})
+        assert not stale.exists() and live.exists()
+        shutil.rmtree(live)
 
         def sockets() -> list[Path]:
             return [p for p in tmp.rglob("*") if p.is_socket()]
@@ -256,6 +260,21 @@ async def test_a_stopped_worker_leaves_no_socket_files_behind(settings: Settings
         assert sockets() == [] and engine_dirs() == []
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ended_pid() -> int:
+    """The pid of a process that has ended (and was reaped): no process has it now."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    return ended.pid
+
+
+def _engine_dir(base: Path, pid: int) -> Path:
+    """A socket directory as an engine of process `pid` leaves it (worker/vllm_children.py, own_ipc_dir)."""
+    made = base / f"inferq-vllm-{pid}-a1b2c3"
+    made.mkdir()
+    (made / "0cedb373-f66a-4da0-9f68-99dc303230bd").touch()
+    return made
 
 
 def _running(process: psutil.Process) -> bool:

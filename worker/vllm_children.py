@@ -11,6 +11,8 @@ child ends: an inferq engine starts vLLM from a thread of its own that lives as 
 (worker/vllm_engine.py). Each level guards itself: the model process dies with the engine core, the engine
 core with the worker. Any other vLLM run in this environment is left as it ships. No vLLM
 name is touched: only the operating system's.
+
+What an engine leaves in the file system goes too: its socket files, in a directory of its own (`own_ipc_dir`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 
 log = logging.getLogger("vllm.inferq")
@@ -103,3 +108,31 @@ def kill_started(before: set[int]) -> None:
         with contextlib.suppress(psutil.Error):
             if child.pid not in before and "multiprocessing.resource_tracker" not in " ".join(child.cmdline()):
                 child.kill()
+
+
+_IPC_DIR = re.compile(r"inferq-vllm-(\d+)-\w+")
+
+
+def own_ipc_dir() -> str:
+    """A new directory for an engine's ZeroMQ socket files, named after this process, under vLLM's base for them
+    (VLLM_RPC_BASE_PATH, else the temp dir). vLLM binds its sockets to files there and leaves them when it stops
+    (libzmq does not unlink them): three a start, thousands on a box whose workers restart. The engine removes
+    its directory when it stops; those of engines whose process is gone (SIGKILLed: nothing removed theirs) go
+    here, before the new one is made."""
+    base = os.environ.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            owner = _IPC_DIR.fullmatch(entry.name)
+            if owner and entry.is_dir(follow_symlinks=False) and not _alive(int(owner.group(1))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"inferq-vllm-{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive, and not ours to judge
+        return True
+    return True

@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import shutil
-import tempfile
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,10 +122,7 @@ class VllmEngine:
         self._lock = threading.Lock()
         self._load = LoadState()
         self.setup: EngineSetup | None = None  # how it was set up (worker/engine_profile.py), once started
-        # vLLM binds its engine's ZeroMQ sockets to files in VLLM_RPC_BASE_PATH (the temp dir), and they stay
-        # when it stops (libzmq does not unlink them): three files a start, thousands on a box whose workers
-        # restart. Each engine gets a directory of its own there, removed when it stops.
-        self._ipc_dir: str | None = None
+        self._ipc_dir: str | None = None  # where vLLM binds this engine's sockets (vllm_children.own_ipc_dir)
 
     async def start(self) -> None:
         # vLLM is imported and builds its engine (spawns the core, loads the model: minutes for a large one) in
@@ -135,8 +130,7 @@ class VllmEngine:
         # "loading" /ready, and SIGTERM is heard. The thread lives as long as the engine, and must: the engine
         # processes die when the thread that started them ends (PR_SET_PDEATHSIG, worker/vllm_children.py).
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-engine")
-        base = os.environ.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir()
-        self._ipc_dir = tempfile.mkdtemp(prefix="inferq-vllm-", dir=base)
+        self._ipc_dir = vllm_children.own_ipc_dir()
         before = vllm_children.child_pids()
         try:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._build)
