@@ -8,7 +8,7 @@
 -- which the worker sends with the final event), 'cancelled' (a cancel is pending: end it cancelled), a final
 -- status it finds ('done', 'failed', 'cancelled', 'expired': only acknowledge), or 'foreign': the request was
 -- admitted with another entry, so this one (forged) must not touch it.
-local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel')  -- one lookup: this runs per request
+local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel', 'attempts')  -- one lookup: runs per request
 local owner, status = stored[1], stored[2]
 local marked, line
 if not owner then
@@ -23,7 +23,9 @@ end
 if stored[3] == '1' then
   return 'cancelled'
 end
-local fields = {'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'model', ARGV[4], 'queued_at', ARGV[5]}
+local attempts = (tonumber(stored[4]) or 0) + 1  -- counted in the same write (one command less a request)
+local fields = {'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[1], 'model', ARGV[4], 'queued_at', ARGV[5],
+  'attempts', attempts}
 if marked then
   fields[#fields + 1], fields[#fields + 2] = 'entry', marked
 end
@@ -31,6 +33,5 @@ redis.call('HSET', KEYS[1], unpack(fields))
 if marked then
   settle_line(KEYS[2], ARGV[7], line)
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return {'running', attempts}
