@@ -13,7 +13,8 @@ Per cell: requests/s end to end, latency p50/p99 (submit to result in hand; the 
 all the queue's), Redis CPU, and per request the commands Redis ran and its socket reads (one per round trip
 a client or worker made, pipelines counted once), and the CPU time each kind of process spent on it (workers,
 producers, Redis: what a box of N cores can carry is N over their sum). Beside it, raw pipelined XADD/s on the
-same server.
+same server. With `--rounds N` every cell runs N times, each round on a fresh server and fresh workers, and
+shows its median round with every round's requests/s.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import statistics
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -187,10 +189,37 @@ async def bench_capacity(
     closed: list[int],
     rates: list[float],
     seconds: float,
+    rounds: int = 1,
     on_row: Any = lambda row: None,
 ) -> dict[str, Any]:
-    """Closed-loop cells (`closed`: callers per producer process), then open-loop cells at rising `rates`
-    (requests/s in all) until one falls behind."""
+    """`rounds` rounds, each on a fresh server and workers: closed-loop cells (`closed`: callers per producer
+    process), then open-loop cells at rising `rates` (requests/s in all) until one falls behind. A cell's row is
+    its median round's (by requests/s), with every round's requests/s beside it: on a shared box the same cell
+    can differ by a third from one minute to the next, and one round cannot tell a change from that."""
+    runs = []
+    for _ in range(rounds):
+        runs.append(await _round(base, workers, producer_procs, closed, rates, seconds, on_row))
+    cells: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            cells.setdefault((row["mode"], row["load"]), []).append(row)
+    rows = []
+    for same in cells.values():
+        ranked = sorted(same, key=lambda row: row["requests_per_s"])
+        rows.append({**ranked[(len(ranked) - 1) // 2], "rounds_requests_per_s": [r["requests_per_s"] for r in same]})
+    saturated = [run["saturated_at_offered_per_s"] for run in runs]
+    return {
+        "raw_xadd_per_s": statistics.median(run["raw_xadd_per_s"] for run in runs), "workers": workers,
+        "producer_procs": producer_procs, "seconds_per_cell": seconds, "rounds": rounds,
+        # the lowest offered rate any round fell behind at (None: every round kept up with every rate)
+        "saturated_at_offered_per_s": min((rate for rate in saturated if rate), default=None),
+        "rounds_saturated_at": saturated, "rows": rows, "runs": runs,
+    }  # fmt: skip
+
+
+async def _round(
+    base: Settings, workers: int, procs: int, closed: list[int], rates: list[float], seconds: float, on_row: Any
+) -> dict[str, Any]:
     server = temporary_server()
     settings = load_settings(redis_url=server.url, key_prefix="capacity", model=MODEL, data_dir=base.data_dir)
     rows: list[dict[str, Any]] = []
@@ -206,10 +235,10 @@ async def bench_capacity(
                     )
                     pids["workers"].append(worker.proc.pid)
             for callers in closed:
-                rows.append(await _cell(client, server.url, producer_procs, "closed", callers, seconds, pids))
+                rows.append(await _cell(client, server.url, procs, "closed", callers, seconds, pids))
                 on_row(rows[-1])
             for rate in rates:
-                row = await _cell(client, server.url, producer_procs, "open", rate / producer_procs, seconds, pids)
+                row = await _cell(client, server.url, procs, "open", rate / procs, seconds, pids)
                 rows.append(row)
                 on_row(row)
                 if row["requests_per_s"] < _BEHIND * rate or row["errors"]:
@@ -217,10 +246,7 @@ async def bench_capacity(
                     break
     finally:
         server.stop()
-    return {
-        "raw_xadd_per_s": raw, "workers": workers, "producer_procs": producer_procs, "seconds_per_cell": seconds,
-        "saturated_at_offered_per_s": saturated_at, "rows": rows,
-    }  # fmt: skip
+    return {"raw_xadd_per_s": raw, "saturated_at_offered_per_s": saturated_at, "rows": rows}
 
 
 def _cpu_cell(row: dict[str, Any]) -> str:
@@ -233,11 +259,17 @@ def _cpu_cell(row: dict[str, Any]) -> str:
 
 
 def capacity_table(report: dict[str, Any]) -> str:
+    rounds = report.get("rounds", 1)
     lines = [
         f"raw pipelined XADD on this server: {report['raw_xadd_per_s']:,.0f}/s; {report['workers']} stand-in "
-        f"worker(s), {report['producer_procs']} producer process(es), {report['seconds_per_cell']:g} s a cell",
+        f"worker(s), {report['producer_procs']} producer process(es), {report['seconds_per_cell']:g} s a cell"
+        + (
+            f"; each cell the median of {rounds} rounds (each on a fresh server), every round's requests/s beside it"
+            if rounds > 1
+            else ""
+        ),
         f"{'load':>16}{'requests/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'redis CPU %':>13}{'cmds/req':>10}"
-        f"{'trips/req':>11}{'CPU us/req worker/producer/redis':>34}{'errors':>8}",
+        f"{'trips/req':>11}{'CPU us/req worker/producer/redis':>34}{'errors':>8}" + ("  rounds" if rounds > 1 else ""),
     ]
     for r in report["rows"]:
         closed = r["mode"] == "closed"
@@ -245,8 +277,9 @@ def capacity_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{load:>16}{r['requests_per_s']:>12,.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['redis_cpu_pct']:>13.0f}"
             f"{r['commands_per_request']:>10.1f}{r['round_trips_per_request']:>11.1f}{_cpu_cell(r):>34}{r['errors']:>8}"
+            + (f"  {' / '.join(f'{x:,.0f}' for x in r['rounds_requests_per_s'])}" if rounds > 1 else "")
         )
-    rewrites = sum(r.get("aof_rewrites", 0) for r in report["rows"])
+    rewrites = sum(r.get("aof_rewrites", 0) for run in report.get("runs", [report]) for r in run["rows"])
     lines.append(
         f"AOF rewrites during the cells: {rewrites} (the server persists as shipped: AOF, fsync every second; the "
         "rewrites' CPU is in redis's us/req, not in its CPU %)"
@@ -259,5 +292,10 @@ def capacity_table(report: dict[str, Any]) -> str:
         "transaction's): " + ", ".join(f"{k} {v:g}" for k, v in list(spent.items())[:8])
     )
     if report["saturated_at_offered_per_s"]:
-        lines.append(f"saturated: the open loop fell behind at {report['saturated_at_offered_per_s']:,.0f}/s offered")
+        by_round = report.get("rounds_saturated_at", [])
+        behind = ", ".join("kept up" if rate is None else f"{rate:,.0f}/s" for rate in by_round)
+        lines.append(
+            f"saturated: the open loop fell behind at {report['saturated_at_offered_per_s']:,.0f}/s offered"
+            + (f" (by round: {behind})" if rounds > 1 else "")
+        )
     return "\n".join(lines)

@@ -181,6 +181,14 @@ def bench_capacity_command(
         str, typer.Option(help="open loop: offered requests/s in all, rising, comma-separated; stops once behind")
     ] = "1000,2000,4000,6000,8000,10000,12000",
     seconds: Annotated[float, typer.Option(help="seconds per cell")] = 5.0,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="run every cell this many times, each round on a fresh server; a cell shows "
+            "its median round, with every round's requests/s (a shared box's speed varies)",
+        ),
+    ] = 1,
     json_out: JsonOut = None,
 ) -> None:
     """How many requests/s the queue carries end to end through one Redis, and where it saturates: closed loop
@@ -192,7 +200,7 @@ def bench_capacity_command(
         bench_capacity(
             base.settings(), workers=workers, producer_procs=producer_procs,
             closed=numbers(closed, "--closed"), rates=[float(r) for r in numbers(rates, "--rates")], seconds=seconds,
-            on_row=lambda r: typer.echo(f"{r['mode']} {r['load']:g} x {r['producer_procs']}: "
+            rounds=rounds, on_row=lambda r: typer.echo(f"{r['mode']} {r['load']:g} x {r['producer_procs']}: "
                                         f"{r['requests_per_s']:.0f} requests/s", err=True),
         )
     )  # fmt: skip

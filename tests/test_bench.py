@@ -119,11 +119,15 @@ async def test_queue_bench_reports_each_cell(settings: Settings, tmp_path: Path)
 
 
 async def test_capacity_bench_counts_every_request_and_what_redis_did(settings: Settings, tmp_path: Path) -> None:
-    report = await bench(
-        settings, tmp_path, "capacity", "--producer-procs", "2", "--closed", "4", "--rates", "200,400", "--seconds", "1"
-    )
+    args = ["--producer-procs", "2", "--closed", "4", "--rates", "200,400", "--seconds", "1", "--rounds", "2"]
+    report = await bench(settings, tmp_path, "capacity", *args)
     assert report["raw_xadd_per_s"] > 0 and report["saturated_at_offered_per_s"] is None
     assert [(r["mode"], r["load"]) for r in report["rows"]] == [("closed", 4), ("open", 100), ("open", 200)]
+    # Each cell ran once a round, each round on a server of its own; a cell shows its median round.
+    assert len(report["runs"]) == 2 and all(len(run["rows"]) == 3 for run in report["runs"])
+    for i, r in enumerate(report["rows"]):
+        assert r["rounds_requests_per_s"] == [run["rows"][i]["requests_per_s"] for run in report["runs"]]
+        assert r["requests_per_s"] == min(r["rounds_requests_per_s"])  # of two, the lower
     for r in report["rows"]:
         assert r["completed"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
         # Each request costs Redis at least its admission, start, end and result read; each a round trip or part of one.
