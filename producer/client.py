@@ -70,7 +70,7 @@ class RequestHandle:
         if not self.request.stream:
             raise InvalidRequest("this request was submitted with stream=False; await result() instead")
         limit = self._limit(timeout)
-        loop = asyncio.get_running_loop()
+        loop = self._queue.loop
         deadline = Signal("DEADLINE")  # this call's own: one a timer of an earlier call left behind is not it
         timer = loop.call_later(limit, self._queue.put_nowait, deadline)
         quiet = QUIET_S
@@ -111,7 +111,7 @@ class RequestHandle:
         Raises RequestTimeout after `timeout` seconds (default: settings.request_timeout_s); the request
         itself goes on and can be read later with `client.get(id)`."""
         limit = self._limit(timeout)
-        loop = asyncio.get_running_loop()
+        loop = self._queue.loop
         # One timer for the limit (not a timeout scope per wait: this runs per request). The listener's TICK
         # (Inbox.poll_at) paces the reads of the store, should no final event come: after RESULT_POLL_S, then
         # twice as long each time (POLL_MAX_S).

@@ -50,9 +50,12 @@ class Inbox:
     handle). What asyncio.Queue does for this, without its bookkeeping for many readers and bounds: one is made
     per submit."""
 
-    __slots__ = ("_items", "_waiter", "poll_at")
+    __slots__ = ("_items", "_waiter", "loop", "poll_at")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The listener's loop, for the waiter and its handle's timers: on Python 3.11 each
+        # asyncio.get_running_loop() is a getpid() system call, and this runs per request.
+        self.loop = loop
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.poll_at = math.inf  # when (event-loop time) its waiter wants a TICK; inf: none wanted
@@ -64,7 +67,7 @@ class Inbox:
 
     async def get(self) -> Item:
         while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -79,10 +82,12 @@ class ReplyListener:
         self._routes: dict[str, list[Inbox]] = {}
         self._subscription = Subscription(redis, channel, self._route, self._announce_gap)
         self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self._subscription.start()
-        self._ticker = asyncio.create_task(self._tick(), name=f"inferq-ticker-{self.channel}")
+        self._ticker = self._loop.create_task(self._tick(), name=f"inferq-ticker-{self.channel}")
 
     async def stop(self) -> None:
         await self._subscription.stop()
@@ -103,7 +108,9 @@ class ReplyListener:
                         queue.put_nowait(TICK)
 
     def register(self, request_id: str) -> Inbox:
-        queue = Inbox()
+        if self._loop is None:
+            raise RuntimeError("the reply listener is not started")
+        queue = Inbox(self._loop)
         self._routes.setdefault(request_id, []).append(queue)
         return queue
 

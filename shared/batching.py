@@ -5,6 +5,9 @@ entries it just read, every request task of one engine step) are collected and s
 write and one round trip for the lot instead of one each. `Batcher` does the collecting, one batch at a
 time and in order; a subclass says how a batch is sent (the admission script, the start script, the
 worker's outbox).
+
+A call's future comes from the loop the batcher started on: on Python 3.11 each asyncio.get_running_loop() is
+a getpid() system call (its check for a fork), and this runs once a call, several times a request.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ class Batcher(Generic[C]):
         self._calls: list[tuple[C, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"inferq-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name=f"inferq-{self.name}")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -49,9 +54,9 @@ class Batcher(Generic[C]):
 
     def submit(self, item: C) -> asyncio.Future[Any]:
         """Queue one call; the future resolves with its answer."""
-        if self._task is None:
+        if self._task is None or self._loop is None:
             raise RuntimeError(f"{self.name} batcher not started")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = self._loop.create_future()
         self._calls.append((item, fut))
         self._wake.set()
         return fut

@@ -95,6 +95,9 @@ class Worker(Upkeep, AsyncLifecycle):
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._maintenance: asyncio.Task[None] | None = None
+        # Set by start(). Per request, tasks come from it directly: on Python 3.11 each asyncio.get_running_loop()
+        # (asyncio.create_task and ensure_future call it) is a getpid() system call.
+        self._loop: asyncio.AbstractEventLoop
         self._checks: set[asyncio.Task[None]] = set()  # cancel broadcasts being checked against their mark
         self.fatal: BaseException | None = None
         self.tokens_out = 0
@@ -107,6 +110,7 @@ class Worker(Upkeep, AsyncLifecycle):
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await wait_for_redis(self.redis, f"worker {self.name}", log)
         for stream in self.streams:
             try:  # from 0: entries added before the first worker started are read too
@@ -221,7 +225,7 @@ class Worker(Upkeep, AsyncLifecycle):
             series = self.metrics.of(stream)
             series.redelivered.inc()
             series.taken_over.inc()
-        job.task = asyncio.create_task(self._process(job), name=f"inferq-{entry_id}")
+        job.task = self._loop.create_task(self._process(job), name=f"inferq-{entry_id}")
         self._jobs[(stream, entry_id)] = job
         job.task.add_done_callback(lambda _t: self._release(job))
 
@@ -324,7 +328,8 @@ class Worker(Upkeep, AsyncLifecycle):
         # said "running"; any other answer aborts the engine's work. Not when this worker runs another entry
         # with the same request id (a forged one): the engine knows a request by its id.
         deltas = self.engine.generate(request)
-        first = asyncio.ensure_future(anext(deltas)) if self._by_request.get(request.id) is job else None
+        owner = self._by_request.get(request.id) is job
+        first = asyncio.ensure_future(anext(deltas), loop=self._loop) if owner else None
         try:
             status = await self._mark_running(request, job, added)
         except BaseException:
@@ -346,7 +351,7 @@ class Worker(Upkeep, AsyncLifecycle):
             return
         job.gen.started_at = time.time()
         self.metrics.started(job.stream, job.entry_id)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         limit = self.settings.max_run_s
         why = f"ran longer than {limit:g} s (INFERQ_MAX_RUN_S): stopped by the worker's watchdog"
         timers = [loop.call_later(limit, self.interrupt, request.id, "failed", why)]
