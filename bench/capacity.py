@@ -211,6 +211,7 @@ async def bench_capacity(
     return {
         "raw_xadd_per_s": statistics.median(run["raw_xadd_per_s"] for run in runs), "workers": workers,
         "producer_procs": producer_procs, "seconds_per_cell": seconds, "rounds": rounds,
+        "server_allocator": runs[0]["allocator"],
         # the lowest offered rate any round fell behind at (None: every round kept up with every rate)
         "saturated_at_offered_per_s": min((rate for rate in saturated if rate), default=None),
         "rounds_saturated_at": saturated, "rows": rows, "runs": runs,
@@ -227,6 +228,7 @@ async def _round(
     try:
         async with InferenceClient(settings) as client, contextlib.AsyncExitStack() as fleet:
             raw = await raw_xadd_per_s(client)
+            allocator = server.allocator()
             pids: dict[str, list[int]] = {"workers": [], "redis": [server.pid() or 0]}
             with handed_down("INFERQ_STANDIN_STEP_MS", "0"):  # the workers started inside inherit it
                 for _ in range(workers):
@@ -246,7 +248,7 @@ async def _round(
                     break
     finally:
         server.stop()
-    return {"raw_xadd_per_s": raw, "saturated_at_offered_per_s": saturated_at, "rows": rows}
+    return {"raw_xadd_per_s": raw, "allocator": allocator, "saturated_at_offered_per_s": saturated_at, "rows": rows}
 
 
 def _cpu_cell(row: dict[str, Any]) -> str:
@@ -282,7 +284,8 @@ def capacity_table(report: dict[str, Any]) -> str:
     rewrites = sum(r.get("aof_rewrites", 0) for run in report.get("runs", [report]) for r in run["rows"])
     lines.append(
         f"AOF rewrites during the cells: {rewrites} (the server persists as shipped: AOF, fsync every second; the "
-        "rewrites' CPU is in redis's us/req, not in its CPU %)"
+        "rewrites' CPU is in redis's us/req, not in its CPU %); the server's malloc: "
+        f"{report.get('server_allocator') or 'unknown'}"
     )
     top = report["rows"][-1]["calls_per_request"] if report["rows"] else {}
     lines.append("commands per request in the last cell: " + ", ".join(f"{k} {v:g}" for k, v in list(top.items())[:10]))

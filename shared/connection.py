@@ -153,7 +153,9 @@ async def wait_for_redis(redis: Redis, what: str, log: logging.Logger) -> None:
 
 
 def embedded_server(settings: Settings) -> EmbeddedServer:
-    return EmbeddedServer(settings.data_dir, settings.embedded_port, fsync=settings.embedded_fsync)
+    return EmbeddedServer(
+        settings.data_dir, settings.embedded_port, fsync=settings.embedded_fsync, malloc=settings.embedded_malloc
+    )
 
 
 def resolve_url(settings: Settings) -> str:

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         description="the embedded server's appendfsync: everysec can lose up to a second of acknowledged writes "
         "in a crash of the machine; always loses none, at a cost in write speed",
     )
+    embedded_malloc: Literal["mimalloc", "libc"] = Field(
+        "mimalloc",
+        description="the embedded server's allocator: mimalloc (preloaded, on Linux), or libc, the binary's own "
+        "glibc malloc, which takes a third more of the server's CPU a request",
+    )
     key_prefix: str = Field(
         "inferq", min_length=1, pattern=r"^[^{}\s]+$", description="the start of every key name (no braces: a "
         "brace would make a hash tag of it)"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from inferq.producer.local import inferq_argv, worker_env
+from inferq.shared.connection import embedded_server
 from inferq.shared.embedded import EmbeddedServer
-from inferq.shared.settings import Settings
+from inferq.shared.settings import Settings, load_settings
 from tests.conftest import free_port
 
 MODEL = "fake"
@@ -179,3 +180,27 @@ def test_the_embedded_server_can_fsync_every_write(tmp_path: Path) -> None:
         assert default._ask("CONFIG", "GET", "appendfsync") == [b"appendfsync", b"everysec"]
     finally:
         default.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator is preloaded on Linux only")
+def test_the_embedded_server_runs_with_mimalloc_unless_told_otherwise(tmp_path: Path) -> None:
+    """The packaged valkey-server is built with glibc's malloc; ours preloads mimalloc into it (and keeps a
+    preload of the user's behind it), and INFERQ_EMBEDDED_MALLOC=libc leaves the binary as it is."""
+
+    def mapped(server: EmbeddedServer) -> str:
+        return Path(f"/proc/{server.pid()}/maps").read_text()
+
+    server = EmbeddedServer(tmp_path / "mimalloc", free_port())
+    assert server.start() is True
+    try:
+        assert "libmimalloc" in mapped(server) and server.allocator() == "mimalloc"
+        assert server._ask("SET", "k", "v") is True and server._ask("GET", "k") == b"v"
+    finally:
+        server.stop()
+    told = load_settings(data_dir=tmp_path / "libc", embedded_port=free_port(), embedded_malloc="libc")
+    libc = embedded_server(told)  # what a command started with INFERQ_EMBEDDED_MALLOC=libc runs
+    assert libc.start() is True
+    try:
+        assert "libmimalloc" not in mapped(libc) and libc.allocator() == "libc"
+    finally:
+        libc.stop()
