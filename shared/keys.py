@@ -251,6 +251,12 @@ class Keys:
         job = name[len(head) :].rpartition(":")[0]
         return job if name.startswith(head) and _NAME.fullmatch(job) and name == self.done(job) else None
 
+    def job_reply_stream(self, request_id: str) -> str | None:
+        """The reply stream of the job whose request `request_id` is (`bulk_request_id`'s form), or None: where a
+        bulk line's record goes when its queue entry names none (the runner's leave it out: ~50 bytes a line)."""
+        job = bulk_job_of(request_id)
+        return None if job is None else self.done(job)
+
     def is_reply_stream_of(self, name: str, request_id: str) -> bool:
         """Whether `name` is a bulk job's reply stream under this prefix that request `request_id` may write
         to: that job's own requests only (`bulk_request_id`), so no request can add a record to another job

@@ -26,15 +26,16 @@ MODEL = "fake"
 JOB = "bj-lines"
 
 
-async def feed(client: InferenceClient, lines: int, **params: Any) -> list[GenerationRequest]:
+async def feed(client: InferenceClient, lines: int, *, named: bool = False, **params: Any) -> list[GenerationRequest]:
     """What a bulk runner does with a batch: note each custom_id's first line in the job's id hash, then admit
-    the lines as requests to the job's reply stream."""
+    the lines as requests of the job, whose ids say its reply stream (`named`: the entries name it too, as
+    entries made before the runner left it out do)."""
     store = BulkStore(client.redis, client.keys, ttl_s=3600)
     if await store.get(JOB) is None:
         await store.create(JobRecord(id=JOB, model=MODEL, created_at=time.time()))
     numbered = [(f"c{i}", i + 1) for i in range(lines)]
     assert await store.first_lines(JOB, numbered) == [n for _, n in numbered]  # a replay sees its own lines
-    reply_stream = client.keys.done(JOB)
+    reply_stream = client.keys.done(JOB) if named else None
     return [
         client.build_request(
             request_id=bulk_request_id(JOB, 0, digest(custom_id)),
@@ -74,7 +75,9 @@ async def test_a_queued_bulk_line_is_kept_in_its_jobs_id_hash_and_runs_once(
     await redis.hset(keys.tenants(MODEL), "acme", 10)  # ten unfinished requests of the tenant elsewhere
     requests = await feed(client, 5, tenant="acme")
     assert [a.code for a in await client.enqueue_many(requests)] == [ADMITTED] * 5
-    entries = {unpack(f[b"m"])["id"]: e.decode() for e, f in await redis.xrange(keys.queue(MODEL))}
+    queued = {e.decode(): unpack(f[b"m"]) for e, f in await redis.xrange(keys.queue(MODEL))}
+    assert all("reply_stream" not in line for line in queued.values())  # the worker takes it from the id
+    entries = {line["id"]: entry for entry, line in queued.items()}
     marks = await redis.hgetall(keys.bulk_ids(JOB))
     for n, request in enumerate(requests, 1):
         assert not await redis.exists(keys.result(request.id))  # no result hash while it is queued
@@ -118,7 +121,7 @@ async def test_a_cancelled_or_expired_bulk_line_ends_once_and_a_forged_entry_run
 ) -> None:
     keys = Keys.of(settings)
     await redis.hset(keys.tenants(MODEL), "acme", 10)  # ten unfinished requests of the tenant elsewhere
-    cancelled, kept, late = await feed(client, 3, tenant="acme")
+    cancelled, kept, late = await feed(client, 3, named=True, tenant="acme")
     late = late.model_copy(update={"deadline": time.time() + 0.3})
     assert [a.code for a in await client.enqueue_many([cancelled])] == [ADMITTED]
     # Ahead of the real entry in the queue, so a worker meets it first, while the line has no result hash.

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
-from inferq.shared.codec import pack
+from inferq.shared.codec import pack, unpack
 from inferq.shared.embedded import EmbeddedServer
 from inferq.shared.errors import InferqError, InvalidRequest
 from inferq.shared.keys import GROUP, Keys, bulk_request_id
@@ -105,6 +105,9 @@ async def test_the_worker_checks_again_and_writes_nothing_to_a_foreign_key(
     fine = {"v": 1, "id": bulk_request_id("job-a", 0, "fine"), "model": MODEL, "prompt": "hi", "max_tokens": 2,
             "stream": False, "reply_stream": own_job}  # fmt: skip
     await redis.xadd(stream, {"m": pack(fine)})
+    # Poison that names no reply stream: its id is job-a's, so job-a still gets the line's `failed` record.
+    poison = {"v": 1, "id": bulk_request_id("job-a", 0, "poison"), "model": MODEL, "prompt": "", "max_tokens": 2}
+    await redis.xadd(stream, {"m": pack(poison)})
     start_worker("--engine", "standin", "--model", MODEL, env={"INFERQ_MAX_REQUEST_BYTES": "2048"})
 
     async def all_ended() -> bool:  # entries added by hand have no client waiting: ask Redis
@@ -112,7 +115,7 @@ async def test_the_worker_checks_again_and_writes_nothing_to_a_foreign_key(
 
     await wait_until(all_ended, 30, "every entry to end")
     assert (await client.get(str(fine["id"]))).status == "done"
-    assert await redis.xlen(keys.dlq(MODEL)) == len(foreign)
+    assert await redis.xlen(keys.dlq(MODEL)) == len(foreign) + 1  # and the poison
     for request_id in foreign:
         result = await client.get(request_id)
         assert result.status == "failed" and (result.error or "").startswith("refused: "), result
@@ -120,7 +123,8 @@ async def test_the_worker_checks_again_and_writes_nothing_to_a_foreign_key(
     assert "INFERQ_MAX_REQUEST_BYTES" in (await client.get("too-big")).error  # type: ignore[operator]
     assert "INFERQ_MAX_TOKENS_LIMIT" in (await client.get("too-many-tokens")).error  # type: ignore[operator]
     assert not await redis.exists("otherapp:events", keys.done("job-b"))
-    assert await redis.xlen(own_job) == 1  # the one request of job-a, and nothing else
+    records = {r["id"]: r["status"] for r in (unpack(f[b"m"]) for _, f in await redis.xrange(own_job))}
+    assert records == {fine["id"]: "done", poison["id"]: "failed"}  # job-a's two lines, and nothing else
     assert await subscriber.get_message(ignore_subscribe_messages=True, timeout=0) is None
     await subscriber.aclose()
 

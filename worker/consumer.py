@@ -259,6 +259,11 @@ class Worker(Upkeep, AsyncLifecycle):
             if raw is None:
                 raise BadPayload("queue entry has no 'm' field")
             data = unpack(raw)
+            if isinstance(data, dict) and "reply_stream" not in data and isinstance(data.get("id"), str):
+                # A bulk line's entry leaves its job's reply stream out: its id names the job (keys.py). Filled in
+                # before validation, so a poison line's salvage still tells its job.
+                if (job_stream := self.keys.job_reply_stream(data["id"])) is not None:
+                    data["reply_stream"] = job_stream
             request = GenerationRequest.from_payload(data)
         except BadPayload as exc:
             log.warning("entry %s on %s is poison: %s", job.entry_id, job.stream, exc)
