@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.settings import load_settings
 
 
 class TemporaryServer(EmbeddedServer):
@@ -26,6 +27,7 @@ def temporary_server() -> EmbeddedServer:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = TemporaryServer(Path(tempfile.mkdtemp(prefix="inferq-bench-")), port)
+    malloc = load_settings().embedded_malloc  # INFERQ_EMBEDDED_MALLOC=libc: the binary's own allocator
+    server = TemporaryServer(Path(tempfile.mkdtemp(prefix="inferq-bench-")), port, malloc=malloc)
     server.start()
     return server
