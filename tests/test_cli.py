@@ -12,7 +12,7 @@ import pytest
 
 from inferq.producer.local import inferq_argv, worker_env
 from inferq.shared.connection import embedded_server
-from inferq.shared.embedded import EmbeddedServer
+from inferq.shared.embedded import EmbeddedServer, mimalloc_library
 from inferq.shared.settings import Settings, load_settings
 from tests.conftest import free_port
 
@@ -182,7 +182,7 @@ def test_the_embedded_server_can_fsync_every_write(tmp_path: Path) -> None:
         default.stop()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator is preloaded on Linux only")
+@pytest.mark.skipif(mimalloc_library() is None, reason="no cmeel-mimalloc here (the `embedded` extra, Linux only)")
 def test_the_embedded_server_runs_with_mimalloc_unless_told_otherwise(tmp_path: Path) -> None:
     """The packaged valkey-server is built with glibc's malloc; ours preloads mimalloc into it (and keeps a
     preload of the user's behind it), and INFERQ_EMBEDDED_MALLOC=libc leaves the binary as it is."""
