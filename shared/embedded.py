@@ -97,11 +97,11 @@ class EmbeddedServer:
         """Which malloc the running server uses: "mimalloc" if it has the library loaded, else "libc" (None: not
         running, or not on Linux)."""
         pid = self.pid()
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text() if pid is not None else None
-        except OSError:
+        if pid is None:
             return None
-        if maps is None:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
             return None
         return "mimalloc" if "libmimalloc" in maps else "libc"
 
