@@ -22,6 +22,9 @@ from inferq.shared.connection import execute_all
 from inferq.shared.lua import Call, LuaScript
 
 C = TypeVar("C")  # what one caller asks for
+# A call that may be taken back until its batch goes out: its future, and the number of that batch.
+Ticket = tuple["asyncio.Future[Any]", int]
+WITHDRAWN = object()  # the result of a call taken back before it went out
 
 
 class Batcher(Generic[C]):
@@ -31,6 +34,7 @@ class Batcher(Generic[C]):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._batches = 0  # batches taken so far: a call submitted now goes out with batch number _batches
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -61,6 +65,19 @@ class Batcher(Generic[C]):
         self._wake.set()
         return fut
 
+    def submit_withdrawable(self, item: C) -> Ticket:
+        """Queue one call that its caller may take back (`withdraw`) until its batch goes out."""
+        return self.submit(item), self._batches
+
+    def withdraw(self, ticket: Ticket) -> bool:
+        """Take back a call that has not gone out: True if it was still waiting (its future's result is then
+        WITHDRAWN, and nothing of it is sent); False if its batch was taken already (it is sent, or was)."""
+        fut, batch = ticket
+        if batch != self._batches or fut.done():
+            return False
+        fut.set_result(WITHDRAWN)
+        return True
+
     async def call(self, item: C) -> Any:
         """Queue one call and wait for its answer; an error of the batch (connection lost) or of this call
         (a script error) is raised to this caller."""
@@ -76,6 +93,12 @@ class Batcher(Generic[C]):
             self._wake.clear()
             await asyncio.sleep(0)  # let the other calls of this loop turn join the batch
             calls, self._calls = self._calls, []
+            self._batches += 1
+            # Taken back (a future done before its call was sent; one its waiter cancelled is still sent)
+            if any(fut.done() and not fut.cancelled() for _, fut in calls):
+                calls = [(item, fut) for item, fut in calls if not fut.done() or fut.cancelled()]
+                if not calls:
+                    continue
             try:
                 results = await self.send([item for item, _ in calls])
             except Exception as exc:  # the callers get the error; the next batch tries again

@@ -8,6 +8,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
+from inferq.shared.batching import WITHDRAWN
 from inferq.shared.codec import unpack
 from inferq.shared.keys import GROUP, Keys
 from inferq.shared.settings import Settings
@@ -154,4 +155,60 @@ async def test_a_waiting_client_asks_the_store_less_often_the_longer_it_waits(
     start_worker("--engine", "standin", "--model", MODEL)
     assert await streaming == [0, 1, 2] and not streamed.gap
     assert (await waiting).text == "t0 t1 t2 "
+    assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+async def test_a_start_that_had_not_gone_out_is_made_by_the_final_write(
+    client: InferenceClient, settings: Settings, redis: Redis
+) -> None:
+    """An unstreamed request's start is not awaited (worker/consumer.py): it waits in the outbox, and a run that ends
+    before it went out takes it back, and its final write (finish.lua) stores the start's fields and counts the
+    attempt. What was true with start.lua stays true: a request cancelled while queued keeps its state, and a run
+    started before counts as an attempt (and then the final event does not carry the result)."""
+    keys, stream, ttl = Keys.of(settings), Keys.of(settings).queue(MODEL), settings.result_ttl_s
+    handles = [await client.submit(prompt=f"p{i}", model=MODEL, max_tokens=1, stream=False) for i in range(4)]
+    fresh, cancelled, restarted, sent = handles
+    assert await client.cancel(cancelled.id) == "cancelled"
+    ((_, entries),) = await redis.xreadgroup(GROUP, "a", {stream: ">"}, count=10)
+    entry_of = {handle.id: entry_id.decode() for handle, (entry_id, _) in zip(handles, entries, strict=True)}
+
+    def start(handle, worker: str, started_at: str) -> tuple[list[str], list[object]]:  # type: ignore[no-untyped-def]
+        return [keys.result(handle.id)], [worker, started_at, ttl, MODEL, "99.5", f"{entry_of[handle.id]} {stream}"]
+
+    assert await scripts.START.run_all(redis, [start(restarted, "b", "50.5")]) == [[b"running", 1]]
+    outbox = Outbox(redis)
+    outbox.start()
+    try:
+        writer = RequestWriter(outbox, keys, settings, "a", MODEL, WorkerMetrics(keys, MODEL))
+
+        async def run(handle, *, wait_for_start: bool) -> None:  # type: ignore[no-untyped-def]
+            ticket = outbox.add_withdrawable(scripts.START.command(*start(handle, "a", "100.5")))
+            if wait_for_start:
+                assert await ticket[0] == [b"running", 1]  # its batch went out before the run ended
+            gen = Generation(parts=[f"{handle.id} "], completion_tokens=1, prompt_tokens=2, finish_reason="length")
+            gen.run = {"model": MODEL, "started_at": "100.5", "worker": "a", "queued_at": "99.5", "attempts": "1"}
+            assert await writer.end(stream, entry_of[handle.id], handle.request, "done", gen, start=ticket) == 1 - (
+                handle is cancelled
+            )
+            assert (ticket[0].result() is WITHDRAWN) is not wait_for_start
+
+        reads = await _result_reads(redis)
+        await asyncio.gather(run(fresh, wait_for_start=False), run(cancelled, wait_for_start=False))
+        await run(restarted, wait_for_start=False)
+        await run(sent, wait_for_start=True)
+        results = {handle.id: await handle.result(timeout=10) for handle in handles}
+    finally:
+        await outbox.stop()
+    # The fresh one's and the one started in its own batch's events carried their results; the other two's did not.
+    assert await _result_reads(redis) == reads + 2
+    for handle in (fresh, sent):
+        result = results[handle.id]
+        assert result == await client.get(handle.id)
+        assert (result.status, result.text, result.worker, result.attempts) == ("done", f"{handle.id} ", "a", 1)
+        assert (result.timings.started_at, result.timings.queued_at) == (100.5, 99.5)
+    assert (results[cancelled.id].status, results[cancelled.id].worker, results[cancelled.id].attempts) == (
+        "cancelled", None, 0,
+    )  # fmt: skip  # it never started: no attempt
+    again = results[restarted.id]
+    assert (again.status, again.worker, again.attempts, again.timings.started_at) == ("done", "a", 2, 100.5)
     assert await drained(redis, settings, MODEL) == (0, 0)

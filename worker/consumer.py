@@ -17,12 +17,13 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from inferq.shared.aio import cancel_and_wait
-from inferq.shared.batching import BatchedScript
+from inferq.shared.batching import WITHDRAWN, BatchedScript
 from inferq.shared.codec import text, unpack
 from inferq.shared.connection import OUTAGE, Backoff, retry_outages, wait_for_redis
 from inferq.shared.errors import BadPayload, EngineError, InvalidRequest, WriteRefused
@@ -41,7 +42,7 @@ from inferq.worker.lanes import LaneShares
 from inferq.worker.metrics import WorkerMetrics, queued_at
 from inferq.worker.outbox import Outbox
 from inferq.worker.reading import LaneReader
-from inferq.worker.requests import RequestWriter
+from inferq.worker.requests import FORGED, RequestWriter
 from inferq.worker.upkeep import Upkeep
 
 log = logging.getLogger("inferq.worker")
@@ -50,6 +51,7 @@ log = logging.getLogger("inferq.worker")
 # The stop reason of a request whose token events Redis refused (no permission on its channel): it ends `failed`
 # and is dead-lettered without its reply targets, as one whose final writes Redis refused.
 _REFUSED = "refused"
+_FOREIGN = "foreign"  # start.lua's answer for a forged entry (one naming a request admitted with another entry)
 
 
 def default_consumer_name() -> str:
@@ -304,8 +306,11 @@ class Worker(Upkeep, AsyncLifecycle):
                 raise  # a shutdown cancel came on top of the interrupt: it wins
             if job.stop_reason == _REFUSED:  # ends as a request whose final writes Redis refused (_process)
                 raise WriteRefused(job.error or "") from None
+            if job.stop_reason == _FOREIGN:  # its start, not awaited, found it forged
+                await self._forged(job, request)
+                return
             log.info("request %s %s after %d tokens", request.id, job.stop_reason, job.gen.completion_tokens)
-            await self.writer.end(job.stream, job.entry_id, request, job.stop_reason, job.gen, error=job.error)
+            await self._end(job, request, job.stop_reason, job.error)
         except EngineError as exc:
             # Leave this entry (and every other in-flight one) pending: the engine, not the request, failed.
             if self.fatal is None:
@@ -313,12 +318,10 @@ class Worker(Upkeep, AsyncLifecycle):
                 log.error("ENGINE FAILED: worker %s stops and leaves its work pending for others: %s", self.name, exc)
                 self.stop_reading()
         except RequestRejected as exc:
-            error = f"rejected by the engine: {exc}"
-            await self.writer.dead_letter(job.stream, job.entry_id, fields, error, deliveries, request)
+            await self._failed(job, request, f"rejected by the engine: {exc}")
         except Exception as exc:
             log.exception("request %s failed in the engine", request.id)
-            error = f"engine error: {exc.__class__.__name__}: {exc}"
-            await self.writer.dead_letter(job.stream, job.entry_id, fields, error, deliveries, request)
+            await self._failed(job, request, f"engine error: {exc.__class__.__name__}: {exc}")
 
     async def _run(self, job: Job, request: GenerationRequest) -> None:
         """Start the request (unless it ended, was cancelled or is past its deadline) and generate it.
@@ -335,25 +338,27 @@ class Worker(Upkeep, AsyncLifecycle):
         deltas = self.engine.generate(request)
         owner = self._by_request.get(request.id) is job
         first = asyncio.ensure_future(anext(deltas), loop=self._loop) if owner else None
-        try:
-            status = await self._mark_running(request, job, added)
-        except BaseException:
-            await _discard(first, deltas)
-            raise
-        if status != "running":
-            await _discard(first, deltas)
-        if status == "foreign":
-            job.interruptible = False
-            reason = f"forged entry: request {request.id} was admitted with another queue entry; it was left as it is"
-            log.warning("entry %s on %s: %s", job.entry_id, job.stream, reason)
-            await self.writer.dead_letter(job.stream, job.entry_id, job.fields, reason, job.deliveries, None)
-            return
-        if status != "running":
-            job.interruptible = False
-            # Ended already (cancelled while queued): finish.lua keeps the stored state and only acknowledges.
-            # Or "cancelled" but not ended yet: the cancel came between the read and the start.
-            await self.writer.end(job.stream, job.entry_id, request, status, job.gen)
-            return
+        if first is not None and job.deliveries == 1 and not request.publishes:
+            # Started with its first write: nothing is sent for it before its final write (no token events), so
+            # its start need not be awaited. start.lua goes out with the outbox's next batch, and its answer, if
+            # not "running", stops the run (_started_later); a run that ends before that batch went out takes
+            # its start back and its final write makes it (finish.lua): a short request costs one script call.
+            # Only on a first delivery: no run started it before, so this one is its first attempt.
+            keys, args, run = self._start_call(request, job, added)
+            job.gen.run = {**run, "attempts": "1"}
+            job.start = self.outbox.add_withdrawable(scripts.START.command(keys, args))
+            job.start[0].add_done_callback(functools.partial(self._started_later, job))
+        else:
+            try:
+                status = await self._mark_running(request, job, added)
+            except BaseException:
+                await _discard(first, deltas)
+                raise
+            if status != "running":
+                await _discard(first, deltas)
+                job.interruptible = False
+                await self._not_started(job, request, status)
+                return
         job.gen.started_at = time.time()
         self.metrics.started(job.stream, job.entry_id)
         loop = self._loop
@@ -369,8 +374,49 @@ class Worker(Upkeep, AsyncLifecycle):
             for timer in timers:
                 timer.cancel()
 
-    async def _mark_running(self, request: GenerationRequest, job: Job, queued_at: float) -> str:
-        """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
+    async def _not_started(self, job: Job, request: GenerationRequest, status: str) -> None:
+        """start.lua did not say "running": a forged entry is dead-lettered; a request that ended already (cancelled
+        while queued) is only acknowledged (finish.lua keeps its state); one "cancelled" but not ended yet (the
+        cancel came between the read and the start) ends cancelled."""
+        if status == _FOREIGN:
+            await self._forged(job, request)
+        else:
+            await self._end(job, request, status)
+
+    async def _forged(self, job: Job, request: GenerationRequest) -> None:
+        reason = f"forged entry: request {request.id} was admitted with another queue entry; it was left as it is"
+        log.warning("entry %s on %s: %s", job.entry_id, job.stream, reason)
+        await self.writer.dead_letter(job.stream, job.entry_id, job.fields, reason, job.deliveries, None)
+
+    async def _end(self, job: Job, request: GenerationRequest, status: str, error: str | None = None) -> None:
+        """The final write of a run (with its start, if that has not gone out); a forged entry, found only now
+        (its start was not awaited), is dead-lettered."""
+        code = await self.writer.end(job.stream, job.entry_id, request, status, job.gen, error=error, start=job.start)
+        if code == FORGED:
+            await self._forged(job, request)
+
+    async def _failed(self, job: Job, request: GenerationRequest, error: str) -> None:
+        """The engine refused or failed the request: dead-lettered (with its start, if that has not gone out)."""
+        run = job.gen.run if job.start is not None else None
+        await self.writer.dead_letter(job.stream, job.entry_id, job.fields, error, job.deliveries, request,
+                                      start=job.start, run=run)  # fmt: skip
+
+    def _started_later(self, job: Job, sent: asyncio.Future[Any]) -> None:
+        """The answer to a start not awaited: anything but "running" stops the run (see _not_started)."""
+        if sent.cancelled() or job.request is None:
+            return  # the worker stops
+        reply = sent.exception() or sent.result()
+        if reply is WITHDRAWN or isinstance(reply, list):
+            return  # running; or taken back, and made by the final write
+        if isinstance(reply, BaseException):
+            self.interrupt(job.request.id, "failed", f"Redis refused its start: {reply}")
+        else:
+            self.interrupt(job.request.id, text(reply))
+
+    def _start_call(
+        self, request: GenerationRequest, job: Job, queued_at: float
+    ) -> tuple[list[str], list[Any], dict[str, str]]:
+        """start.lua's keys and args for this run, and what it stores (the run's fields)."""
         entry = f"{job.entry_id} {job.stream}"  # what the admission stored as the request's own entry
         started_at, added = repr(time.time()), repr(queued_at)
         args = [self.name, started_at, self.settings.result_ttl_s, request.model, added, entry]
@@ -379,10 +425,14 @@ class Worker(Upkeep, AsyncLifecycle):
         if line is not None:  # a bulk job's line: its entry may be in the job's id hash (start.lua)
             keys.append(line[0])
             args.append(line[1])
+        return keys, args, {"model": request.model, "started_at": started_at, "worker": self.name, "queued_at": added}
+
+    async def _mark_running(self, request: GenerationRequest, job: Job, queued_at: float) -> str:
+        """Run start.lua (batched with the other requests read at the same time); retried while Redis is down."""
+        keys, args, run = self._start_call(request, job, queued_at)
         reply = await retry_outages(lambda: self._start_script(keys, args), f"starting {request.id}", log)
         if isinstance(reply, list):  # ['running', attempts]: what this run stored, for its final event
-            job.gen.run = {"model": request.model, "started_at": started_at, "worker": self.name,
-                           "queued_at": added, "attempts": str(reply[1])}  # fmt: skip
+            job.gen.run = {**run, "attempts": str(reply[1])}
             return "running"
         return text(reply)
 
@@ -398,7 +448,7 @@ class Worker(Upkeep, AsyncLifecycle):
                 sent.add_done_callback(functools.partial(self._published, request.id))
         job.interruptible = False
         self.tokens_out += gen.completion_tokens
-        await self.writer.end(job.stream, job.entry_id, request, "done", gen)
+        await self._end(job, request, "done")
         self.completed += 1
 
     def _published(self, request_id: str, sent: asyncio.Future[None]) -> None:

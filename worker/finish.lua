@@ -8,8 +8,12 @@
 -- items follow, [10] the bulk line's reference ('' for another request), [11] the request's reply channel ('' for
 -- none), [12] its final event carrying the stored result ('' for none: a streamed request, or one that did not
 -- start in this run), [13] the `started_at` of this run's start ('' for none), [14] its final event without the
--- result (each event one TokenEvent map, packed), [15 .. 14+n] the final state's fields and values, then (to
--- dead-letter the entry) the DLQ entry's fields and values.
+-- result (each event one TokenEvent map, packed), [15] '1' if this call is the run's start too ('' if not),
+-- [16 .. 15+n] the final state's fields and values, then (to dead-letter the entry) the DLQ entry's fields and
+-- values.
+-- A start that had not gone out when the run ended is made here (worker/consumer.py, "started with its first
+-- write"): the start's fields are among the final state's, and the attempt is counted here as start.lua counts
+-- it. A request that ended or was cancelled while queued keeps its state, as with start.lua.
 -- A bulk line that never started has no result hash: the entry that owns it is in the job's id hash, which
 -- lets go of it once its final state is stored.
 -- The worker builds both records (worker/requests.py): this script only picks the one that is true.
@@ -28,9 +32,9 @@ local n = tonumber(ARGV[9])
 local ids = ARGV[10] ~= '' and KEYS[#KEYS] or nil
 local reply_stream = #KEYS - (ids and 1 or 0) >= 6 and KEYS[6] or nil
 local function dead_letter()
-  if #ARGV > 14 + n then
+  if #ARGV > 15 + n then
     local dead = {}
-    for i = 15 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
+    for i = 16 + n, #ARGV do dead[#dead + 1] = ARGV[i] end
     add_dead_letter(KEYS[4], KEYS[5], ARGV[8], dead)
   end
 end
@@ -45,7 +49,8 @@ local function reply(record)
 end
 local entry = ARGV[2] .. ' ' .. KEYS[2]
 -- One lookup: this runs per request.
-local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel', 'worker', 'started_at')
+local stored = redis.call('HMGET', KEYS[1], 'entry', 'status', 'cancel', 'worker', 'started_at', 'attempts')
+local starting = ARGV[15] == '1'
 local owner, line = stored[1], nil
 if not owner then
   owner, line = admitted_entry(ids, ARGV[10])
@@ -67,7 +72,10 @@ if not final then
   if line then  -- a bulk line ended unstarted: its result names its entry, as a started one's does
     fields[#fields + 1], fields[#fields + 2] = 'entry', owner
   end
-  for i = 15, 14 + n do fields[#fields + 1] = ARGV[i] end
+  for i = 16, 15 + n do fields[#fields + 1] = ARGV[i] end
+  if starting then
+    fields[#fields + 1], fields[#fields + 2] = 'attempts', (tonumber(stored[6]) or 0) + 1
+  end
   redis.call('HSET', KEYS[1], unpack(fields))
   if stored[3] then
     redis.call('HDEL', KEYS[1], 'cancel')
@@ -96,7 +104,10 @@ if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 1 and ARGV[6] ~= '' and owne
 end
 redis.call('XDEL', KEYS[2], ARGV[2])
 if ARGV[11] ~= '' then
-  local told = wrote == 1 and ARGV[12] ~= '' and stored[4] == ARGV[5] and stored[5] == ARGV[13]
+  -- This run's start is what is stored: made by this call (no run started it before: its attempt is the first,
+  -- as the event says), or by start.lua with this run's worker and started_at.
+  local ours = starting and not stored[4] or (not starting and stored[4] == ARGV[5] and stored[5] == ARGV[13])
+  local told = wrote == 1 and ARGV[12] ~= '' and ours
   -- Sent once every call of this EVALSHA has run (shared/lua.py). Refused, only the event is lost (all of it
   -- is written), and the client reads the store.
   announce(ARGV[11], told and ARGV[12] or ARGV[14])

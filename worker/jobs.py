@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from inferq.shared.batching import Ticket
 from inferq.shared.schemas import GenerationRequest
 from inferq.worker.requests import Generation
 
@@ -24,3 +25,4 @@ class Job:
     error: str | None = None  # why, when it was stopped as `failed` or `refused`
     interruptible: bool = False  # True while it starts or generates; the final write is never interrupted
     gen: Generation = field(default_factory=Generation)  # what it produced so far
+    start: Ticket | None = None  # its start, queued in the outbox and not awaited (consumer._run), if so

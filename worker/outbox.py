@@ -27,7 +27,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
-from inferq.shared.batching import Batcher
+from inferq.shared.batching import Batcher, Ticket
 from inferq.shared.connection import OUTAGE, Backoff, execute_all, is_cluster, passing_refusal, pipeline, retry_outages
 from inferq.shared.errors import WriteRefused
 from inferq.shared.lua import Command, Merged, reload_missing
@@ -67,6 +67,11 @@ class Outbox(Batcher[Item]):
         """Queue commands (and, on a cluster, events to send once they are written: a request's final event);
         the future resolves once they are written, with the first one's reply."""
         return self.submit((commands, events))
+
+    def add_withdrawable(self, command: Command) -> Ticket:
+        """Queue a command that its caller may take back (`withdraw`) until its batch goes out: a request's start,
+        which its final write makes instead if it has not gone out by then (worker/consumer.py)."""
+        return self.submit_withdrawable(((command,), ()))
 
     async def flush(self) -> None:
         """Until everything queued before this call is written."""

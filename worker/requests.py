@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from inferq.shared.batching import Ticket
 from inferq.shared.codec import pack, text
 from inferq.shared.connection import is_cluster
 from inferq.shared.keys import GROUP, Keys
@@ -21,6 +22,7 @@ from inferq.worker.outbox import Event, Outbox
 log = logging.getLogger("inferq.requests")
 # finish.lua's final-event arguments when it sends none (no reply channel; on a cluster the outbox sends it)
 _NOT_FROM_FINISH = ["", "", "", ""]
+FORGED = 2  # finish.lua's code for an entry that is not the one its request was admitted with
 
 
 @dataclass
@@ -91,10 +93,13 @@ class RequestWriter:
         *,
         error: str | None = None,
         dead_letter: tuple[Any, ...] = (),
-    ) -> None:
+        start: Ticket | None = None,
+    ) -> int:
         """Store the final state (unless an earlier delivery stored one: finish.lua), ack and delete the entry,
         append to the reply stream (and with `dead_letter`, the DLQ entry's fields, to the DLQ), send the final
-        event. Returns once Redis has it all."""
+        event. `start`: the run's start, queued in the outbox and not awaited; if it has not gone out yet, this
+        write makes it instead (its fields are gen.run's). Returns once Redis has it all, with finish.lua's
+        code: 1 stored, 0 stored before, 2 a forged entry (only it was acknowledged)."""
         now = time.time()
         finish_reason = (gen.finish_reason or "stop") if status == "done" else ("error" if error else status)
         record: dict[str, Any] = {
@@ -121,11 +126,15 @@ class RequestWriter:
             keys.append(line[0])
         stored = {name: str(value) for name, value in record.items()}
         fields = [x for kv in stored.items() for x in kv]
+        starting = start is not None and gen.run is not None and self.outbox.withdraw(start)
+        if starting and gen.run is not None:  # its attempt is counted by finish.lua, as start.lua counts it
+            fields += [x for name, value in gen.run.items() if name != "attempts" for x in (name, value)]
         announce, events = self._final_event(request, status, finish_reason, gen, stored, error)
         finish = scripts.FINISH.command(
             keys,
             [GROUP, entry_id, self.settings.result_ttl_s, durable, self.worker_name, request.tenant or "", cancelled,
-             self.settings.dlq_max_len, len(fields), line[1] if line else "", *announce, *fields, *dead_letter],
+             self.settings.dlq_max_len, len(fields), line[1] if line else "", *announce, "1" if starting else "",
+             *fields, *dead_letter],
         )  # fmt: skip
         reply = await self.outbox.add(finish, events=events)
         if len(reply) > 1:  # Redis refused the final event (finish.lua); the rest is written
@@ -134,6 +143,7 @@ class RequestWriter:
         self.metrics.finished(stream, entry_id, status, gen.prompt_tokens, gen.completion_tokens)
         if self.settings.log_requests:
             self._log_end(stream, entry_id, request.id, status, gen, now, error)
+        return int(reply[0])
 
     def _final_event(
         self,
@@ -202,9 +212,13 @@ class RequestWriter:
         error: str,
         deliveries: int,
         request: GenerationRequest | None,
+        *,
+        start: Ticket | None = None,
+        run: dict[str, str] | None = None,
     ) -> None:
         """Poison input, a request the engine refused, or one delivered too often: to the DLQ with the reason,
-        stored `failed`, acknowledged. An entry without even a usable id has no result to store."""
+        stored `failed`, acknowledged. An entry without even a usable id has no result to store. `start` and
+        `run`: a start not awaited, and what it stores (see end)."""
         payload = fields.get(b"m", b"")
         kept = payload if len(payload) <= self.settings.dlq_max_payload_bytes else b""  # the reason is always kept
         dead = (
@@ -217,4 +231,5 @@ class RequestWriter:
             await self.outbox.add(scripts.DEAD_LETTER.command(keys, [bound, GROUP, entry_id, *dead]))
             self.metrics.of(stream).bad_entries.inc()
             return
-        await self.end(stream, entry_id, request, "failed", Generation(), error=error, dead_letter=dead)
+        await self.end(stream, entry_id, request, "failed", Generation(run=run), error=error, dead_letter=dead,
+                       start=start)  # fmt: skip

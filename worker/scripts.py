@@ -14,5 +14,6 @@ DEAD_LETTER = LuaScript("inferq.worker", "dead_letter.lua")
 
 # Loaded when a worker starts, before it reads: the outbox's final writes (FINISH, DEAD_LETTER) share a
 # transaction with token events, and a script the server has to load first would let a final event reach its
-# client before the result it announces is stored.
-OUTBOX_SCRIPTS = (FINISH, DEAD_LETTER)
+# client before the result it announces is stored. START goes through it too (a start not awaited), ahead of
+# its request's final write.
+OUTBOX_SCRIPTS = (START, FINISH, DEAD_LETTER)
