@@ -337,13 +337,15 @@ class Worker(Upkeep, AsyncLifecycle):
         # with the same request id (a forged one): the engine knows a request by its id.
         deltas = self.engine.generate(request)
         owner = self._by_request.get(request.id) is job
-        first = asyncio.ensure_future(anext(deltas), loop=self._loop) if owner else None
-        if first is not None and job.deliveries == 1 and not request.publishes:
-            # Started with its first write: nothing is sent for it before its final write (no token events), so
-            # its start need not be awaited. start.lua goes out with the outbox's next batch, and its answer, if
-            # not "running", stops the run (_started_later); a run that ends before that batch went out takes
-            # its start back and its final write makes it (finish.lua): a short request costs one script call.
-            # Only on a first delivery: no run started it before, so this one is its first attempt.
+        # Started with its first write: a request that sends no token events has nothing written before its final
+        # write, so its start need not be awaited. start.lua goes out with the outbox's next batch, and its
+        # answer, if not "running", stops the run (_started_later); a run that ends before that batch went out
+        # takes its start back and its final write makes it (finish.lua): a short request costs one script call.
+        # Only on a first delivery: no run started it before, so this one is its first attempt. (Nothing is
+        # awaited before its engine run, so that run needs no task of its own to begin in the meantime.)
+        later = owner and job.deliveries == 1 and not request.publishes
+        first = asyncio.ensure_future(anext(deltas), loop=self._loop) if owner and not later else None
+        if later:
             keys, args, run = self._start_call(request, job, added)
             job.gen.run = {**run, "attempts": "1"}
             job.start = self.outbox.add_withdrawable(scripts.START.command(keys, args))
