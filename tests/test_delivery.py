@@ -139,6 +139,25 @@ async def test_cancelled_queued_request_is_skipped_and_never_run(
     assert await drained(redis, settings, MODEL) == (0, 0)
 
 
+async def test_an_unstreamed_request_that_ended_while_queued_stops_once_its_start_answers(
+    client: InferenceClient, settings: Settings, redis: Redis, start_worker
+) -> None:
+    """An unstreamed request's start is not awaited (docs/CONTRACTS.md, "Delivery"): its run begins at once, and the
+    start's answer stops it. "hang" never yields a token, so only that answer ends this run: without it the entry
+    would stay pending until the watchdog (an hour)."""
+    hung = await client.submit(prompt="hang", model=MODEL, max_tokens=5, stream=False)
+    assert await hung.cancel() == "cancelled"  # before any worker: final at once, no one hears the broadcast
+    start_worker(*standin())
+
+    async def acknowledged() -> bool:
+        return await drained(redis, settings, MODEL) == (0, 0)
+
+    await wait_until(acknowledged, 30, "the cancelled entry to be acknowledged")
+    result = await hung.result(timeout=10)
+    assert (result.status, result.worker, result.attempts, result.text) == ("cancelled", None, 0, "")
+    assert await redis.xlen(Keys.of(settings).dlq(MODEL)) == 0
+
+
 async def test_cancel_running_request_ends_stream_with_cancelled(
     client: InferenceClient, settings: Settings, redis: Redis, start_worker
 ) -> None:

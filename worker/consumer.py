@@ -251,7 +251,9 @@ class Worker(Upkeep, AsyncLifecycle):
             reason = f"Redis refused a write to the request's reply target: {exc}"
             log.warning("request %s: %s", job.request.id, reason)
             bare = job.request.model_copy(update={"reply_channel": None, "reply_stream": None})
-            await self.writer.dead_letter(job.stream, job.entry_id, job.fields, reason, job.deliveries, bare)
+            run = job.gen.run if job.start is not None else None  # a start the refused write was to make
+            await self.writer.dead_letter(job.stream, job.entry_id, job.fields, reason, job.deliveries, bare,
+                                          start=job.start, run=run)  # fmt: skip
 
     async def _process_entry(self, job: Job) -> None:
         fields, deliveries = job.fields, job.deliveries
@@ -300,6 +302,8 @@ class Worker(Upkeep, AsyncLifecycle):
             await self._run(job, request)
         except asyncio.CancelledError:
             if job.stop_reason is None:
+                if job.start is not None:  # not sent yet: it must not land after another worker took the entry
+                    self.outbox.withdraw(job.start)
                 raise  # shutdown or a lost claim: leave the entry pending, write nothing
             task = asyncio.current_task()
             if task is not None and task.uncancel() > 0:
@@ -318,8 +322,10 @@ class Worker(Upkeep, AsyncLifecycle):
                 log.error("ENGINE FAILED: worker %s stops and leaves its work pending for others: %s", self.name, exc)
                 self.stop_reading()
         except RequestRejected as exc:
+            job.interruptible = False  # its final write now: never interrupted
             await self._failed(job, request, f"rejected by the engine: {exc}")
         except Exception as exc:
+            job.interruptible = False
             log.exception("request %s failed in the engine", request.id)
             await self._failed(job, request, f"engine error: {exc.__class__.__name__}: {exc}")
 
@@ -361,6 +367,13 @@ class Worker(Upkeep, AsyncLifecycle):
                 job.interruptible = False
                 await self._not_started(job, request, status)
                 return
+            forged = self._by_request.get(request.id)
+            if not owner and forged is not None and forged.task is not None:
+                # This entry is the request's own, so the one read first with its id is forged. It may still run
+                # in the engine (its start not awaited), and the engine knows a request by its id: run this one
+                # once that one has ended (its start's answer stops it).
+                await asyncio.wait({forged.task})
+                self._by_request.setdefault(request.id, job)  # cancels and deadlines reach this run now
         job.gen.started_at = time.time()
         self.metrics.started(job.stream, job.entry_id)
         loop = self._loop
@@ -405,8 +418,8 @@ class Worker(Upkeep, AsyncLifecycle):
 
     def _started_later(self, job: Job, sent: asyncio.Future[Any]) -> None:
         """The answer to a start not awaited: anything but "running" stops the run (see _not_started)."""
-        if sent.cancelled() or job.request is None:
-            return  # the worker stops
+        if sent.cancelled() or job.request is None or self._by_request.get(job.request.id) is not job:
+            return  # the worker stops; or this run ended (a later job with its id is not this answer's)
         reply = sent.exception() or sent.result()
         if reply is WITHDRAWN or isinstance(reply, list):
             return  # running; or taken back, and made by the final write
