@@ -35,6 +35,7 @@ class Batcher(Generic[C]):
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batches = 0  # batches taken so far: a call submitted now goes out with batch number _batches
+        self._withdrawn = 0  # calls taken back from the batch not yet taken (its futures' result is WITHDRAWN)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -46,6 +47,7 @@ class Batcher(Generic[C]):
         for _, fut in self._calls:
             fut.cancel()
         self._calls = []
+        self._withdrawn = 0
 
     @property
     def running(self) -> bool:
@@ -76,7 +78,14 @@ class Batcher(Generic[C]):
         if batch != self._batches or fut.done():
             return False
         fut.set_result(WITHDRAWN)
+        self._withdrawn += 1
         return True
+
+    @staticmethod
+    def was_withdrawn(ticket: Ticket) -> bool:
+        """Whether the call was taken back (by `withdraw`, now or before): nothing of it was sent."""
+        fut = ticket[0]
+        return fut.done() and not fut.cancelled() and fut.exception() is None and fut.result() is WITHDRAWN
 
     async def call(self, item: C) -> Any:
         """Queue one call and wait for its answer; an error of the batch (connection lost) or of this call
@@ -94,8 +103,8 @@ class Batcher(Generic[C]):
             await asyncio.sleep(0)  # let the other calls of this loop turn join the batch
             calls, self._calls = self._calls, []
             self._batches += 1
-            # Taken back (a future done before its call was sent; one its waiter cancelled is still sent)
-            if any(fut.done() and not fut.cancelled() for _, fut in calls):
+            if self._withdrawn:  # drop the calls taken back (one whose waiter was cancelled is still sent)
+                self._withdrawn = 0
                 calls = [(item, fut) for item, fut in calls if not fut.done() or fut.cancelled()]
                 if not calls:
                     continue

@@ -251,9 +251,7 @@ class Worker(Upkeep, AsyncLifecycle):
             reason = f"Redis refused a write to the request's reply target: {exc}"
             log.warning("request %s: %s", job.request.id, reason)
             bare = job.request.model_copy(update={"reply_channel": None, "reply_stream": None})
-            run = job.gen.run if job.start is not None else None  # a start the refused write was to make
-            await self.writer.dead_letter(job.stream, job.entry_id, job.fields, reason, job.deliveries, bare,
-                                          start=job.start, run=run)  # fmt: skip
+            await self._failed(job, bare, reason)
 
     async def _process_entry(self, job: Job) -> None:
         fields, deliveries = job.fields, job.deliveries
@@ -367,8 +365,7 @@ class Worker(Upkeep, AsyncLifecycle):
                 job.interruptible = False
                 await self._not_started(job, request, status)
                 return
-            forged = self._by_request.get(request.id)
-            if not owner and forged is not None and forged.task is not None:
+            if not owner and (forged := self._by_request.get(request.id)) is not None and forged.task is not None:
                 # This entry is the request's own, so the one read first with its id is forged. It may still run
                 # in the engine (its start not awaited), and the engine knows a request by its id: run this one
                 # once that one has ended (its start's answer stops it).
@@ -411,7 +408,8 @@ class Worker(Upkeep, AsyncLifecycle):
             await self._forged(job, request)
 
     async def _failed(self, job: Job, request: GenerationRequest, error: str) -> None:
-        """The engine refused or failed the request: dead-lettered (with its start, if that has not gone out)."""
+        """The run ends `failed` and dead-lettered (the engine refused or failed it, or Redis refused a write to its
+        reply targets: then `request` is without them), with its start if that has not gone out."""
         run = job.gen.run if job.start is not None else None
         await self.writer.dead_letter(job.stream, job.entry_id, job.fields, error, job.deliveries, request,
                                       start=job.start, run=run)  # fmt: skip

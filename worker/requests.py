@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferq.shared.batching import WITHDRAWN, Ticket
+from inferq.shared.batching import Ticket
 from inferq.shared.codec import pack, text
 from inferq.shared.connection import is_cluster
 from inferq.shared.keys import GROUP, Keys
@@ -72,11 +72,6 @@ def reply_record(request: GenerationRequest, outcome: dict[str, Any]) -> bytes:
     return pack(record)
 
 
-def _withdrawn(start: Ticket) -> bool:
-    fut = start[0]
-    return fut.done() and not fut.cancelled() and fut.exception() is None and fut.result() is WITHDRAWN
-
-
 class RequestWriter:
     def __init__(
         self, outbox: Outbox, keys: Keys, settings: Settings, worker_name: str, model: str, metrics: WorkerMetrics
@@ -132,7 +127,11 @@ class RequestWriter:
         stored = {name: str(value) for name, value in record.items()}
         fields = [x for kv in stored.items() for x in kv]
         # Taken back now, or by an earlier final write of this run that Redis refused: this write makes the start.
-        starting = start is not None and gen.run is not None and (self.outbox.withdraw(start) or _withdrawn(start))
+        starting = (
+            start is not None
+            and gen.run is not None
+            and (self.outbox.withdraw(start) or self.outbox.was_withdrawn(start))
+        )
         if starting and gen.run is not None:  # its attempt is counted by finish.lua, as start.lua counts it
             fields += [x for name, value in gen.run.items() if name != "attempts" for x in (name, value)]
         announce, events = self._final_event(request, status, finish_reason, gen, stored, error)
