@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from inferq.producer import InferenceClient
 from inferq.shared.batching import WITHDRAWN
 from inferq.shared.codec import unpack
-from inferq.shared.keys import GROUP, Keys
+from inferq.shared.errors import WriteRefused
+from inferq.shared.keys import GROUP, Keys, bulk_request_id
 from inferq.shared.settings import Settings
 from inferq.worker import scripts
 from inferq.worker.metrics import WorkerMetrics
@@ -211,4 +213,39 @@ async def test_a_start_that_had_not_gone_out_is_made_by_the_final_write(
     )  # fmt: skip  # it never started: no attempt
     again = results[restarted.id]
     assert (again.status, again.worker, again.attempts, again.timings.started_at) == ("done", "a", 2, 100.5)
+    assert await drained(redis, settings, MODEL) == (0, 0)
+
+
+async def test_a_start_taken_back_by_a_refused_final_write_is_made_by_the_write_after_it(
+    client: InferenceClient, settings: Settings, redis: Redis
+) -> None:
+    """The final write that took a start back was refused (a reply stream of the wrong type): nothing of it was
+    written, so the dead-letter write after it (consumer.Worker._failed) makes the start."""
+    keys, stream = Keys.of(settings), Keys.of(settings).queue(MODEL)
+    await redis.set(keys.done("jobx"), "not a stream")
+    handle = await client.submit(
+        prompt="p", model=MODEL, max_tokens=1, stream=False, reply_stream=keys.done("jobx"),
+        request_id=bulk_request_id("jobx", 0, "a"),
+    )  # fmt: skip
+    ((_, [(entry_id, _)]),) = await redis.xreadgroup(GROUP, "a", {stream: ">"}, count=1)
+    entry_id = entry_id.decode()
+    outbox = Outbox(redis)
+    outbox.start()
+    try:
+        writer = RequestWriter(outbox, keys, settings, "a", MODEL, WorkerMetrics(keys, MODEL))
+        args = ["a", "100.5", settings.result_ttl_s, MODEL, "99.5", f"{entry_id} {stream}"]
+        ticket = outbox.add_withdrawable(scripts.START.command([keys.result(handle.id)], args))
+        gen = Generation(parts=["t0 "], completion_tokens=1, prompt_tokens=1, finish_reason="length")
+        gen.run = {"model": MODEL, "started_at": "100.5", "worker": "a", "queued_at": "99.5", "attempts": "1"}
+        with pytest.raises(WriteRefused, match="WRONGTYPE"):
+            await writer.end(stream, entry_id, handle.request, "done", gen, start=ticket)
+        assert Outbox.was_withdrawn(ticket)  # taken back by the refused write: never sent
+        assert (await client.get(handle.id)).status == "queued"  # nothing of that write landed
+        bare = handle.request.model_copy(update={"reply_channel": None, "reply_stream": None})
+        await writer.dead_letter(stream, entry_id, {}, "refused", 1, bare, start=ticket, run=gen.run)
+    finally:
+        await outbox.stop()
+    result = await client.get(handle.id)
+    assert (result.status, result.worker, result.attempts, result.timings.started_at) == ("failed", "a", 1, 100.5)
+    assert await redis.get(keys.done("jobx")) == b"not a stream"
     assert await drained(redis, settings, MODEL) == (0, 0)
